@@ -1,0 +1,189 @@
+//! [`main`]: the whole `main()` of a `flotilla-<plugin>` binary.
+
+use std::{net::SocketAddr, process::ExitCode};
+
+use clap::{Args, FromArgMatches};
+use flotilla_telemetry::{
+    CommonArgs, Shutdown,
+    config::{self, ConfigError, Env, HumanDuration, Listeners},
+};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+use crate::{Plugin, ServeOptions, serve};
+
+/// Environment variable overriding `max_request_bytes`.
+pub const ENV_MAX_REQUEST_BYTES: &str = "FLOTILLA_MAX_REQUEST_BYTES";
+/// Environment variable overriding `shutdown_grace`.
+pub const ENV_SHUTDOWN_GRACE: &str = "FLOTILLA_SHUTDOWN_GRACE";
+
+/// A plugin service's configuration file (TOML). Every key is optional.
+///
+/// ```toml
+/// listen = "0.0.0.0:8000"
+/// admin_listen = "0.0.0.0:9090"
+/// max_request_bytes = 16777216
+/// shutdown_grace = "30s"
+///
+/// [plugin]      # read by the plugin itself
+/// base_url = "https://bigquery.googleapis.com"
+/// ```
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Admin HTTP listen address.
+    pub admin_listen: SocketAddr,
+    /// Largest request message accepted.
+    pub max_request_bytes: usize,
+    /// How long in-flight calls may take to finish after shutdown starts.
+    pub shutdown_grace: HumanDuration,
+    /// The plugin's own settings, from the `[plugin]` table.
+    pub plugin: toml::Table,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        let serve = ServeOptions::default();
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
+            admin_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            max_request_bytes: serve.max_request_bytes,
+            shutdown_grace: HumanDuration(serve.shutdown_grace),
+            plugin: toml::Table::new(),
+        }
+    }
+}
+
+impl ServiceConfig {
+    /// Loads defaults → `--config` file → `FLOTILLA_*` variables → flags, and validates.
+    ///
+    /// # Errors
+    /// Every problem found, each naming its key or variable.
+    pub fn load(flags: &CommonArgs, env: Env<'_>) -> Result<Self, ConfigError> {
+        let mut c: Self = config::read_file(flags.config.as_deref())?;
+        let mut problems = Vec::new();
+        let mut listeners = Listeners { listen: c.listen, admin_listen: c.admin_listen };
+        listeners.resolve(env, flags, &mut problems);
+        (c.listen, c.admin_listen) = (listeners.listen, listeners.admin_listen);
+        config::override_from_env(env, ENV_MAX_REQUEST_BYTES, &mut c.max_request_bytes, &mut problems);
+        config::override_from_env(env, ENV_SHUTDOWN_GRACE, &mut c.shutdown_grace, &mut problems);
+        if c.max_request_bytes < 1024 {
+            problems.push(format!("max_request_bytes: {} is below the minimum of 1024", c.max_request_bytes));
+        }
+        if problems.is_empty() {
+            Ok(c)
+        } else {
+            let source_name = flags
+                .config
+                .as_ref()
+                .map_or_else(|| "defaults and environment".to_owned(), |p| p.display().to_string());
+            Err(ConfigError { source_name, problems })
+        }
+    }
+
+    /// The serving options this configuration asks for.
+    pub fn serve_options(&self) -> ServeOptions {
+        ServeOptions { max_request_bytes: self.max_request_bytes, shutdown_grace: self.shutdown_grace.0 }
+    }
+}
+
+/// Exit code for an invalid configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+/// Runs a plugin service binary: parses the common flags (`--config`,
+/// `--listen`, `--admin-listen`, `--check-config`, `--log`, `--log-format`),
+/// loads the configuration, builds the plugin with `build`, and serves it
+/// until SIGTERM or Ctrl-C. Exits 64 on an invalid configuration, 1 when the
+/// listeners cannot be bound or the server fails.
+pub fn main<P, F>(name: &'static str, about: &'static str, build: F) -> ExitCode
+where
+    P: Plugin,
+    F: FnOnce(&ServiceConfig) -> Result<P, String>,
+{
+    let command = clap::Command::new(name)
+        .version(env!("CARGO_PKG_VERSION"))
+        .about(about)
+        .after_help(format!(
+            "Serves flyteidl.service.AsyncAgentService, SyncAgentService and AgentMetadataService plus \
+             grpc.health.v1 on --listen, and /metrics, /livez, /readyz on --admin-listen.\n\n\
+             Example:\n  {name} --listen 127.0.0.1:8001 --admin-listen 127.0.0.1:9091"
+        ));
+    let matches = CommonArgs::augment_args(command).get_matches();
+    let flags = match CommonArgs::from_arg_matches(&matches) {
+        Ok(f) => f,
+        Err(e) => e.exit(),
+    };
+    flotilla_telemetry::init_tracing(flags.log_format, &flags.log);
+
+    let config = match ServiceConfig::load(&flags, &config::process_env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let plugin = match build(&config) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{name}: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if flags.check_config {
+        println!("{name}: configuration is valid");
+        println!("  listen = {}\n  admin_listen = {}", config.listen, config.admin_listen);
+        println!("  max_request_bytes = {}\n  shutdown_grace = {}", config.max_request_bytes, config.shutdown_grace);
+        for agent in plugin.agents() {
+            let kinds = agent.categories.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+            println!("  agent {:?} ({}): {kinds}", agent.name, if agent.is_sync { "sync" } else { "async" });
+        }
+        return ExitCode::SUCCESS;
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let (grpc, admin) = match bind_pair(config.listen, config.admin_listen).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                eprintln!("{name}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(
+            grpc = %grpc.local_addr().map_or_else(|_| config.listen.to_string(), |a| a.to_string()),
+            admin = %admin.local_addr().map_or_else(|_| config.admin_listen.to_string(), |a| a.to_string()),
+            "{name} listening"
+        );
+        let shutdown = Shutdown::new();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            flotilla_telemetry::signal().await;
+            trigger.trigger();
+        });
+        match serve(plugin, grpc, admin, config.serve_options(), shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{name}: {}", flotilla_telemetry::error_chain(&e));
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Binds the gRPC and admin listeners, naming the address that failed.
+///
+/// # Errors
+/// A message naming the listener, its address and the OS error.
+pub async fn bind_pair(grpc: SocketAddr, admin: SocketAddr) -> Result<(TcpListener, TcpListener), String> {
+    let g = TcpListener::bind(grpc).await.map_err(|e| format!("cannot listen for gRPC on {grpc}: {e}"))?;
+    let a = TcpListener::bind(admin).await.map_err(|e| format!("cannot listen for admin HTTP on {admin}: {e}"))?;
+    Ok((g, a))
+}

@@ -1,0 +1,142 @@
+//! [`serve`]: one plugin, a gRPC listener and an admin listener → a complete service.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use flotilla_proto::service::{
+    agent_metadata_service_server::AgentMetadataServiceServer,
+    async_agent_service_server::AsyncAgentServiceServer,
+    sync_agent_service_server::SyncAgentServiceServer,
+};
+use flotilla_telemetry::{Admin, Readiness, Shutdown};
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::{
+    Plugin,
+    metrics::AgentMetrics,
+    service::{Services, Table},
+    wire::LimitedBody,
+};
+
+/// Limits and timings of a plugin service.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Largest request message accepted; larger ones get `RESOURCE_EXHAUSTED`.
+    pub max_request_bytes: usize,
+    /// After shutdown starts, how long in-flight calls may take to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self { max_request_bytes: 16 * 1024 * 1024, shutdown_grace: Duration::from_secs(30) }
+    }
+}
+
+/// Why a service could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The plugin's agent declarations contradict each other.
+    #[error("the plugin's agents are inconsistent: {0}")]
+    Agents(String),
+    /// Registering metrics failed (a duplicate name).
+    #[error("registering metrics failed")]
+    Metrics(#[source] prometheus::Error),
+    /// The gRPC server failed.
+    #[error("the gRPC server failed")]
+    Transport(#[source] tonic::transport::Error),
+}
+
+/// Serves `plugin` on `grpc` (the three agent services and `grpc.health.v1`)
+/// and `admin` (`/metrics`, `/livez`, `/readyz`) until `shutdown` fires. Then it
+/// stops accepting, reports NOT_SERVING, lets in-flight calls finish within
+/// [`ServeOptions::shutdown_grace`], and returns.
+///
+/// # Errors
+/// [`ServeError`] when the plugin's declarations are inconsistent or the server fails.
+pub async fn serve<P: Plugin>(
+    plugin: P,
+    grpc: TcpListener,
+    admin: TcpListener,
+    options: ServeOptions,
+    shutdown: Shutdown,
+) -> Result<(), ServeError> {
+    serve_with_registry(plugin, grpc, admin, options, shutdown, Registry::new()).await
+}
+
+pub(crate) async fn serve_with_registry<P: Plugin>(
+    plugin: P,
+    grpc: TcpListener,
+    admin: TcpListener,
+    options: ServeOptions,
+    shutdown: Shutdown,
+    registry: Registry,
+) -> Result<(), ServeError> {
+    let agents = plugin.agents();
+    let names: Vec<String> = agents.iter().map(|a| a.name.clone()).collect();
+    let table = Table::new(agents).map_err(ServeError::Agents)?;
+    let metrics = AgentMetrics::register(&registry).map_err(ServeError::Metrics)?;
+    let services = Services::new(Arc::new(plugin), table, metrics);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let service_names = [
+        "",
+        "flyteidl.service.AsyncAgentService",
+        "flyteidl.service.SyncAgentService",
+        "flyteidl.service.AgentMetadataService",
+    ];
+    for name in service_names {
+        health.set_service_status(name, ServingStatus::Serving).await;
+    }
+
+    let readiness = Readiness::default();
+    let admin_task = tokio::spawn(
+        Admin { registry, readiness: readiness.clone() }.serve(admin, shutdown.clone()),
+    );
+
+    let limit = options.max_request_bytes;
+    let grpc_addr: Option<SocketAddr> = grpc.local_addr().ok();
+    let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
+    // Our limit runs first (as bytes arrive); tonic's own would answer OUT_OF_RANGE.
+    let decode_limit = limit.saturating_add(1);
+    let server = tonic::transport::Server::builder()
+        .layer(tower::util::MapRequestLayer::new(move |req: http::Request<tonic::body::Body>| {
+            req.map(|body| tonic::body::Body::new(LimitedBody::new(body, limit)))
+        }))
+        .add_service(health_service)
+        .add_service(AsyncAgentServiceServer::new(services.clone()).max_decoding_message_size(decode_limit))
+        .add_service(SyncAgentServiceServer::new(services.clone()).max_decoding_message_size(decode_limit))
+        .add_service(AgentMetadataServiceServer::new(services).max_decoding_message_size(decode_limit));
+
+    let stopping = {
+        let shutdown = shutdown.clone();
+        let readiness = readiness.clone();
+        async move {
+            shutdown.wait().await;
+            readiness.set(false);
+            for name in service_names {
+                health.set_service_status(name, ServingStatus::NotServing).await;
+            }
+            tracing::info!(addr = ?grpc_addr, "Shutting down: refusing new calls, finishing in-flight ones");
+        }
+    };
+    readiness.set(true);
+    tracing::info!(addr = ?grpc_addr, agents = ?names, "Serving");
+    let served = server.serve_with_incoming_shutdown(incoming, stopping);
+    tokio::pin!(served);
+    let result = tokio::select! {
+        r = &mut served => r,
+        () = async {
+            shutdown.wait().await;
+            tokio::time::sleep(options.shutdown_grace).await;
+        } => {
+            tracing::warn!(grace = ?options.shutdown_grace, "In-flight calls outlived the shutdown grace; closing them");
+            Ok(())
+        }
+    };
+    shutdown.trigger();
+    let _ = admin_task.await;
+    result.map_err(ServeError::Transport)
+}

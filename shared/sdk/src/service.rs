@@ -1,0 +1,312 @@
+//! The three `flyteidl.service` gRPC services over a [`Plugin`]: resolve the
+//! category, check it is served and of the right kind, call the plugin,
+//! record flytekit's metrics, and turn errors into statuses.
+
+use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc, time::Instant};
+
+use flotilla_proto::{
+    admin::{self, execute_task_sync_request::Part},
+    service::{
+        agent_metadata_service_server::AgentMetadataService,
+        async_agent_service_server::AsyncAgentService, sync_agent_service_server::SyncAgentService,
+    },
+};
+use futures_util::Stream;
+use prost::Message;
+use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
+
+use crate::{
+    AgentSpec, Call, Category, Plugin, PluginError,
+    metrics::{AgentMetrics, Operation},
+    wire::parse_grpc_timeout,
+};
+
+/// Request id metadata key, carried from the gateway to the service.
+pub(crate) const REQUEST_ID: &str = "x-request-id";
+
+/// Which agent serves each category; built once from [`Plugin::agents`].
+pub(crate) struct Table {
+    agents: Vec<AgentSpec>,
+    by_category: HashMap<Category, usize>,
+}
+
+impl Table {
+    /// # Errors
+    /// Names every category two agents both claim, and every agent without a category.
+    pub(crate) fn new(agents: Vec<AgentSpec>) -> Result<Self, String> {
+        let mut by_category = HashMap::new();
+        let mut problems = Vec::new();
+        for (i, agent) in agents.iter().enumerate() {
+            if agent.categories.is_empty() {
+                problems.push(format!("agent {:?} declares no task category", agent.name));
+            }
+            for c in &agent.categories {
+                if let Some(j) = by_category.insert(c.clone(), i) {
+                    problems.push(format!(
+                        "task type {c} is claimed by both {:?} and {:?}",
+                        agents[j].name, agent.name
+                    ));
+                }
+            }
+        }
+        if problems.is_empty() { Ok(Self { agents, by_category }) } else { Err(problems.join("; ")) }
+    }
+
+    fn known(&self) -> String {
+        let mut all: Vec<String> = self.by_category.keys().map(ToString::to_string).collect();
+        all.sort();
+        all.join(", ")
+    }
+
+    /// The agent for `category`, which must be of the wanted kind.
+    fn resolve(&self, category: &Category, want_sync: bool) -> Result<&AgentSpec, Status> {
+        let Some(&i) = self.by_category.get(category) else {
+            return Err(Status::not_found(format!(
+                "no agent serves task type {:?} version {}; this service knows: {}",
+                category.name,
+                category.version,
+                self.known()
+            )));
+        };
+        let agent = &self.agents[i];
+        match (agent.is_sync, want_sync) {
+            (true, false) => Err(Status::failed_precondition(format!(
+                "task type {category} is served by the sync agent {:?}: call ExecuteTaskSync",
+                agent.name
+            ))),
+            (false, true) => Err(Status::failed_precondition(format!(
+                "task type {category} is served by the async agent {:?}: call CreateTask",
+                agent.name
+            ))),
+            _ => Ok(agent),
+        }
+    }
+}
+
+/// Serves the agent services for one plugin.
+pub(crate) struct Services<P> {
+    plugin: Arc<P>,
+    table: Arc<Table>,
+    metrics: AgentMetrics,
+}
+
+impl<P> Clone for Services<P> {
+    fn clone(&self) -> Self {
+        Self { plugin: self.plugin.clone(), table: self.table.clone(), metrics: self.metrics.clone() }
+    }
+}
+
+impl<P: Plugin> Services<P> {
+    pub(crate) fn new(plugin: Arc<P>, table: Table, metrics: AgentMetrics) -> Self {
+        Self { plugin, table: Arc::new(table), metrics }
+    }
+
+    /// Resolves the agent, calls `f`, and records the outcome under `op`.
+    async fn instrumented<T, Fut>(
+        &self,
+        op: Operation,
+        category: Category,
+        want_sync: bool,
+        metadata: &MetadataMap,
+        f: impl FnOnce(Call) -> Fut,
+    ) -> Result<T, Status>
+    where
+        Fut: Future<Output = Result<T, PluginError>>,
+    {
+        let started = Instant::now();
+        let result = match self.table.resolve(&category, want_sync) {
+            Ok(_) => {
+                let call = call_for(category.clone(), metadata, started);
+                f(call).await.map_err(Status::from)
+            }
+            Err(status) => Err(status),
+        };
+        let code = result.as_ref().err().map(Status::code);
+        self.metrics.observe(&category.name, op, started.elapsed().as_secs_f64(), code);
+        if let Err(status) = &result {
+            tracing::debug!(task = %category, code = ?status.code(), message = status.message(), "Agent call failed");
+        }
+        result
+    }
+}
+
+fn call_for(category: Category, metadata: &MetadataMap, started: Instant) -> Call {
+    let deadline = metadata
+        .get("grpc-timeout")
+        .and_then(|v| parse_grpc_timeout(v.as_bytes()))
+        .and_then(|d| started.checked_add(d));
+    let request_id = metadata.get(REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    Call { category, deadline, request_id }
+}
+
+/// The category Get/Delete/Metrics/Logs address: `task_category`, else the deprecated `task_type` at version 0.
+fn addressed(category: Option<&admin::TaskCategory>, task_type: &str) -> Result<Category, Status> {
+    match category {
+        Some(c) if !c.name.is_empty() => Ok(c.into()),
+        _ if !task_type.is_empty() => Ok(Category::new(task_type, 0)),
+        _ => Err(Status::invalid_argument("task_category (or the deprecated task_type) is required")),
+    }
+}
+
+fn template_category(template: Option<&flotilla_proto::core::TaskTemplate>) -> Result<Category, Status> {
+    match template {
+        Some(t) if !t.r#type.is_empty() => Ok(Category::new(t.r#type.clone(), t.task_type_version)),
+        Some(_) => Err(Status::invalid_argument("template.type is required")),
+        None => Err(Status::invalid_argument("template is required")),
+    }
+}
+
+#[tonic::async_trait]
+impl<P: Plugin> AsyncAgentService for Services<P> {
+    async fn create_task(
+        &self,
+        request: Request<admin::CreateTaskRequest>,
+    ) -> Result<Response<admin::CreateTaskResponse>, Status> {
+        let (metadata, _, req) = request.into_parts();
+        let category = template_category(req.template.as_ref())?;
+        if let Some(inputs) = &req.inputs {
+            self.metrics.input_bytes(&category.name, inputs.encoded_len());
+        }
+        let plugin = self.plugin.clone();
+        self.instrumented(Operation::Create, category, false, &metadata, |call| async move {
+            plugin.create(&call, req).await
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<admin::GetTaskRequest>,
+    ) -> Result<Response<admin::GetTaskResponse>, Status> {
+        let (metadata, _, req) = request.into_parts();
+        #[allow(deprecated)]
+        let category = addressed(req.task_category.as_ref(), &req.task_type)?;
+        let plugin = self.plugin.clone();
+        let resource = self
+            .instrumented(Operation::Get, category, false, &metadata, |call| async move {
+                plugin.get(&call, req).await
+            })
+            .await?;
+        Ok(Response::new(admin::GetTaskResponse { resource: Some(resource) }))
+    }
+
+    async fn delete_task(
+        &self,
+        request: Request<admin::DeleteTaskRequest>,
+    ) -> Result<Response<admin::DeleteTaskResponse>, Status> {
+        let (metadata, _, req) = request.into_parts();
+        #[allow(deprecated)]
+        let category = addressed(req.task_category.as_ref(), &req.task_type)?;
+        let plugin = self.plugin.clone();
+        self.instrumented(Operation::Delete, category, false, &metadata, |call| async move {
+            plugin.delete(&call, req).await
+        })
+        .await?;
+        Ok(Response::new(admin::DeleteTaskResponse {}))
+    }
+
+    async fn get_task_metrics(
+        &self,
+        request: Request<admin::GetTaskMetricsRequest>,
+    ) -> Result<Response<admin::GetTaskMetricsResponse>, Status> {
+        let (metadata, _, req) = request.into_parts();
+        #[allow(deprecated)]
+        let category = addressed(req.task_category.as_ref(), &req.task_type)?;
+        self.table.resolve(&category, false)?;
+        let call = call_for(category, &metadata, Instant::now());
+        Ok(Response::new(self.plugin.metrics(&call, req).await?))
+    }
+
+    type GetTaskLogsStream =
+        Pin<Box<dyn Stream<Item = Result<admin::GetTaskLogsResponse, Status>> + Send + 'static>>;
+
+    async fn get_task_logs(
+        &self,
+        request: Request<admin::GetTaskLogsRequest>,
+    ) -> Result<Response<Self::GetTaskLogsStream>, Status> {
+        let (metadata, _, req) = request.into_parts();
+        #[allow(deprecated)]
+        let category = addressed(req.task_category.as_ref(), &req.task_type)?;
+        self.table.resolve(&category, false)?;
+        let call = call_for(category, &metadata, Instant::now());
+        let parts = self.plugin.logs(&call, req).await?;
+        Ok(Response::new(Box::pin(futures_util::stream::iter(parts.into_iter().map(Ok)))))
+    }
+}
+
+#[tonic::async_trait]
+impl<P: Plugin> SyncAgentService for Services<P> {
+    type ExecuteTaskSyncStream =
+        Pin<Box<dyn Stream<Item = Result<admin::ExecuteTaskSyncResponse, Status>> + Send + 'static>>;
+
+    async fn execute_task_sync(
+        &self,
+        request: Request<Streaming<admin::ExecuteTaskSyncRequest>>,
+    ) -> Result<Response<Self::ExecuteTaskSyncStream>, Status> {
+        let (metadata, _, mut stream) = request.into_parts();
+        let header = match stream.message().await? {
+            Some(admin::ExecuteTaskSyncRequest { part: Some(Part::Header(h)) }) => h,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first ExecuteTaskSync message must be the header (CreateRequestHeader)",
+                ));
+            }
+            None => return Err(Status::invalid_argument("ExecuteTaskSync stream ended before its header")),
+        };
+        let category = template_category(header.template.as_ref())?;
+        // Read the whole request stream before answering: a server that stops
+        // reading early makes HTTP/2 reset the stream, and loaded clients see errors.
+        let mut inputs = None;
+        while let Some(msg) = stream.message().await? {
+            match msg.part {
+                Some(Part::Inputs(i)) if inputs.is_none() => inputs = Some(i),
+                Some(Part::Inputs(_)) => {
+                    return Err(Status::invalid_argument("ExecuteTaskSync carries more than one inputs message"));
+                }
+                Some(Part::Header(_)) => {
+                    return Err(Status::invalid_argument("ExecuteTaskSync carries more than one header"));
+                }
+                None => {}
+            }
+        }
+        if let Some(i) = &inputs {
+            self.metrics.input_bytes(&category.name, i.encoded_len());
+        }
+        let plugin = self.plugin.clone();
+        let resource = self
+            .instrumented(Operation::Do, category, true, &metadata, |call| async move {
+                plugin.execute(&call, header, inputs).await
+            })
+            .await?;
+        let answer = admin::ExecuteTaskSyncResponse {
+            res: Some(admin::execute_task_sync_response::Res::Header(admin::ExecuteTaskSyncResponseHeader {
+                resource: Some(resource),
+            })),
+        };
+        Ok(Response::new(Box::pin(futures_util::stream::iter([Ok(answer)]))))
+    }
+}
+
+#[tonic::async_trait]
+impl<P: Plugin> AgentMetadataService for Services<P> {
+    async fn get_agent(
+        &self,
+        request: Request<admin::GetAgentRequest>,
+    ) -> Result<Response<admin::GetAgentResponse>, Status> {
+        let name = request.into_inner().name;
+        match self.table.agents.iter().find(|a| a.name == name) {
+            Some(agent) => Ok(Response::new(admin::GetAgentResponse { agent: Some(agent.to_proto()) })),
+            None => Err(Status::not_found(format!("no agent named {name:?}"))),
+        }
+    }
+
+    async fn list_agents(
+        &self,
+        _request: Request<admin::ListAgentsRequest>,
+    ) -> Result<Response<admin::ListAgentsResponse>, Status> {
+        Ok(Response::new(admin::ListAgentsResponse {
+            agents: self.table.agents.iter().map(AgentSpec::to_proto).collect(),
+        }))
+    }
+}

@@ -1,0 +1,213 @@
+//! gRPC framing helpers shared by plugin services and the gateway: the
+//! per-message size limit (applied while bytes stream in, before anything is
+//! buffered) and the `grpc-timeout` header.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tonic::Status;
+
+/// Bytes of a gRPC message header: one compression flag and a big-endian u32 length.
+pub const FRAME_HEADER_LEN: usize = 5;
+
+/// A gRPC message larger than the configured limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("request message is {size} bytes, larger than the limit of {limit} bytes")]
+pub struct TooLarge {
+    /// The message's declared length.
+    pub size: u64,
+    /// The configured limit.
+    pub limit: usize,
+}
+
+impl From<TooLarge> for Status {
+    fn from(e: TooLarge) -> Self {
+        Status::resource_exhausted(e.to_string())
+    }
+}
+
+/// Follows the gRPC message framing of a byte stream and rejects any message
+/// whose declared length exceeds the limit, as soon as its header is seen.
+#[derive(Clone, Debug)]
+pub struct FrameLimiter {
+    limit: usize,
+    header: [u8; FRAME_HEADER_LEN],
+    have: usize,
+    remaining: u64,
+}
+
+impl FrameLimiter {
+    /// A limiter allowing messages of at most `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        Self { limit, header: [0; FRAME_HEADER_LEN], have: 0, remaining: 0 }
+    }
+
+    /// Feeds the next chunk of the stream.
+    ///
+    /// # Errors
+    /// [`TooLarge`] when a message header in `data` declares more than the limit.
+    pub fn feed(&mut self, mut data: &[u8]) -> Result<(), TooLarge> {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = (self.remaining.min(data.len() as u64)) as usize;
+                self.remaining -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            let n = (FRAME_HEADER_LEN - self.have).min(data.len());
+            self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == FRAME_HEADER_LEN {
+                self.have = 0;
+                let size = u64::from(u32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]));
+                if size > self.limit as u64 {
+                    return Err(TooLarge { size, limit: self.limit });
+                }
+                self.remaining = size;
+            }
+        }
+        Ok(())
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that fails with `RESOURCE_EXHAUSTED` as soon as a message
+    /// larger than the limit starts, instead of buffering it first.
+    pub struct LimitedBody<B> {
+        #[pin]
+        inner: B,
+        limiter: FrameLimiter,
+    }
+}
+
+impl<B> LimitedBody<B> {
+    /// Wraps `inner`, allowing messages of at most `limit` bytes.
+    pub fn new(inner: B, limit: usize) -> Self {
+        Self { inner, limiter: FrameLimiter::new(limit) }
+    }
+}
+
+impl<B> Body for LimitedBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if let Err(e) = this.limiter.feed(data) {
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Status::from_error(e.into())))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Parses a `grpc-timeout` header value (`"3S"`, `"250m"`, `"100000u"`).
+/// Returns `None` for a malformed value; callers then treat the call as having no deadline.
+pub fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b"H" => Duration::from_secs(n.checked_mul(3600)?),
+        b"M" => Duration::from_secs(n.checked_mul(60)?),
+        b"S" => Duration::from_secs(n),
+        b"m" => Duration::from_millis(n),
+        b"u" => Duration::from_micros(n),
+        b"n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Formats a duration as a `grpc-timeout` header value (at most 8 digits, as the spec wants).
+pub fn format_grpc_timeout(d: Duration) -> String {
+    let candidates: [(u128, &str); 4] = [
+        (d.as_nanos(), "n"),
+        (d.as_micros(), "u"),
+        (d.as_millis(), "m"),
+        (u128::from(d.as_secs()), "S"),
+    ];
+    for (n, unit) in candidates {
+        if n < 100_000_000 {
+            return format!("{n}{unit}");
+        }
+    }
+    format!("{}M", (d.as_secs() / 60).min(99_999_999))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(len: u32) -> Vec<u8> {
+        let mut v = vec![0];
+        v.extend_from_slice(&len.to_be_bytes());
+        v.extend(std::iter::repeat_n(7u8, len as usize));
+        v
+    }
+
+    #[test]
+    fn small_messages_pass_even_split_byte_by_byte() {
+        let mut bytes = frame(10);
+        bytes.extend(frame(3));
+        let mut limiter = FrameLimiter::new(10);
+        for b in &bytes {
+            limiter.feed(std::slice::from_ref(b)).unwrap();
+        }
+    }
+
+    #[test]
+    fn oversized_message_is_refused_at_its_header() {
+        let mut limiter = FrameLimiter::new(10);
+        limiter.feed(&frame(4)).unwrap();
+        let header = &frame(11)[..FRAME_HEADER_LEN];
+        assert_eq!(limiter.feed(header), Err(TooLarge { size: 11, limit: 10 }));
+    }
+
+    #[test]
+    fn grpc_timeouts_round_trip() {
+        assert_eq!(parse_grpc_timeout(b"3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout(b"250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout(b"S"), None);
+        assert_eq!(parse_grpc_timeout(b"123456789S"), None);
+        assert_eq!(parse_grpc_timeout(b"5x"), None);
+        for d in [Duration::from_millis(1500), Duration::from_secs(10), Duration::from_nanos(7)] {
+            assert_eq!(parse_grpc_timeout(format_grpc_timeout(d).as_bytes()), Some(d));
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! What every Flotilla binary (gateway, plugin services, the `flotilla` CLI)
+//! shares around its gRPC listener: command-line flags common to all of them,
+//! logging, the admin HTTP listener with `/metrics`, `/livez` and `/readyz`,
+//! the shutdown signal, and the TOML + `FLOTILLA_*` configuration loader.
+
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod args;
+pub mod config;
+pub mod shutdown;
+
+pub use admin::{Admin, Readiness};
+pub use args::{CommonArgs, LogFormat};
+pub use shutdown::{Shutdown, signal};
+
+/// Starts logging to stderr. `filter` uses `RUST_LOG` syntax (`info`, `flotilla_gateway=debug`).
+///
+/// Calling it twice is harmless: the second call is ignored (tests start several servers).
+pub fn init_tracing(format: LogFormat, filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().with_current_span(false).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// An error and its `source()` chain on one line: `outer: middle: root cause`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,407 @@
+"""Fixtures for the Flotilla interop suite.
+
+One real fleet (`flotilla up`) is started per test session, on free loopback
+ports, and shut down with SIGINT at the end; the shutdown must be graceful
+(exit code 0). Tests reach it only through the upstream flyteidl Python stubs,
+the standard gRPC health stubs and plain HTTP on the admin ports.
+
+The binary is `$FLOTILLA_BIN` when set, else `<repo>/target/debug/flotilla`.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional
+
+import grpc
+import pytest
+from flyteidl.service import agent_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_BIN = REPO_ROOT / "target" / "debug" / "flotilla"
+
+STARTUP_TIMEOUT_S = 30.0
+SHUTDOWN_TIMEOUT_S = 10.0
+CHANNEL_READY_TIMEOUT_S = 10.0
+HTTP_TIMEOUT_S = 10.0
+READY_POLL_INTERVAL_S = 0.1
+OUTPUT_TAIL_LINES = 200
+
+# `flotilla up` output contract, one line per service and then the "up" line:
+#   gateway  grpc=127.0.0.1:41234  admin=127.0.0.1:41235
+#   echo     grpc=127.0.0.1:41236  admin=127.0.0.1:41237
+#   flotilla is up: point propeller's agent-service at 127.0.0.1:41234 (Ctrl-C to stop)
+_SERVICE_LINE = re.compile(r"^(?P<name>\S+)\s+grpc=(?P<grpc>\S+)\s+admin=(?P<admin>\S+)")
+_UP_LINE = re.compile(r"^flotilla is up\b")
+_UP_TARGET = re.compile(r"\bat\s+(?P<addr>\S+)")
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+# Never let an ambient http(s)_proxy setting divert loopback traffic.
+_GRPC_BASE_OPTIONS = [("grpc.enable_http_proxy", 0)]
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class _LinePump:
+    """Reads a child's pipe line by line on a daemon thread.
+
+    Every line is kept in a bounded tail for failure messages. Until
+    `stop_forwarding()` is called, lines are also handed to the consumer
+    through a queue (None marks end of stream). The thread keeps draining the
+    pipe for the child's whole life, so a chatty child never blocks on a full
+    pipe.
+    """
+
+    def __init__(self, stream, name: str, forward: bool) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._tail: collections.deque = collections.deque(maxlen=OUTPUT_TAIL_LINES)
+        self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._forward = forward
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for raw in iter(self._stream.readline, b""):
+                line = _ANSI_ESCAPE.sub("", raw.decode("utf-8", "replace")).rstrip("\r\n")
+                with self._lock:
+                    self._tail.append(line)
+                    forward = self._forward
+                if forward:
+                    self._queue.put(line)
+        except (OSError, ValueError):
+            pass  # pipe closed underneath us during teardown
+        finally:
+            self._queue.put(None)
+
+    def next_line(self, timeout: float) -> Optional[str]:
+        """The next line, None at end of stream; raises queue.Empty on timeout."""
+        return self._queue.get(timeout=max(timeout, 0.0))
+
+    def stop_forwarding(self) -> None:
+        with self._lock:
+            self._forward = False
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def tail(self) -> str:
+        with self._lock:
+            return "\n".join(self._tail)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+@dataclass(frozen=True)
+class ServiceAddrs:
+    grpc: str
+    admin: str
+
+
+@dataclass
+class Fleet:
+    process: subprocess.Popen
+    services: Dict[str, ServiceAddrs]
+    stdout: _LinePump
+    stderr: _LinePump
+    argv: List[str] = field(default_factory=list)
+
+    @property
+    def gateway(self) -> ServiceAddrs:
+        return self.services["gateway"]
+
+    @property
+    def echo(self) -> ServiceAddrs:
+        return self.services["echo"]
+
+    def describe(self) -> str:
+        rc = self.process.poll()
+        state = "running" if rc is None else f"exited with code {rc}"
+        return (
+            f"command: {' '.join(self.argv)}\nprocess: {state}\n"
+            f"--- stdout (tail) ---\n{self.stdout.tail()}\n"
+            f"--- stderr (tail) ---\n{self.stderr.tail()}"
+        )
+
+
+def _flotilla_binary() -> Path:
+    configured = os.environ.get("FLOTILLA_BIN")
+    path = Path(configured).expanduser().resolve() if configured else DEFAULT_BIN
+    if not path.is_file() or not os.access(path, os.X_OK):
+        source = "FLOTILLA_BIN" if configured else "default location"
+        pytest.fail(
+            f"flotilla executable not found at {path} ({source}); build it with "
+            f"`cargo build --bin flotilla` or set FLOTILLA_BIN",
+            pytrace=False,
+        )
+    return path
+
+
+def _http_get(url: str, timeout: float = HTTP_TIMEOUT_S):
+    """GET without proxies; returns (status, content_type, body_text)."""
+    try:
+        with _HTTP.open(url, timeout=timeout) as resp:
+            body = resp.read().decode("utf-8", "replace")
+            return resp.status, resp.headers.get("Content-Type", ""), body
+    except urllib.error.HTTPError as err:
+        body = err.read().decode("utf-8", "replace")
+        return err.code, err.headers.get("Content-Type", ""), body
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        try:
+            proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _wait_until_up(fleet: Fleet, deadline: float) -> None:
+    """Parse the startup lines until the "flotilla is up" line (bounded)."""
+    up_line = None
+    while up_line is None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            pytest.fail(
+                f"`flotilla up` did not report 'flotilla is up' within "
+                f"{STARTUP_TIMEOUT_S:.0f} s\n{fleet.describe()}",
+                pytrace=False,
+            )
+        try:
+            line = fleet.stdout.next_line(timeout=min(remaining, 0.5))
+        except queue.Empty:
+            if fleet.process.poll() is not None:
+                # Let the pump deliver whatever is left before failing.
+                fleet.stdout.join(1.0)
+                pytest.fail(f"`flotilla up` exited during startup\n{fleet.describe()}", pytrace=False)
+            continue
+        if line is None:
+            try:
+                fleet.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            pytest.fail(
+                f"`flotilla up` closed stdout before reporting 'flotilla is up'\n{fleet.describe()}",
+                pytrace=False,
+            )
+        stripped = line.strip()
+        match = _SERVICE_LINE.match(stripped)
+        if match:
+            fleet.services[match["name"]] = ServiceAddrs(match["grpc"], match["admin"])
+        elif _UP_LINE.match(stripped):
+            up_line = stripped
+
+    for required in ("gateway", "echo"):
+        if required not in fleet.services:
+            pytest.fail(
+                f"`flotilla up` reported no '{required}  grpc=…  admin=…' line before "
+                f"'flotilla is up'\n{fleet.describe()}",
+                pytrace=False,
+            )
+    target = _UP_TARGET.search(up_line)
+    if target and target["addr"] != fleet.gateway.grpc:
+        pytest.fail(
+            f"'flotilla is up' points propeller at {target['addr']}, but the gateway "
+            f"listens on {fleet.gateway.grpc}\n{fleet.describe()}",
+            pytrace=False,
+        )
+
+
+def _wait_until_ready(fleet: Fleet, deadline: float) -> None:
+    """Poll /readyz on the gateway and the echo service until 200 (bounded)."""
+    for name in ("gateway", "echo"):
+        url = f"http://{fleet.services[name].admin}/readyz"
+        last = "no answer yet"
+        while True:
+            if fleet.process.poll() is not None:
+                pytest.fail(f"`flotilla up` exited while waiting for {url}\n{fleet.describe()}", pytrace=False)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail(
+                    f"{url} did not answer 200 within the {STARTUP_TIMEOUT_S:.0f} s startup "
+                    f"bound (last: {last})\n{fleet.describe()}",
+                    pytrace=False,
+                )
+            try:
+                status, _, body = _http_get(url, timeout=min(remaining, 2.0))
+                if status == 200:
+                    break
+                last = f"HTTP {status}: {body[:200]!r}"
+            except OSError as err:
+                last = repr(err)
+            time.sleep(min(READY_POLL_INTERVAL_S, max(deadline - time.monotonic(), 0)))
+
+
+@pytest.fixture(scope="session")
+def fleet() -> Iterator[Fleet]:
+    """The running `flotilla up` fleet (gateway + built-in plugin services)."""
+    binary = _flotilla_binary()
+    argv = [str(binary), "up", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+    env = dict(os.environ)
+    env.setdefault("NO_COLOR", "1")
+    env.setdefault("RUST_BACKTRACE", "1")
+    proc = subprocess.Popen(
+        argv,
+        cwd=str(REPO_ROOT),
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    fleet = Fleet(
+        process=proc,
+        services={},
+        stdout=_LinePump(proc.stdout, "flotilla-stdout", forward=True),
+        stderr=_LinePump(proc.stderr, "flotilla-stderr", forward=False),
+        argv=argv,
+    )
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        _wait_until_up(fleet, deadline)
+        fleet.stdout.stop_forwarding()
+        _wait_until_ready(fleet, deadline)
+    except BaseException:
+        _stop(proc)
+        raise
+
+    yield fleet
+
+    rc = proc.poll()
+    if rc is not None:
+        pytest.fail(f"`flotilla up` died during the test session\n{fleet.describe()}", pytrace=False)
+    proc.send_signal(signal.SIGINT)
+    try:
+        rc = proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _stop(proc)
+        pytest.fail(
+            f"`flotilla up` did not exit within {SHUTDOWN_TIMEOUT_S:.0f} s of SIGINT (killed)\n"
+            f"{fleet.describe()}",
+            pytrace=False,
+        )
+    fleet.stdout.join(2.0)
+    fleet.stderr.join(2.0)
+    if rc != 0:
+        pytest.fail(f"`flotilla up` exited with code {rc} after SIGINT, expected 0\n{fleet.describe()}", pytrace=False)
+
+
+# ---------------------------------------------------------------- addresses
+
+
+@pytest.fixture(scope="session")
+def gateway_addr(fleet: Fleet) -> str:
+    return fleet.gateway.grpc
+
+
+@pytest.fixture(scope="session")
+def gateway_admin_addr(fleet: Fleet) -> str:
+    return fleet.gateway.admin
+
+
+@pytest.fixture(scope="session")
+def echo_addr(fleet: Fleet) -> str:
+    """The echo plugin service's own gRPC address (bypassing the gateway)."""
+    return fleet.echo.grpc
+
+
+@pytest.fixture(scope="session")
+def echo_admin_addr(fleet: Fleet) -> str:
+    return fleet.echo.admin
+
+
+@pytest.fixture(scope="session")
+def http_get() -> Callable[..., tuple]:
+    """`http_get(url)` -> (status, content_type, body_text), proxies bypassed."""
+    return _http_get
+
+
+# ----------------------------------------------------------------- channels
+
+
+def _connect(target: str, options=()) -> grpc.Channel:
+    chan = grpc.insecure_channel(target, options=_GRPC_BASE_OPTIONS + list(options))
+    try:
+        grpc.channel_ready_future(chan).result(timeout=CHANNEL_READY_TIMEOUT_S)
+    except grpc.FutureTimeoutError:
+        chan.close()
+        pytest.fail(f"gRPC channel to {target} not ready within {CHANNEL_READY_TIMEOUT_S:.0f} s", pytrace=False)
+    return chan
+
+
+@pytest.fixture(scope="session")
+def channel(gateway_addr: str) -> Iterator[grpc.Channel]:
+    """Insecure channel to the gateway, shared by the session."""
+    chan = _connect(gateway_addr)
+    yield chan
+    chan.close()
+
+
+@pytest.fixture(scope="session")
+def echo_channel(echo_addr: str) -> Iterator[grpc.Channel]:
+    """Insecure channel straight to the echo plugin service."""
+    chan = _connect(echo_addr)
+    yield chan
+    chan.close()
+
+
+@pytest.fixture
+def open_channel() -> Iterator[Callable[..., grpc.Channel]]:
+    """Factory for extra channels with custom options; closed after the test."""
+    opened: List[grpc.Channel] = []
+
+    def factory(target: str, options=()) -> grpc.Channel:
+        chan = _connect(target, options)
+        opened.append(chan)
+        return chan
+
+    yield factory
+    for chan in opened:
+        chan.close()
+
+
+# -------------------------------------------------------------------- stubs
+
+
+@pytest.fixture(scope="session")
+def async_stub(channel: grpc.Channel) -> agent_pb2_grpc.AsyncAgentServiceStub:
+    return agent_pb2_grpc.AsyncAgentServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def sync_stub(channel: grpc.Channel) -> agent_pb2_grpc.SyncAgentServiceStub:
+    return agent_pb2_grpc.SyncAgentServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def metadata_stub(channel: grpc.Channel) -> agent_pb2_grpc.AgentMetadataServiceStub:
+    return agent_pb2_grpc.AgentMetadataServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def echo_async_stub(echo_channel: grpc.Channel) -> agent_pb2_grpc.AsyncAgentServiceStub:
+    return agent_pb2_grpc.AsyncAgentServiceStub(echo_channel)
+
+
+@pytest.fixture(scope="session")
+def echo_sync_stub(echo_channel: grpc.Channel) -> agent_pb2_grpc.SyncAgentServiceStub:
+    return agent_pb2_grpc.SyncAgentServiceStub(echo_channel)
+
+
+@pytest.fixture(scope="session")
+def echo_metadata_stub(echo_channel: grpc.Channel) -> agent_pb2_grpc.AgentMetadataServiceStub:
+    return agent_pb2_grpc.AgentMetadataServiceStub(echo_channel)

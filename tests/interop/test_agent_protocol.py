@@ -1,0 +1,535 @@
+"""Wire-level interop tests: upstream flyteidl 1.16.8 clients against `flotilla up`.
+
+Everything here goes through the published Python stubs and messages (what
+propeller-compatible clients and flytekit speak), so a pass means the Rust
+fleet is wire-compatible for these paths. Contracts checked are those in
+shared/ARCHITECTURE.md: routing, status codes, echo plugin semantics, health
+and metrics.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Callable, List, Optional
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from flyteidl.admin import agent_pb2
+from flyteidl.core import (
+    execution_pb2,
+    identifier_pb2,
+    interface_pb2,
+    literals_pb2,
+    tasks_pb2,
+    types_pb2,
+)
+from flyteidl.service import agent_pb2_grpc
+
+RPC_TIMEOUT = 10.0  # seconds; every RPC carries a deadline so nothing can hang
+
+SUCCEEDED = execution_pb2.TaskExecution.SUCCEEDED
+RUNNING = execution_pb2.TaskExecution.RUNNING
+FAILED = execution_pb2.TaskExecution.FAILED
+
+ECHO = agent_pb2.TaskCategory(name="echo", version=0)
+ECHO_SYNC = agent_pb2.TaskCategory(name="echo_sync", version=0)
+OUTPUT_PREFIX = "s3://flotilla-interop/metadata/propeller/f0a1b2c3d4/n0/data/0"
+
+MIB = 1024 * 1024
+BIG_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * MIB),
+    ("grpc.max_send_message_length", -1),
+]
+
+
+# --------------------------------------------------------------- messages
+
+
+def phase_name(phase: int) -> str:
+    return execution_pb2.TaskExecution.Phase.Name(phase)
+
+
+def _scalar(**primitive) -> literals_pb2.Literal:
+    return literals_pb2.Literal(
+        scalar=literals_pb2.Scalar(primitive=literals_pb2.Primitive(**primitive))
+    )
+
+
+_SIMPLE_TYPE_OF = {
+    "integer": types_pb2.SimpleType.INTEGER,
+    "float_value": types_pb2.SimpleType.FLOAT,
+    "string_value": types_pb2.SimpleType.STRING,
+    "boolean": types_pb2.SimpleType.BOOLEAN,
+}
+
+
+def make_inputs(**values) -> literals_pb2.LiteralMap:
+    """A LiteralMap of primitives; the Python type picks the literal kind."""
+    literals = {}
+    for name, value in values.items():
+        if isinstance(value, bool):
+            literals[name] = _scalar(boolean=value)
+        elif isinstance(value, int):
+            literals[name] = _scalar(integer=value)
+        elif isinstance(value, float):
+            literals[name] = _scalar(float_value=value)
+        elif isinstance(value, str):
+            literals[name] = _scalar(string_value=value)
+        else:
+            raise TypeError(f"unsupported literal value for {name}: {value!r}")
+    return literals_pb2.LiteralMap(literals=literals)
+
+
+def sample_inputs() -> literals_pb2.LiteralMap:
+    return make_inputs(
+        count=42,
+        offset=-7,
+        ratio=0.25,
+        label="héllo, flotilla ✓",
+        enabled=True,
+        dry_run=False,
+    )
+
+
+def interface_for(inputs: literals_pb2.LiteralMap) -> interface_pb2.TypedInterface:
+    variables = {}
+    for name, literal in inputs.literals.items():
+        kind = literal.scalar.primitive.WhichOneof("value")
+        variables[name] = interface_pb2.Variable(
+            type=types_pb2.LiteralType(simple=_SIMPLE_TYPE_OF[kind]),
+            description=f"interop input {name}",
+        )
+    var_map = interface_pb2.VariableMap(variables=variables)
+    return interface_pb2.TypedInterface(inputs=var_map, outputs=var_map)
+
+
+def make_template(
+    task_type: str = "echo",
+    version: int = 0,
+    custom: Optional[dict] = None,
+    inputs: Optional[literals_pb2.LiteralMap] = None,
+) -> tasks_pb2.TaskTemplate:
+    template = tasks_pb2.TaskTemplate(
+        id=identifier_pb2.Identifier(
+            resource_type=identifier_pb2.TASK,
+            project="flotilla",
+            domain="interop",
+            name=f"interop.tasks.{task_type}",
+            version="v1",
+        ),
+        type=task_type,
+        task_type_version=version,
+        metadata=tasks_pb2.TaskMetadata(
+            runtime=tasks_pb2.RuntimeMetadata(
+                type=tasks_pb2.RuntimeMetadata.FLYTE_SDK, version="1.16.8", flavor="python"
+            ),
+            retries=literals_pb2.RetryStrategy(retries=0),
+        ),
+        interface=interface_for(inputs if inputs is not None else sample_inputs()),
+    )
+    if custom is not None:
+        template.custom.update(custom)
+    return template
+
+
+def execution_metadata() -> agent_pb2.TaskExecutionMetadata:
+    task_id = identifier_pb2.Identifier(
+        resource_type=identifier_pb2.TASK,
+        project="flotilla",
+        domain="interop",
+        name="interop.tasks.echo",
+        version="v1",
+    )
+    return agent_pb2.TaskExecutionMetadata(
+        task_execution_id=identifier_pb2.TaskExecutionIdentifier(
+            task_id=task_id,
+            node_execution_id=identifier_pb2.NodeExecutionIdentifier(
+                node_id="n0",
+                execution_id=identifier_pb2.WorkflowExecutionIdentifier(
+                    project="flotilla", domain="interop", name="f0a1b2c3d4"
+                ),
+            ),
+            retry_attempt=0,
+        ),
+        namespace="flotilla-interop",
+        labels={"team": "interop"},
+        annotations={"flotilla.dev/suite": "python"},
+        k8s_service_account="default",
+    )
+
+
+def create_request(
+    template: tasks_pb2.TaskTemplate, inputs: literals_pb2.LiteralMap
+) -> agent_pb2.CreateTaskRequest:
+    return agent_pb2.CreateTaskRequest(
+        inputs=inputs,
+        template=template,
+        output_prefix=OUTPUT_PREFIX,
+        task_execution_metadata=execution_metadata(),
+    )
+
+
+def get_request(resource_meta: bytes, category=ECHO) -> agent_pb2.GetTaskRequest:
+    return agent_pb2.GetTaskRequest(
+        resource_meta=resource_meta, task_category=category, output_prefix=OUTPUT_PREFIX
+    )
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def expect_rpc_error(code: grpc.StatusCode, call: Callable[[], object]) -> grpc.RpcError:
+    """Run `call`, require it to fail with `code`, return the error."""
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    err = info.value
+    assert err.code() == code, (
+        f"expected {code.name}, got {err.code().name}: {err.details()!r}"
+    )
+    return err
+
+
+def mentions_size(details: Optional[str]) -> bool:
+    """True when an error message names a size or limit (a number and a size word)."""
+    text = (details or "").lower()
+    size_words = ("size", "limit", "large", "max", "byte", "mib", "mb", "exceed")
+    return bool(re.search(r"\d", text)) and any(word in text for word in size_words)
+
+
+def create_echo_task(stub, inputs=None, custom=None) -> bytes:
+    inputs = inputs if inputs is not None else sample_inputs()
+    resp = stub.CreateTask(
+        create_request(make_template(custom=custom, inputs=inputs), inputs), timeout=RPC_TIMEOUT
+    )
+    assert resp.resource_meta, "CreateTask answered an empty resource_meta"
+    return resp.resource_meta
+
+
+def get_resource(stub, resource_meta: bytes, category=ECHO) -> agent_pb2.Resource:
+    resp = stub.GetTask(get_request(resource_meta, category), timeout=RPC_TIMEOUT)
+    assert resp.HasField("resource"), "GetTask answered no resource"
+    return resp.resource
+
+
+def assert_succeeded_with(resource: agent_pb2.Resource, inputs: literals_pb2.LiteralMap) -> None:
+    assert resource.phase == SUCCEEDED, (
+        f"phase {phase_name(resource.phase)}, message {resource.message!r}"
+    )
+    assert resource.outputs == inputs, "echo outputs differ from the inputs"
+
+
+def echo_round_trip(create_stub, get_stub=None, inputs=None) -> None:
+    """Create, get (SUCCEEDED, outputs == inputs) and delete an echo task."""
+    get_stub = get_stub or create_stub
+    inputs = inputs if inputs is not None else sample_inputs()
+    meta = create_echo_task(create_stub, inputs)
+    assert_succeeded_with(get_resource(get_stub, meta), inputs)
+    get_stub.DeleteTask(
+        agent_pb2.DeleteTaskRequest(resource_meta=meta, task_category=ECHO), timeout=RPC_TIMEOUT
+    )
+
+
+def list_agents(metadata_stub) -> List[agent_pb2.Agent]:
+    return list(metadata_stub.ListAgents(agent_pb2.ListAgentsRequest(), timeout=RPC_TIMEOUT).agents)
+
+
+def categories(agent: agent_pb2.Agent):
+    return {(c.name, c.version) for c in agent.supported_task_categories}
+
+
+def sync_requests(task_type: str, inputs: literals_pb2.LiteralMap):
+    header = agent_pb2.CreateRequestHeader(
+        template=make_template(task_type=task_type, inputs=inputs),
+        output_prefix=OUTPUT_PREFIX,
+        task_execution_metadata=execution_metadata(),
+    )
+    return [
+        agent_pb2.ExecuteTaskSyncRequest(header=header),
+        agent_pb2.ExecuteTaskSyncRequest(inputs=inputs),
+    ]
+
+
+# ----------------------------------------------------------- agent metadata
+
+
+def test_list_agents_has_async_echo_and_sync_echo_without_duplicates(metadata_stub):
+    agents = list_agents(metadata_stub)
+    names = [a.name for a in agents]
+    assert len(names) == len(set(names)), f"duplicate agent names: {names}"
+
+    async_echo = [a for a in agents if not a.is_sync and ("echo", 0) in categories(a)]
+    sync_echo = [a for a in agents if a.is_sync and ("echo_sync", 0) in categories(a)]
+    assert async_echo, f"no async agent serves echo/0: {agents}"
+    assert sync_echo, f"no sync agent (is_sync=True) serves echo_sync/0: {agents}"
+
+    serving = [cat for a in agents for cat in categories(a)]
+    assert serving.count(("echo", 0)) == 1, f"echo/0 claimed more than once: {agents}"
+    assert serving.count(("echo_sync", 0)) == 1, f"echo_sync/0 claimed more than once: {agents}"
+
+
+def test_get_agent_answers_every_listed_agent(metadata_stub):
+    agents = list_agents(metadata_stub)
+    assert agents
+    for listed in agents:
+        got = metadata_stub.GetAgent(
+            agent_pb2.GetAgentRequest(name=listed.name), timeout=RPC_TIMEOUT
+        ).agent
+        assert got.name == listed.name
+        assert got.is_sync == listed.is_sync, listed.name
+        assert categories(got) == categories(listed), listed.name
+
+
+def test_get_agent_unknown_name_is_not_found_and_names_it(metadata_stub):
+    err = expect_rpc_error(
+        grpc.StatusCode.NOT_FOUND,
+        lambda: metadata_stub.GetAgent(
+            agent_pb2.GetAgentRequest(name="no-such-agent"), timeout=RPC_TIMEOUT
+        ),
+    )
+    assert "no-such-agent" in (err.details() or "")
+
+
+# -------------------------------------------------------- async echo tasks
+
+
+def test_echo_round_trip_create_get_delete(async_stub):
+    inputs = sample_inputs()
+    template = make_template(
+        custom={"greeting": "hi", "nested": {"keys": ["a", "b"], "n": 3}}, inputs=inputs
+    )
+    created = async_stub.CreateTask(create_request(template, inputs), timeout=RPC_TIMEOUT)
+    assert created.resource_meta, "CreateTask answered an empty resource_meta"
+
+    resource = get_resource(async_stub, created.resource_meta)
+    assert_succeeded_with(resource, inputs)
+
+    deleted = async_stub.DeleteTask(
+        agent_pb2.DeleteTaskRequest(resource_meta=created.resource_meta, task_category=ECHO),
+        timeout=RPC_TIMEOUT,
+    )
+    assert isinstance(deleted, agent_pb2.DeleteTaskResponse)
+
+
+def test_get_task_routed_by_deprecated_task_type_only(async_stub):
+    inputs = sample_inputs()
+    meta = create_echo_task(async_stub, inputs)
+    req = agent_pb2.GetTaskRequest(task_type="echo", resource_meta=meta)
+    assert not req.HasField("task_category")
+    resp = async_stub.GetTask(req, timeout=RPC_TIMEOUT)
+    assert_succeeded_with(resp.resource, inputs)
+
+
+def test_delete_task_routed_by_deprecated_task_type_only(async_stub):
+    meta = create_echo_task(async_stub)
+    req = agent_pb2.DeleteTaskRequest(task_type="echo", resource_meta=meta)
+    assert not req.HasField("task_category")
+    async_stub.DeleteTask(req, timeout=RPC_TIMEOUT)
+
+
+def test_echo_duration_ms_runs_then_succeeds_after_duration(async_stub):
+    inputs = sample_inputs()
+    started = time.monotonic()
+    meta = create_echo_task(async_stub, inputs, custom={"duration_ms": 1500})
+
+    first = get_resource(async_stub, meta)
+    assert first.phase == RUNNING, (
+        f"first GetTask: phase {phase_name(first.phase)}, message {first.message!r}"
+    )
+
+    deadline = started + 10.0
+    seen = [first.phase]
+    resource = first
+    while resource.phase == RUNNING:
+        assert time.monotonic() < deadline, "task still RUNNING after 10 s"
+        time.sleep(0.1)
+        resource = get_resource(async_stub, meta)
+        seen.append(resource.phase)
+    finished = time.monotonic()
+
+    assert_succeeded_with(resource, inputs)
+    assert all(p == RUNNING for p in seen[:-1]), [phase_name(p) for p in seen]
+    assert finished - started >= 1.4, (
+        f"SUCCEEDED only {finished - started:.3f} s after create; duration_ms was 1500"
+    )
+
+
+def test_echo_fail_with_reports_failed_phase_and_message(async_stub):
+    meta = create_echo_task(async_stub, custom={"fail_with": "boom: disk on fire"})
+    resource = get_resource(async_stub, meta)  # a failed task is not an RPC error
+    assert resource.phase == FAILED, (
+        f"phase {phase_name(resource.phase)}, message {resource.message!r}"
+    )
+    assert "boom: disk on fire" in resource.message
+
+
+# --------------------------------------------------------------- routing
+
+
+def test_create_task_unknown_type_is_not_found_and_names_it(async_stub):
+    inputs = sample_inputs()
+    template = make_template(task_type="no_such_type", inputs=inputs)
+    err = expect_rpc_error(
+        grpc.StatusCode.NOT_FOUND,
+        lambda: async_stub.CreateTask(create_request(template, inputs), timeout=RPC_TIMEOUT),
+    )
+    assert "no_such_type" in (err.details() or "")
+
+
+def test_create_task_known_type_unknown_version_is_not_found(async_stub):
+    inputs = sample_inputs()
+    template = make_template(task_type="echo", version=97, inputs=inputs)
+    expect_rpc_error(
+        grpc.StatusCode.NOT_FOUND,
+        lambda: async_stub.CreateTask(create_request(template, inputs), timeout=RPC_TIMEOUT),
+    )
+
+
+def test_get_task_unknown_category_is_not_found(async_stub):
+    meta = create_echo_task(async_stub)
+    err = expect_rpc_error(
+        grpc.StatusCode.NOT_FOUND,
+        lambda: async_stub.GetTask(
+            get_request(meta, agent_pb2.TaskCategory(name="no_such_type", version=0)),
+            timeout=RPC_TIMEOUT,
+        ),
+    )
+    assert "no_such_type" in (err.details() or "")
+
+
+# ---------------------------------------------------------------- sync echo
+
+
+def test_execute_task_sync_echo_answers_one_succeeded_header(sync_stub):
+    inputs = sample_inputs()
+    responses = list(
+        sync_stub.ExecuteTaskSync(iter(sync_requests("echo_sync", inputs)), timeout=RPC_TIMEOUT)
+    )
+    assert len(responses) == 1, f"expected exactly one response, got {len(responses)}"
+    (only,) = responses
+    assert only.WhichOneof("res") == "header", f"response carries {only.WhichOneof('res')!r}"
+    assert_succeeded_with(only.header.resource, inputs)
+
+
+def test_execute_task_sync_unknown_type_is_not_found(sync_stub):
+    inputs = sample_inputs()
+    err = expect_rpc_error(
+        grpc.StatusCode.NOT_FOUND,
+        lambda: list(
+            sync_stub.ExecuteTaskSync(
+                iter(sync_requests("no_such_type", inputs)), timeout=RPC_TIMEOUT
+            )
+        ),
+    )
+    assert "no_such_type" in (err.details() or "")
+
+
+# ------------------------------------------------------------ bad requests
+
+INVALID_BODIES = {
+    # tag varint 0xFFFFFFFF: field 536870911 with wire type 7, which does not exist
+    "invalid_wire_type": b"\xff\xff\xff\xff\x0f",
+    # field 2, length-delimited, claims 5 bytes but only 2 follow
+    "truncated_field": b"\x12\x05ab",
+}
+
+
+@pytest.mark.parametrize("method", ["CreateTask", "GetTask"])
+@pytest.mark.parametrize("body", list(INVALID_BODIES.values()), ids=list(INVALID_BODIES))
+def test_undecodable_body_is_invalid_argument_and_fleet_keeps_serving(
+    channel, metadata_stub, method, body
+):
+    raw_call = channel.unary_unary(
+        f"/flyteidl.service.AsyncAgentService/{method}",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+    expect_rpc_error(grpc.StatusCode.INVALID_ARGUMENT, lambda: raw_call(body, timeout=RPC_TIMEOUT))
+
+    assert list_agents(metadata_stub), "ListAgents answered no agents after a bad request"
+
+
+def test_two_mib_inputs_round_trip_or_clear_size_error(gateway_addr, open_channel):
+    chan = open_channel(gateway_addr, BIG_CHANNEL_OPTIONS)
+    stub = agent_pb2_grpc.AsyncAgentServiceStub(chan)
+    inputs = make_inputs(blob="x" * (2 * MIB))
+    try:
+        meta = create_echo_task(stub, inputs)
+    except grpc.RpcError as err:
+        assert err.code() in (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ), f"unexpected {err.code().name}: {err.details()!r}"
+        assert mentions_size(err.details()), f"error does not name a size: {err.details()!r}"
+    else:
+        assert_succeeded_with(get_resource(stub, meta), inputs)
+
+    echo_round_trip(stub)
+
+
+def test_forty_mib_inputs_resource_exhausted_then_fleet_keeps_serving(gateway_addr, open_channel):
+    chan = open_channel(gateway_addr, BIG_CHANNEL_OPTIONS)
+    stub = agent_pb2_grpc.AsyncAgentServiceStub(chan)
+    inputs = make_inputs(blob="x" * (40 * MIB))
+    err = expect_rpc_error(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: create_echo_task(stub, inputs)
+    )
+    assert mentions_size(err.details()), f"error does not name the size/limit: {err.details()!r}"
+
+    echo_round_trip(stub)
+
+
+# ------------------------------------------------------ health, direct, admin
+
+
+@pytest.mark.parametrize("target", ["gateway", "echo"])
+def test_health_check_serving(request, target):
+    chan = request.getfixturevalue("channel" if target == "gateway" else "echo_channel")
+    resp = health_pb2_grpc.HealthStub(chan).Check(
+        health_pb2.HealthCheckRequest(service=""), timeout=RPC_TIMEOUT
+    )
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING, (
+        health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    )
+
+
+def test_echo_service_direct_round_trip(echo_async_stub):
+    echo_round_trip(echo_async_stub)
+
+
+def test_echo_is_stateless_across_gateway_and_direct(async_stub, echo_async_stub):
+    # created through the gateway, read straight from the echo service ...
+    echo_round_trip(async_stub, get_stub=echo_async_stub)
+    # ... and the other way around
+    echo_round_trip(echo_async_stub, get_stub=async_stub)
+
+
+def test_echo_service_direct_lists_its_agents(echo_metadata_stub):
+    cats = {cat for a in list_agents(echo_metadata_stub) for cat in categories(a)}
+    assert {("echo", 0), ("echo_sync", 0)} <= cats, cats
+
+
+def test_gateway_metrics_count_requests(async_stub, gateway_admin_addr, http_get):
+    echo_round_trip(async_stub)
+    status, content_type, body = http_get(f"http://{gateway_admin_addr}/metrics")
+    assert status == 200, body[:500]
+    assert content_type.startswith(("text/plain", "application/openmetrics-text")), content_type
+    assert "flotilla_gateway_requests_total" in body
+
+
+def test_echo_metrics_use_flytekit_names(async_stub, echo_admin_addr, http_get):
+    echo_round_trip(async_stub)
+    status, content_type, body = http_get(f"http://{echo_admin_addr}/metrics")
+    assert status == 200, body[:500]
+    assert content_type.startswith(("text/plain", "application/openmetrics-text")), content_type
+    assert "flyte_agent_requests_success_total" in body
+
+
+@pytest.mark.parametrize("path", ["/livez", "/readyz"])
+@pytest.mark.parametrize("target", ["gateway", "echo"])
+def test_admin_probes_answer_200(fleet, http_get, target, path):
+    admin = fleet.services[target].admin
+    status, _, body = http_get(f"http://{admin}{path}")
+    assert status == 200, f"{target} {path}: HTTP {status} {body[:200]!r}"
