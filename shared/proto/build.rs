@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .codec_path("crate::codec::FlotillaCodec")
         // The deprecated fields are still on the wire; plugins read them.
         .compile_fds(fds)?;
     Ok(())

@@ -438,10 +438,14 @@ INVALID_BODIES = {
 
 @pytest.mark.parametrize("method", ["CreateTask", "GetTask"])
 @pytest.mark.parametrize("body", list(INVALID_BODIES.values()), ids=list(INVALID_BODIES))
+@pytest.mark.parametrize("target", ["gateway", "echo"])
 def test_undecodable_body_is_invalid_argument_and_fleet_keeps_serving(
-    channel, metadata_stub, method, body
+    request, target, method, body
 ):
-    raw_call = channel.unary_unary(
+    # "gateway and services alike": the gateway and the echo service directly
+    chan = request.getfixturevalue("channel" if target == "gateway" else "echo_channel")
+    metadata_stub = agent_pb2_grpc.AgentMetadataServiceStub(chan)
+    raw_call = chan.unary_unary(
         f"/flyteidl.service.AsyncAgentService/{method}",
         request_serializer=lambda b: b,
         response_deserializer=lambda b: b,

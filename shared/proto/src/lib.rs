@@ -29,6 +29,8 @@ pub mod flyteidl {
     }
 }
 
+pub mod codec;
+
 pub use flyteidl::{admin, core, service};
 
 /// The serialized `FileDescriptorSet` of our `.proto` files, as compiled for this crate.

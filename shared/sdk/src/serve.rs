@@ -124,19 +124,31 @@ pub(crate) async fn serve_with_registry<P: Plugin>(
     };
     readiness.set(true);
     tracing::info!(addr = ?grpc_addr, agents = ?names, "Serving");
-    let served = server.serve_with_incoming_shutdown(incoming, stopping);
-    tokio::pin!(served);
-    let result = tokio::select! {
-        r = &mut served => r,
-        () = async {
-            shutdown.wait().await;
-            tokio::time::sleep(options.shutdown_grace).await;
-        } => {
-            tracing::warn!(grace = ?options.shutdown_grace, "In-flight calls outlived the shutdown grace; closing them");
-            Ok(())
-        }
-    };
+    let result = with_grace(server.serve_with_incoming_shutdown(incoming, stopping), &shutdown, options.shutdown_grace).await;
     shutdown.trigger();
     let _ = admin_task.await;
     result.map_err(ServeError::Transport)
+}
+
+/// Runs a server future that stops by itself on `shutdown`, but gives up on
+/// it `grace` after shutdown starts (in-flight calls that outlive the grace are cut).
+///
+/// # Errors
+/// The server's own error.
+pub async fn with_grace<E>(
+    served: impl std::future::Future<Output = Result<(), E>>,
+    shutdown: &Shutdown,
+    grace: Duration,
+) -> Result<(), E> {
+    tokio::pin!(served);
+    tokio::select! {
+        r = &mut served => r,
+        () = async {
+            shutdown.wait().await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(?grace, "In-flight calls outlived the shutdown grace; closing them");
+            Ok(())
+        }
+    }
 }

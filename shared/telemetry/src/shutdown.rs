@@ -31,10 +31,15 @@ impl Shutdown {
     }
 
     /// Resolves once [`Shutdown::trigger`] has been called (at once if it already was).
-    pub async fn wait(&self) {
+    /// The future borrows nothing, so it can be held across spawns and selects.
+    pub fn wait(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.tx.subscribe();
-        // The sender lives in `self`, so the channel cannot close while we wait.
-        let _ = rx.wait_for(|triggered| *triggered).await;
+        async move {
+            // A closed channel means every trigger is gone: nothing can stop us any more, so wait forever.
+            if rx.wait_for(|triggered| *triggered).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 }
 

@@ -1,0 +1,106 @@
+//! `flotilla`: the operator's CLI. `flotilla up` runs a whole local fleet in
+//! one process; the other subcommands talk to a running gateway.
+
+mod literals;
+mod task;
+mod up;
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+/// Flotilla: Flyte's agent (connector) services as a fleet of plugin services
+/// behind one routing gateway.
+#[derive(Parser)]
+#[command(name = "flotilla", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a whole local fleet in one process until Ctrl-C: the gateway and
+    /// every built-in plugin service, each on its own loopback port.
+    #[command(after_help = "Examples:\n  flotilla up\n  flotilla up --listen 127.0.0.1:8080 --admin-listen 127.0.0.1:0")]
+    Up(up::UpArgs),
+
+    /// List the agents (and task types) the gateway routes.
+    #[command(after_help = "Example:\n  flotilla agents --gateway 127.0.0.1:8000")]
+    Agents {
+        #[command(flatten)]
+        target: Target,
+    },
+
+    /// Start a task described in a JSON or YAML file and print its handle
+    /// (sync task types run at once and print their outputs).
+    #[command(after_help = "The file names the task type, its inputs and template options:\n\n  \
+type: echo            # task type (TaskTemplate.type)\n  version: 0            # task type version\n  \
+custom:               # TaskTemplate.custom\n    duration_ms: 2000\n  inputs:               # name: value (numbers, strings, booleans, lists, maps)\n    \
+x: 42\n    greeting: hello\n\nExamples:\n  flotilla create examples/echo-task.yaml\n  flotilla create examples/echo-task.yaml --wait")]
+    Create {
+        /// Task file (.json, .yaml or .yml; - for standard input, read as YAML).
+        file: PathBuf,
+        /// Poll until the task ends and print its outputs.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+
+    /// Print a task's phase, message, log links and outputs.
+    #[command(after_help = "Example:\n  flotilla get echo:0:eyJ2IjoxLC4uLn0=")]
+    Get {
+        /// The handle `flotilla create` printed (TYPE:VERSION:BASE64_RESOURCE_META).
+        handle: String,
+        #[command(flatten)]
+        target: Target,
+    },
+
+    /// Cancel a task.
+    #[command(after_help = "Example:\n  flotilla delete echo:0:eyJ2IjoxLC4uLn0=")]
+    Delete {
+        /// The handle `flotilla create` printed.
+        handle: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// Which gateway to talk to.
+#[derive(clap::Args, Clone)]
+struct Target {
+    /// Gateway gRPC address.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8000", env = "FLOTILLA_GATEWAY")]
+    gateway: SocketAddr,
+    /// Give up on each call after this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    timeout: f64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flotilla: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Up(args) => up::run(args).await,
+            Command::Agents { target } => task::agents(&target).await,
+            Command::Create { file, wait, target } => task::create(&target, &file, wait).await,
+            Command::Get { handle, target } => task::get(&target, &handle).await,
+            Command::Delete { handle, target } => task::delete(&target, &handle).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("flotilla: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! The subcommands that talk to a running gateway: agents, create, get, delete.
+
+use std::{path::Path, process::ExitCode, time::Duration};
+
+use anyhow::{Context as _, bail};
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use flotilla_proto::{
+    admin::{self, execute_task_sync_request::Part, execute_task_sync_response::Res},
+    core::{self, task_execution::Phase},
+    service::{
+        agent_metadata_service_client::AgentMetadataServiceClient,
+        async_agent_service_client::AsyncAgentServiceClient, sync_agent_service_client::SyncAgentServiceClient,
+    },
+};
+use serde::Deserialize;
+use tonic::{Request, transport::Channel};
+
+use crate::{Target, literals};
+
+/// A task file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskFile {
+    /// `TaskTemplate.type`.
+    #[serde(rename = "type")]
+    task_type: String,
+    /// `TaskTemplate.task_type_version`.
+    #[serde(default)]
+    version: i32,
+    /// `TaskTemplate.custom`.
+    #[serde(default)]
+    custom: serde_json::Map<String, serde_json::Value>,
+    /// `TaskTemplate.config`.
+    #[serde(default)]
+    config: std::collections::HashMap<String, String>,
+    /// SQL statement (`TaskTemplate.sql`), for query task types.
+    #[serde(default)]
+    sql: Option<String>,
+    /// The inputs.
+    #[serde(default)]
+    inputs: serde_json::Map<String, serde_json::Value>,
+    /// Where outputs would go (`CreateTaskRequest.output_prefix`).
+    #[serde(default = "default_output_prefix")]
+    output_prefix: String,
+}
+
+fn default_output_prefix() -> String {
+    "file:///tmp/flotilla/outputs".to_owned()
+}
+
+async fn channel(target: &Target) -> anyhow::Result<Channel> {
+    let timeout = call_timeout(target)?;
+    tonic::transport::Endpoint::from_shared(format!("http://{}", target.gateway))?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the gateway at {} (is `flotilla up` running?)", target.gateway))
+}
+
+fn call_timeout(target: &Target) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(target.timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("--timeout {} is not a positive number of seconds", target.timeout))
+}
+
+fn status_error(what: &str, s: &tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{what} failed: {:?}: {}", s.code(), s.message())
+}
+
+pub(crate) async fn agents(target: &Target) -> anyhow::Result<ExitCode> {
+    let mut client = AgentMetadataServiceClient::new(channel(target).await?);
+    let agents = client
+        .list_agents(admin::ListAgentsRequest {})
+        .await
+        .map_err(|s| status_error("ListAgents", &s))?
+        .into_inner()
+        .agents;
+    if agents.is_empty() {
+        println!("The gateway routes no task types yet.");
+    }
+    println!("{:<28} {:<6} TASK TYPES", "AGENT", "KIND");
+    for a in agents {
+        let kinds: Vec<String> =
+            a.supported_task_categories.iter().map(|c| format!("{} (v{})", c.name, c.version)).collect();
+        println!("{:<28} {:<6} {}", a.name, if a.is_sync { "sync" } else { "async" }, kinds.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_task(file: &Path) -> anyhow::Result<TaskFile> {
+    let text = if file == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading the task from standard input")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?
+    };
+    let is_json = file.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    let task: TaskFile = if is_json {
+        serde_json::from_str(&text).with_context(|| format!("{} is not a valid task file", file.display()))?
+    } else {
+        serde_yaml::from_str(&text).with_context(|| format!("{} is not a valid task file", file.display()))?
+    };
+    if task.task_type.is_empty() {
+        bail!("{}: `type` must name a task type", file.display());
+    }
+    Ok(task)
+}
+
+fn template(task: &TaskFile) -> anyhow::Result<core::TaskTemplate> {
+    let custom: prost_types::Struct = json_struct(&task.custom);
+    Ok(core::TaskTemplate {
+        id: Some(core::Identifier {
+            resource_type: core::ResourceType::Task as i32,
+            project: "flotilla".into(),
+            domain: "development".into(),
+            name: format!("flotilla-cli.{}", task.task_type),
+            version: "cli".into(),
+            org: String::new(),
+        }),
+        r#type: task.task_type.clone(),
+        task_type_version: task.version,
+        custom: Some(custom),
+        config: task.config.clone(),
+        target: task.sql.as_ref().map(|s| {
+            core::task_template::Target::Sql(core::Sql { statement: s.clone(), dialect: core::sql::Dialect::Ansi as i32 })
+        }),
+        ..Default::default()
+    })
+}
+
+fn json_struct(map: &serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct { fields: map.iter().map(|(k, v)| (k.clone(), json_value(v))).collect() }
+}
+
+fn json_value(v: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(a) => {
+            Kind::ListValue(prost_types::ListValue { values: a.iter().map(json_value).collect() })
+        }
+        serde_json::Value::Object(o) => Kind::StructValue(json_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// `TYPE:VERSION:BASE64` ↔ (category, resource_meta).
+fn handle(category: &admin::TaskCategory, meta: &[u8]) -> String {
+    format!("{}:{}:{}", category.name, category.version, B64.encode(meta))
+}
+
+fn parse_handle(h: &str) -> anyhow::Result<(admin::TaskCategory, Vec<u8>)> {
+    let mut parts = h.rsplitn(3, ':');
+    let (Some(meta), Some(version), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+        bail!("{h:?} is not a task handle: expected TYPE:VERSION:BASE64 as `flotilla create` prints");
+    };
+    let version = version.parse().with_context(|| format!("handle version {version:?} is not an integer"))?;
+    let meta = B64.decode(meta).context("the handle's resource_meta is not base64")?;
+    Ok((admin::TaskCategory { name: name.to_owned(), version }, meta))
+}
+
+pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::Result<ExitCode> {
+    let task = read_task(file)?;
+    let template = template(&task)?;
+    let inputs = literals::to_literal_map(&task.inputs)?;
+    let channel = channel(target).await?;
+    let category = admin::TaskCategory { name: task.task_type.clone(), version: task.version };
+
+    let agents = AgentMetadataServiceClient::new(channel.clone())
+        .list_agents(admin::ListAgentsRequest {})
+        .await
+        .map_err(|s| status_error("ListAgents", &s))?
+        .into_inner()
+        .agents;
+    let is_sync = agents.iter().any(|a| a.is_sync && a.supported_task_categories.contains(&category));
+    if is_sync {
+        let header = admin::ExecuteTaskSyncRequest {
+            part: Some(Part::Header(admin::CreateRequestHeader {
+                template: Some(template),
+                output_prefix: task.output_prefix.clone(),
+                ..Default::default()
+            })),
+        };
+        let body = admin::ExecuteTaskSyncRequest { part: Some(Part::Inputs(inputs)) };
+        let mut stream = SyncAgentServiceClient::new(channel)
+            .execute_task_sync(Request::new(tokio_stream::iter([header, body])))
+            .await
+            .map_err(|s| status_error("ExecuteTaskSync", &s))?
+            .into_inner();
+        let first = stream.message().await.map_err(|s| status_error("ExecuteTaskSync", &s))?;
+        let Some(admin::ExecuteTaskSyncResponse { res: Some(Res::Header(h)) }) = first else {
+            bail!("ExecuteTaskSync answered without a header message");
+        };
+        let resource = h.resource.unwrap_or_default();
+        return Ok(print_resource(&resource));
+    }
+
+    let mut client = AsyncAgentServiceClient::new(channel);
+    let created = client
+        .create_task(admin::CreateTaskRequest {
+            inputs: Some(inputs),
+            template: Some(template),
+            output_prefix: task.output_prefix.clone(),
+            task_execution_metadata: None,
+        })
+        .await
+        .map_err(|s| status_error("CreateTask", &s))?
+        .into_inner();
+    let h = handle(&category, &created.resource_meta);
+    println!("created {h}");
+    if !wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    loop {
+        let resource = get_resource(&mut client, &category, &created.resource_meta).await?;
+        let phase = Phase::try_from(resource.phase).unwrap_or(Phase::Undefined);
+        if matches!(phase, Phase::Succeeded | Phase::Failed | Phase::Aborted | Phase::RetryableFailed) {
+            return Ok(print_resource(&resource));
+        }
+        eprintln!("{}: {}", phase.as_str_name(), resource.message);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn get_resource(
+    client: &mut AsyncAgentServiceClient<Channel>,
+    category: &admin::TaskCategory,
+    meta: &[u8],
+) -> anyhow::Result<admin::Resource> {
+    #[allow(deprecated)]
+    let req = admin::GetTaskRequest {
+        task_type: category.name.clone(),
+        resource_meta: meta.to_vec(),
+        task_category: Some(category.clone()),
+        output_prefix: String::new(),
+    };
+    Ok(client
+        .get_task(req)
+        .await
+        .map_err(|s| status_error("GetTask", &s))?
+        .into_inner()
+        .resource
+        .unwrap_or_default())
+}
+
+fn print_resource(r: &admin::Resource) -> ExitCode {
+    let phase = Phase::try_from(r.phase).unwrap_or(Phase::Undefined);
+    println!("phase: {}", phase.as_str_name());
+    if !r.message.is_empty() {
+        println!("message: {}", r.message);
+    }
+    for link in &r.log_links {
+        println!("log: {} {}", link.name, link.uri);
+    }
+    if let Some(outputs) = &r.outputs {
+        println!("outputs:");
+        print!("{}", literals::render(outputs));
+    }
+    if matches!(phase, Phase::Failed | Phase::Aborted | Phase::RetryableFailed) { ExitCode::from(2) } else { ExitCode::SUCCESS }
+}
+
+pub(crate) async fn get(target: &Target, h: &str) -> anyhow::Result<ExitCode> {
+    let (category, meta) = parse_handle(h)?;
+    let mut client = AsyncAgentServiceClient::new(channel(target).await?);
+    let resource = get_resource(&mut client, &category, &meta).await?;
+    Ok(print_resource(&resource))
+}
+
+pub(crate) async fn delete(target: &Target, h: &str) -> anyhow::Result<ExitCode> {
+    let (category, meta) = parse_handle(h)?;
+    let mut client = AsyncAgentServiceClient::new(channel(target).await?);
+    #[allow(deprecated)]
+    client
+        .delete_task(admin::DeleteTaskRequest {
+            task_type: category.name.clone(),
+            resource_meta: meta,
+            task_category: Some(category),
+        })
+        .await
+        .map_err(|s| status_error("DeleteTask", &s))?;
+    println!("deleted");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_round_trip() {
+        let c = admin::TaskCategory { name: "a:b".into(), version: 3 };
+        let (c2, meta) = parse_handle(&handle(&c, b"{\"x\":1}")).unwrap();
+        assert_eq!((c2, meta), (c, b"{\"x\":1}".to_vec()));
+        assert!(parse_handle("nonsense").is_err());
+    }
+}

@@ -1,0 +1,88 @@
+//! `flotilla up`: the gateway and every built-in plugin service in one
+//! process, wired by static discovery over loopback, until Ctrl-C.
+
+use std::{net::SocketAddr, process::ExitCode, time::Instant};
+
+use anyhow::Context as _;
+use flotilla_gateway::{Config, Gateway, config::{GatewayConfig, PluginConfig}};
+use flotilla_sdk::ServeOptions;
+use flotilla_telemetry::{LogFormat, Shutdown};
+
+#[derive(clap::Args)]
+pub(crate) struct UpArgs {
+    /// Gateway gRPC address (point propeller here).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Gateway admin HTTP address (/metrics, /livez, /readyz); port 0 picks a free one.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
+    admin_listen: SocketAddr,
+    /// Log filter, in RUST_LOG syntax.
+    #[arg(long, value_name = "FILTER", default_value = "warn", env = "RUST_LOG")]
+    log: String,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// Loopback with a free port, for the plugin services.
+const ANY_LOOPBACK: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    flotilla_telemetry::init_tracing(args.log_format, &args.log);
+    let shutdown = Shutdown::new();
+
+    // Plugin services first, so the gateway learns their routes on its first poll.
+    let (echo_grpc, echo_admin) = flotilla_sdk::bind_pair(ANY_LOOPBACK, ANY_LOOPBACK)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let echo_addr = echo_grpc.local_addr()?;
+    let echo_admin_addr = echo_admin.local_addr()?;
+    let echo = tokio::spawn(flotilla_sdk::serve(
+        flotilla_echo::Echo::default(),
+        echo_grpc,
+        echo_admin,
+        ServeOptions::default(),
+        shutdown.clone(),
+    ));
+
+    let (grpc, admin) =
+        flotilla_sdk::bind_pair(args.listen, args.admin_listen).await.map_err(anyhow::Error::msg)?;
+    let gateway_addr = grpc.local_addr()?;
+    let gateway_admin_addr = admin.local_addr()?;
+    let raw = GatewayConfig {
+        listen: gateway_addr,
+        admin_listen: gateway_admin_addr,
+        plugins: vec![PluginConfig {
+            name: "echo".to_owned(),
+            discovery: format!("static://{echo_addr}"),
+            nameserver: None,
+            timeout: None,
+            categories: Vec::new(),
+        }],
+        ..GatewayConfig::default()
+    };
+    let config = Config::validate(raw, Vec::new())
+        .map_err(|problems| anyhow::anyhow!("built-in fleet configuration is invalid: {}", problems.join("; ")))?;
+    let gateway = Gateway::start(config).await.context("starting the gateway")?;
+
+    println!("gateway  grpc={gateway_addr}  admin={gateway_admin_addr}");
+    println!("echo     grpc={echo_addr}  admin={echo_admin_addr}");
+    println!(
+        "flotilla is up: point propeller's agent-service at {gateway_addr} (Ctrl-C to stop; started in {} ms)",
+        started.elapsed().as_millis()
+    );
+
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        flotilla_telemetry::signal().await;
+        eprintln!("flotilla: stopping (finishing in-flight calls)");
+        trigger.trigger();
+    });
+    let served = gateway.serve(grpc, admin, shutdown.clone()).await;
+    shutdown.trigger();
+    let echo_result = echo.await.context("the echo service task failed")?;
+    served.context("the gateway failed")?;
+    echo_result.context("the echo service failed")?;
+    Ok(ExitCode::SUCCESS)
+}

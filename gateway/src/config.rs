@@ -1,0 +1,362 @@
+//! Gateway configuration: [`GatewayConfig`] is what the TOML file and the
+//! `FLOTILLA_*` variables say; [`Config`] is the validated value the gateway runs on.
+//!
+//! ```toml
+//! listen = "0.0.0.0:8000"
+//! admin_listen = "0.0.0.0:9090"
+//! max_request_bytes = 16777216
+//! refresh_interval = "10s"      # how often each plugin's ListAgents is polled
+//! connect_timeout = "1s"
+//! shutdown_grace = "30s"
+//!
+//! [[plugins]]
+//! name = "echo"
+//! discovery = "static://127.0.0.1:8001,127.0.0.1:8002"
+//! timeout = "5s"                # cap on every call to this plugin (the caller's deadline may be shorter)
+//! categories = ["echo:0"]       # optional pins, for services whose ListAgents is missing
+//! ```
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{SocketAddr, ToSocketAddrs},
+    time::Duration,
+};
+
+use flotilla_sdk::Category;
+use flotilla_telemetry::{
+    CommonArgs,
+    config::{self, ConfigError, Env, HumanDuration, Listeners},
+};
+use serde::Deserialize;
+
+/// Environment variable overriding `max_request_bytes`.
+pub const ENV_MAX_REQUEST_BYTES: &str = "FLOTILLA_MAX_REQUEST_BYTES";
+/// Environment variable overriding `refresh_interval`.
+pub const ENV_REFRESH_INTERVAL: &str = "FLOTILLA_REFRESH_INTERVAL";
+/// Environment variable replacing the whole `[[plugins]]` list:
+/// `name=discovery;name=discovery` (for example `echo=static://127.0.0.1:8001`).
+pub const ENV_PLUGINS: &str = "FLOTILLA_PLUGINS";
+
+/// The gateway's configuration file, as written.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Admin HTTP listen address.
+    pub admin_listen: SocketAddr,
+    /// Largest request message accepted.
+    pub max_request_bytes: usize,
+    /// How often each plugin service's `ListAgents` is polled.
+    pub refresh_interval: HumanDuration,
+    /// How long connecting to a plugin replica may take.
+    pub connect_timeout: HumanDuration,
+    /// How long in-flight calls may take to finish after shutdown starts.
+    pub shutdown_grace: HumanDuration,
+    /// The plugin services behind the gateway.
+    pub plugins: Vec<PluginConfig>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
+            admin_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            max_request_bytes: 16 * 1024 * 1024,
+            refresh_interval: HumanDuration(Duration::from_secs(10)),
+            connect_timeout: HumanDuration(Duration::from_secs(1)),
+            shutdown_grace: HumanDuration(Duration::from_secs(30)),
+            plugins: Vec::new(),
+        }
+    }
+}
+
+/// One plugin service, as written.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// A name for logs and metrics (`bigquery`).
+    pub name: String,
+    /// Where its replicas are: `static://host:port[,host:port…]`.
+    pub discovery: String,
+    /// DNS server for `dns://` and `srv://` discovery (reserved for DNS discovery).
+    #[serde(default)]
+    pub nameserver: Option<String>,
+    /// Cap on every call to this plugin.
+    #[serde(default)]
+    pub timeout: Option<HumanDuration>,
+    /// Categories routed to this plugin whatever its `ListAgents` says (`"name:version"`).
+    #[serde(default)]
+    pub categories: Vec<String>,
+}
+
+/// Where a plugin's replicas are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A fixed list of addresses.
+    Static(Vec<SocketAddr>),
+}
+
+/// A validated plugin service.
+#[derive(Clone, Debug)]
+pub struct Plugin {
+    /// Its name.
+    pub name: String,
+    /// Its discovery target as written, for messages.
+    pub target_text: String,
+    /// Its discovery target.
+    pub target: Target,
+    /// Cap on every call.
+    pub timeout: Option<Duration>,
+    /// Pinned categories.
+    pub pins: Vec<Category>,
+}
+
+/// The validated gateway configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Admin HTTP listen address.
+    pub admin_listen: SocketAddr,
+    /// Largest request message accepted.
+    pub max_request_bytes: usize,
+    /// How often `ListAgents` is polled.
+    pub refresh_interval: Duration,
+    /// How long connecting to a replica may take.
+    pub connect_timeout: Duration,
+    /// How long in-flight calls may take to finish after shutdown starts.
+    pub shutdown_grace: Duration,
+    /// The plugin services.
+    pub plugins: Vec<Plugin>,
+}
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "listen = {}\nadmin_listen = {}", self.listen, self.admin_listen)?;
+        writeln!(f, "max_request_bytes = {}", self.max_request_bytes)?;
+        writeln!(f, "refresh_interval = {}", humantime::format_duration(self.refresh_interval))?;
+        for p in &self.plugins {
+            write!(f, "plugin {:?}: {}", p.name, p.target_text)?;
+            if let Some(t) = p.timeout {
+                write!(f, ", timeout {}", humantime::format_duration(t))?;
+            }
+            if !p.pins.is_empty() {
+                let pins: Vec<String> = p.pins.iter().map(ToString::to_string).collect();
+                write!(f, ", pinned {}", pins.join(", "))?;
+            }
+            writeln!(f)?;
+        }
+        Ok(())
+    }
+}
+
+mod humantime {
+    pub(super) fn format_duration(d: std::time::Duration) -> String {
+        flotilla_telemetry::config::HumanDuration(d).to_string()
+    }
+}
+
+/// Parses a discovery target.
+///
+/// # Errors
+/// What is wrong with it, in words an operator can act on.
+pub fn parse_target(text: &str) -> Result<Target, String> {
+    if let Some(list) = text.strip_prefix("static://") {
+        let mut addrs = Vec::new();
+        for part in list.split(',').map(str::trim) {
+            if part.is_empty() {
+                return Err(format!("{text:?}: empty address in the list"));
+            }
+            match part.parse::<SocketAddr>() {
+                Ok(a) => addrs.push(a),
+                Err(_) => {
+                    let resolved = part
+                        .to_socket_addrs()
+                        .map_err(|e| format!("{part:?} is not a host:port that resolves: {e}"))?;
+                    let first = resolved.into_iter().next().ok_or_else(|| format!("{part:?} resolves to nothing"))?;
+                    addrs.push(first);
+                }
+            }
+        }
+        return Ok(Target::Static(addrs));
+    }
+    if text.starts_with("dns://") || text.starts_with("srv://") {
+        return Err(format!("{text:?}: DNS discovery is not available in this build yet; use static://host:port"));
+    }
+    Err(format!("{text:?} is not a discovery target: expected static://host:port[,host:port…]"))
+}
+
+fn parse_category(text: &str) -> Result<Category, String> {
+    let (name, version) = match text.rsplit_once(':') {
+        Some((n, v)) => (n, v.parse::<i32>().map_err(|_| format!("{text:?}: version {v:?} is not an integer"))?),
+        None => (text, 0),
+    };
+    if name.is_empty() {
+        return Err(format!("{text:?}: the task type name is empty"));
+    }
+    Ok(Category::new(name, version))
+}
+
+/// Reads `FLOTILLA_PLUGINS` (`name=target;name=target`).
+fn plugins_from_env(raw: &str) -> Result<Vec<PluginConfig>, String> {
+    raw.split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|entry| {
+            let (name, discovery) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("{ENV_PLUGINS}: {entry:?} is not name=discovery"))?;
+            Ok(PluginConfig {
+                name: name.trim().to_owned(),
+                discovery: discovery.trim().to_owned(),
+                nameserver: None,
+                timeout: None,
+                categories: Vec::new(),
+            })
+        })
+        .collect()
+}
+
+impl Config {
+    /// Loads defaults → `--config` file → `FLOTILLA_*` → flags, and validates it all.
+    ///
+    /// # Errors
+    /// Every problem at once, each naming its key (`plugins[1].discovery: …`).
+    pub fn load(flags: &CommonArgs, env: Env<'_>) -> Result<Self, ConfigError> {
+        let mut raw: GatewayConfig = config::read_file(flags.config.as_deref())?;
+        let mut problems = Vec::new();
+        let mut listeners = Listeners { listen: raw.listen, admin_listen: raw.admin_listen };
+        listeners.resolve(env, flags, &mut problems);
+        (raw.listen, raw.admin_listen) = (listeners.listen, listeners.admin_listen);
+        config::override_from_env(env, ENV_MAX_REQUEST_BYTES, &mut raw.max_request_bytes, &mut problems);
+        config::override_from_env(env, ENV_REFRESH_INTERVAL, &mut raw.refresh_interval, &mut problems);
+        if let Some(list) = env(ENV_PLUGINS) {
+            match plugins_from_env(&list) {
+                Ok(p) => raw.plugins = p,
+                Err(e) => problems.push(e),
+            }
+        }
+        let source_name = flags
+            .config
+            .as_ref()
+            .map_or_else(|| "defaults and environment".to_owned(), |p| p.display().to_string());
+        Self::validate(raw, problems).map_err(|problems| ConfigError { source_name, problems })
+    }
+
+    /// Validates a raw configuration.
+    ///
+    /// # Errors
+    /// Every problem found.
+    pub fn validate(raw: GatewayConfig, mut problems: Vec<String>) -> Result<Self, Vec<String>> {
+        if raw.max_request_bytes < 1024 {
+            problems.push(format!("max_request_bytes: {} is below the minimum of 1024", raw.max_request_bytes));
+        }
+        if raw.refresh_interval.0 < Duration::from_millis(100) {
+            problems.push(format!("refresh_interval: {} is below the minimum of 100ms", raw.refresh_interval));
+        }
+        if raw.connect_timeout.0.is_zero() {
+            problems.push("connect_timeout: must be more than zero".to_owned());
+        }
+        let mut names = HashMap::new();
+        let mut pinned: HashMap<Category, String> = HashMap::new();
+        let mut plugins = Vec::new();
+        for (i, p) in raw.plugins.into_iter().enumerate() {
+            if p.name.trim().is_empty() {
+                problems.push(format!("plugins[{i}].name: must not be empty"));
+            } else if let Some(j) = names.insert(p.name.clone(), i) {
+                problems.push(format!("plugins[{i}].name: {:?} is already the name of plugins[{j}]", p.name));
+            }
+            if p.nameserver.is_some() {
+                problems.push(format!("plugins[{i}].nameserver: only used by dns:// and srv:// discovery"));
+            }
+            let target = parse_target(&p.discovery).map_err(|e| problems.push(format!("plugins[{i}].discovery: {e}")));
+            let mut pins = Vec::new();
+            for c in &p.categories {
+                match parse_category(c) {
+                    Ok(c) => {
+                        if let Some(other) = pinned.insert(c.clone(), p.name.clone()) {
+                            problems.push(format!(
+                                "plugins[{i}].categories: {c} is pinned to both {other:?} and {:?}",
+                                p.name
+                            ));
+                        }
+                        pins.push(c);
+                    }
+                    Err(e) => problems.push(format!("plugins[{i}].categories: {e}")),
+                }
+            }
+            if let Some(t) = p.timeout {
+                if t.0.is_zero() {
+                    problems.push(format!("plugins[{i}].timeout: must be more than zero"));
+                }
+            }
+            if let Ok(target) = target {
+                plugins.push(Plugin {
+                    name: p.name,
+                    target_text: p.discovery,
+                    target,
+                    timeout: p.timeout.map(|t| t.0),
+                    pins,
+                });
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(Self {
+            listen: raw.listen,
+            admin_listen: raw.admin_listen,
+            max_request_bytes: raw.max_request_bytes,
+            refresh_interval: raw.refresh_interval.0,
+            connect_timeout: raw.connect_timeout.0,
+            shutdown_grace: raw.shutdown_grace.0,
+            plugins,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(toml_text: &str) -> GatewayConfig {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let c = raw(r#"
+            [[plugins]]
+            name = "a"
+            discovery = "ftp://x"
+            [[plugins]]
+            name = "a"
+            discovery = "static://127.0.0.1:1"
+            categories = ["echo:zero"]
+        "#);
+        let problems = Config::validate(c, vec![]).unwrap_err();
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        assert!(problems[0].starts_with("plugins[0].discovery"), "{problems:#?}");
+        assert!(problems.iter().any(|p| p.contains("already the name of plugins[0]")));
+        assert!(problems.iter().any(|p| p.contains("\"zero\" is not an integer")));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = toml::from_str::<GatewayConfig>("lisen = \"0.0.0.0:1\"").unwrap_err();
+        assert!(e.to_string().contains("lisen"), "{e}");
+    }
+
+    #[test]
+    fn plugins_come_from_the_environment() {
+        let p = plugins_from_env("echo=static://127.0.0.1:1,127.0.0.1:2; bq=static://127.0.0.1:3").unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(parse_target(&p[0].discovery).unwrap(), Target::Static(vec![
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap()
+        ]));
+        assert!(plugins_from_env("nonsense").is_err());
+    }
+}

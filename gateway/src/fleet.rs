@@ -1,0 +1,248 @@
+//! The fleet: every plugin backend, and the route table learned from their
+//! `ListAgents` answers. A background task polls each service on
+//! `refresh_interval`; a failed poll keeps that service's last known agents.
+//! The route table is rebuilt whole and swapped in, so requests read it
+//! without a lock. The gateway's own `ListAgents`/`GetAgent` answer from it.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use flotilla_proto::{admin, service::agent_metadata_service_server::AgentMetadataService};
+use flotilla_sdk::Category;
+use flotilla_telemetry::Shutdown;
+use tonic::{Request, Response, Status};
+
+use crate::{backend::Backend, metrics::Metrics, route::RouteTable};
+
+/// What the fleet knows right now.
+#[derive(Default)]
+pub struct FleetState {
+    /// Category → backend index.
+    pub routes: RouteTable,
+    /// The union of every service's agents, as `ListAgents` answers it.
+    pub agents: Vec<admin::Agent>,
+}
+
+/// Every backend and the learned routes.
+pub struct Fleet {
+    /// The backends, in configuration order.
+    pub backends: Vec<Backend>,
+    state: ArcSwap<FleetState>,
+    metrics: Metrics,
+}
+
+impl Fleet {
+    /// A fleet with no routes learned yet (pins apply at once).
+    pub fn new(backends: Vec<Backend>, metrics: Metrics) -> Self {
+        let fleet = Self { backends, state: ArcSwap::default(), metrics };
+        let empty = vec![None; fleet.backends.len()];
+        fleet.state.store(Arc::new(fleet.build(&empty, &mut HashSet::new())));
+        fleet
+    }
+
+    /// The current state.
+    pub fn state(&self) -> arc_swap::Guard<Arc<FleetState>> {
+        self.state.load()
+    }
+
+    /// Polls every service's `ListAgents` once and swaps in the new table.
+    /// `last` holds each service's last good answer; `reported` the conflicts already logged.
+    pub async fn refresh(
+        &self,
+        last: &mut [Option<Vec<admin::Agent>>],
+        reported: &mut HashSet<String>,
+        timeout: Duration,
+    ) {
+        // Each poll runs as its own task: one slow service does not delay the others' answers.
+        let polls: Vec<_> = self
+            .backends
+            .iter()
+            .map(|b| {
+                let mut client = b.metadata_client();
+                tokio::spawn(async move {
+                    let mut req = Request::new(admin::ListAgentsRequest {});
+                    req.set_timeout(timeout);
+                    tokio::time::timeout(timeout, client.list_agents(req)).await
+                })
+            })
+            .collect();
+        let mut answers = Vec::with_capacity(polls.len());
+        for poll in polls {
+            answers.push(match poll.await {
+                Ok(answer) => answer,
+                Err(join) => Ok(Err(Status::internal(format!("the ListAgents poll panicked: {join}")))),
+            });
+        }
+        for ((backend, answer), slot) in self.backends.iter().zip(answers).zip(last.iter_mut()) {
+            let name = &backend.plugin.name;
+            let result = match answer {
+                Ok(Ok(resp)) => {
+                    let agents = resp.into_inner().agents;
+                    if slot.as_ref() != Some(&agents) {
+                        let kinds: Vec<String> = agents.iter().flat_map(categories).map(|c| c.to_string()).collect();
+                        tracing::info!(plugin = %name, task_types = ?kinds, "Learned the plugin's task types");
+                    }
+                    *slot = Some(agents);
+                    "ok"
+                }
+                Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                    tracing::warn!(plugin = %name, "The plugin does not implement ListAgents; only its pinned categories route to it");
+                    "unimplemented"
+                }
+                Ok(Err(status)) => {
+                    tracing::warn!(plugin = %name, target = %backend.plugin.target_text, code = ?status.code(), message = status.message(), "ListAgents failed; keeping the last known task types");
+                    "error"
+                }
+                Err(_) => {
+                    tracing::warn!(plugin = %name, target = %backend.plugin.target_text, ?timeout, "ListAgents timed out; keeping the last known task types");
+                    "timeout"
+                }
+            };
+            self.metrics.route_refreshes.with_label_values(&[name, result]).inc();
+        }
+        self.state.store(Arc::new(self.build(last, reported)));
+    }
+
+    /// Builds the state from each service's agents. Pins first, then
+    /// `ListAgents` answers in configuration order; a category two services
+    /// claim stays with the first and the conflict is reported (once).
+    fn build(&self, last: &[Option<Vec<admin::Agent>>], reported: &mut HashSet<String>) -> FleetState {
+        let mut routes: HashMap<Category, usize> = HashMap::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            for pin in &b.plugin.pins {
+                routes.insert(pin.clone(), i);
+            }
+        }
+        let mut agents = Vec::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut conflicts = 0;
+        for (i, answer) in last.iter().enumerate() {
+            let Some(list) = answer else { continue };
+            for agent in list {
+                let mut agent = agent.clone();
+                agent.supported_task_categories.retain(|c| {
+                    let category = Category::from(c);
+                    match routes.get(&category) {
+                        Some(&j) if j == i => true,
+                        Some(&j) if self.backends[j].plugin.pins.contains(&category) => {
+                            false // pinned elsewhere on purpose: not a conflict
+                        }
+                        Some(&j) => {
+                            conflicts += 1;
+                            let msg = format!(
+                                "task type {category} is claimed by plugin services {:?} and {:?}; routing it to {:?}. \
+                                 Fix the configuration: one service per task type, or pin it with `categories`",
+                                self.backends[j].plugin.name, self.backends[i].plugin.name, self.backends[j].plugin.name
+                            );
+                            if reported.insert(msg.clone()) {
+                                tracing::error!("{msg}");
+                            }
+                            false
+                        }
+                        None => {
+                            routes.insert(category, i);
+                            true
+                        }
+                    }
+                });
+                #[allow(deprecated)]
+                {
+                    let kept: HashSet<&str> = agent.supported_task_categories.iter().map(|c| c.name.as_str()).collect();
+                    agent.supported_task_types.retain(|t| kept.contains(t.as_str()));
+                }
+                if agent.supported_task_categories.is_empty() {
+                    continue;
+                }
+                if let Some(&j) = names.get(&agent.name) {
+                    let msg = format!(
+                        "agent name {:?} is used by plugin services {:?} and {:?}; GetAgent answers the first",
+                        agent.name, self.backends[j].plugin.name, self.backends[i].plugin.name
+                    );
+                    if reported.insert(msg.clone()) {
+                        tracing::warn!("{msg}");
+                    }
+                    continue;
+                }
+                names.insert(agent.name.clone(), i);
+                agents.push(agent);
+            }
+        }
+        // Pinned categories of services that did not list them still appear in ListAgents.
+        for (i, b) in self.backends.iter().enumerate() {
+            let listed: HashSet<Category> = agents.iter().flat_map(categories).collect();
+            let missing: Vec<&Category> = b.plugin.pins.iter().filter(|c| routes.get(*c) == Some(&i) && !listed.contains(*c)).collect();
+            if !missing.is_empty() && !names.contains_key(&b.plugin.name) {
+                names.insert(b.plugin.name.clone(), i);
+                #[allow(deprecated)]
+                agents.push(admin::Agent {
+                    name: b.plugin.name.clone(),
+                    supported_task_types: missing.iter().map(|c| c.name.clone()).collect(),
+                    is_sync: false,
+                    supported_task_categories: missing.iter().map(|c| (*c).into()).collect(),
+                });
+            }
+        }
+        self.metrics.route_conflicts.set(conflicts);
+        FleetState { routes: RouteTable::new(routes), agents }
+    }
+
+    /// Polls on `interval` until `shutdown`. The first poll has already happened in `start`.
+    pub async fn keep_refreshing(
+        self: Arc<Self>,
+        mut last: Vec<Option<Vec<admin::Agent>>>,
+        mut reported: HashSet<String>,
+        interval: Duration,
+        shutdown: Shutdown,
+    ) {
+        let timeout = poll_timeout(interval);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = shutdown.wait() => return,
+            }
+            self.refresh(&mut last, &mut reported, timeout).await;
+        }
+    }
+}
+
+/// How long one `ListAgents` poll may take: like propeller's 3 s default, never more than the interval.
+pub fn poll_timeout(interval: Duration) -> Duration {
+    interval.min(Duration::from_secs(3))
+}
+
+fn categories(agent: &admin::Agent) -> impl Iterator<Item = Category> + '_ {
+    agent.supported_task_categories.iter().map(Category::from)
+}
+
+/// The gateway's own `AgentMetadataService`: the union over the fleet.
+#[derive(Clone)]
+pub struct FleetMetadata(pub Arc<Fleet>);
+
+#[tonic::async_trait]
+impl AgentMetadataService for FleetMetadata {
+    async fn get_agent(
+        &self,
+        request: Request<admin::GetAgentRequest>,
+    ) -> Result<Response<admin::GetAgentResponse>, Status> {
+        let name = request.into_inner().name;
+        let state = self.0.state();
+        match state.agents.iter().find(|a| a.name == name) {
+            Some(a) => Ok(Response::new(admin::GetAgentResponse { agent: Some(a.clone()) })),
+            None => {
+                let known: Vec<&str> = state.agents.iter().map(|a| a.name.as_str()).collect();
+                Err(Status::not_found(format!("no agent named {name:?}; the fleet has: {}", known.join(", "))))
+            }
+        }
+    }
+
+    async fn list_agents(
+        &self,
+        _request: Request<admin::ListAgentsRequest>,
+    ) -> Result<Response<admin::ListAgentsResponse>, Status> {
+        Ok(Response::new(admin::ListAgentsResponse { agents: self.0.state().agents.clone() }))
+    }
+}

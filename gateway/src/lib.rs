@@ -1,0 +1,153 @@
+//! The Flotilla routing gateway: one agent endpoint for propeller in front of
+//! independently deployed plugin services.
+//!
+//! Request path, outermost first:
+//! 1. tonic server (h2) with `grpc.health.v1` and the gateway's own
+//!    `AgentMetadataService` ([`fleet::FleetMetadata`], the union of the fleet);
+//! 2. [`proxy`] for `AsyncAgentService` and `SyncAgentService`: read the first
+//!    message within `max_request_bytes`, take the routing key from its bytes
+//!    ([`route`]), look the category up in the route table that [`fleet`] learns
+//!    from each service's `ListAgents`, cap the deadline with the plugin's timeout;
+//! 3. [`backend`]: a buffered p2c balancer over peak-EWMA h2 endpoints, fed by [`discover`];
+//! 4. the plugin service, which gets the original bytes untouched.
+
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod config;
+pub mod discover;
+pub mod fleet;
+pub mod metrics;
+pub mod proxy;
+pub mod route;
+
+use std::{collections::HashSet, net::SocketAddr, sync::Arc};
+
+use flotilla_proto::service::agent_metadata_service_server::AgentMetadataServiceServer;
+use flotilla_telemetry::{Admin, Readiness, Shutdown};
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+pub use config::Config;
+
+use crate::{
+    backend::Backend,
+    fleet::{Fleet, FleetMetadata, poll_timeout},
+    metrics::Metrics,
+    proxy::{AsyncProxy, Proxy, SyncProxy},
+};
+
+/// Why the gateway stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Registering metrics failed.
+    #[error("registering metrics failed")]
+    Metrics(#[from] prometheus::Error),
+    /// The gRPC server failed.
+    #[error("the gRPC server failed")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A gateway that has learned its first routes and is ready to serve.
+pub struct Gateway {
+    config: Config,
+    fleet: Arc<Fleet>,
+    metrics: Metrics,
+    registry: Registry,
+    last: Vec<Option<Vec<flotilla_proto::admin::Agent>>>,
+    reported: HashSet<String>,
+}
+
+impl Gateway {
+    /// Builds the backends and polls every plugin's `ListAgents` once
+    /// (bounded by a few seconds), so the first calls already route.
+    ///
+    /// # Errors
+    /// When metrics cannot be registered.
+    pub async fn start(config: Config) -> Result<Self, Error> {
+        let registry = Registry::new();
+        let metrics = Metrics::register(&registry)?;
+        let backends = config
+            .plugins
+            .iter()
+            .map(|p| Backend::new(p.clone(), config.connect_timeout, &metrics))
+            .collect();
+        let fleet = Arc::new(Fleet::new(backends, metrics.clone()));
+        let mut last = vec![None; config.plugins.len()];
+        let mut reported = HashSet::new();
+        fleet.refresh(&mut last, &mut reported, poll_timeout(config.refresh_interval)).await;
+        Ok(Self { config, fleet, metrics, registry, last, reported })
+    }
+
+    /// The fleet (backends and learned routes).
+    pub fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
+    }
+
+    /// Serves on `grpc` and `admin` until `shutdown`, then drains in-flight
+    /// calls within the configured grace.
+    ///
+    /// # Errors
+    /// When the gRPC server fails.
+    pub async fn serve(self, grpc: TcpListener, admin: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
+        let Self { config, fleet, metrics, registry, last, reported } = self;
+        let readiness = Readiness::default();
+        let admin_task = tokio::spawn(Admin { registry, readiness: readiness.clone() }.serve(admin, shutdown.clone()));
+        let refresher = tokio::spawn(fleet.clone().keep_refreshing(
+            last,
+            reported,
+            config.refresh_interval,
+            shutdown.clone(),
+        ));
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let names = [
+            "",
+            "flyteidl.service.AsyncAgentService",
+            "flyteidl.service.SyncAgentService",
+            "flyteidl.service.AgentMetadataService",
+        ];
+        for name in names {
+            health.set_service_status(name, ServingStatus::Serving).await;
+        }
+        let proxy = Proxy::new(fleet.clone(), metrics, config.max_request_bytes);
+        let addr: Option<SocketAddr> = grpc.local_addr().ok();
+        let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
+        let server = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(AgentMetadataServiceServer::new(FleetMetadata(fleet)))
+            .add_service(AsyncProxy(proxy.clone()))
+            .add_service(SyncProxy(proxy));
+        let stopping = {
+            let shutdown = shutdown.clone();
+            let readiness = readiness.clone();
+            async move {
+                shutdown.wait().await;
+                readiness.set(false);
+                for name in names {
+                    health.set_service_status(name, ServingStatus::NotServing).await;
+                }
+                tracing::info!(?addr, "Shutting down: refusing new calls, finishing in-flight ones");
+            }
+        };
+        readiness.set(true);
+        tracing::info!(?addr, plugins = config.plugins.len(), "Gateway serving");
+        let result =
+            flotilla_sdk::with_grace(server.serve_with_incoming_shutdown(incoming, stopping), &shutdown, config.shutdown_grace)
+                .await;
+        shutdown.trigger();
+        let _ = refresher.await;
+        let _ = admin_task.await;
+        result.map_err(Error::from)
+    }
+}
+
+/// Starts and serves a gateway until `shutdown`.
+///
+/// # Errors
+/// See [`Gateway::start`] and [`Gateway::serve`].
+pub async fn run(config: Config, grpc: TcpListener, admin: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
+    Gateway::start(config).await?.serve(grpc, admin, shutdown).await
+}

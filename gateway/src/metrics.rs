@@ -1,0 +1,83 @@
+//! The gateway's metric families, registered on the registry it is given.
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, exponential_buckets,
+};
+
+/// Every gateway metric.
+#[derive(Clone)]
+pub struct Metrics {
+    /// Calls by plugin, method and gRPC status code name.
+    pub requests: IntCounterVec,
+    /// Call latency (to the end of the response) by plugin and method.
+    pub duration: HistogramVec,
+    /// Calls in flight.
+    pub in_flight: IntGauge,
+    /// Known endpoints by plugin and state.
+    pub endpoints: IntGaugeVec,
+    /// Discovery refreshes by plugin.
+    pub discovery_refreshes: IntCounterVec,
+    /// Discovery errors by plugin.
+    pub discovery_errors: IntCounterVec,
+    /// Route-table refreshes (ListAgents polls) by plugin and result.
+    pub route_refreshes: IntCounterVec,
+    /// Categories claimed by more than one plugin, right now.
+    pub route_conflicts: IntGauge,
+    /// Retries by plugin and method.
+    pub retries: IntCounterVec,
+}
+
+impl Metrics {
+    /// Registers every family on `registry`.
+    ///
+    /// # Errors
+    /// When a name is already registered there.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Self {
+            requests: IntCounterVec::new(
+                Opts::new("flotilla_gateway_requests_total", "Calls answered, by plugin, method and gRPC code"),
+                &["plugin", "method", "code"],
+            )?,
+            duration: HistogramVec::new(
+                HistogramOpts::new("flotilla_gateway_request_duration_seconds", "Call latency through the gateway")
+                    .buckets(exponential_buckets(0.0001, 2.5, 15)?),
+                &["plugin", "method"],
+            )?,
+            in_flight: IntGauge::new("flotilla_gateway_in_flight_requests", "Calls being served")?,
+            endpoints: IntGaugeVec::new(
+                Opts::new("flotilla_gateway_endpoints", "Plugin replicas known, by state"),
+                &["plugin", "state"],
+            )?,
+            discovery_refreshes: IntCounterVec::new(
+                Opts::new("flotilla_gateway_discovery_refreshes_total", "Discovery lookups"),
+                &["plugin"],
+            )?,
+            discovery_errors: IntCounterVec::new(
+                Opts::new("flotilla_gateway_discovery_errors_total", "Discovery lookups that failed"),
+                &["plugin"],
+            )?,
+            route_refreshes: IntCounterVec::new(
+                Opts::new("flotilla_gateway_route_refreshes_total", "ListAgents polls of plugin services, by result"),
+                &["plugin", "result"],
+            )?,
+            route_conflicts: IntGauge::new(
+                "flotilla_gateway_route_conflicts",
+                "Task categories claimed by more than one plugin service",
+            )?,
+            retries: IntCounterVec::new(
+                Opts::new("flotilla_gateway_retries_total", "Calls retried on another replica"),
+                &["plugin", "method"],
+            )?,
+        };
+        registry.register(Box::new(m.requests.clone()))?;
+        registry.register(Box::new(m.duration.clone()))?;
+        registry.register(Box::new(m.in_flight.clone()))?;
+        registry.register(Box::new(m.endpoints.clone()))?;
+        registry.register(Box::new(m.discovery_refreshes.clone()))?;
+        registry.register(Box::new(m.discovery_errors.clone()))?;
+        registry.register(Box::new(m.route_refreshes.clone()))?;
+        registry.register(Box::new(m.route_conflicts.clone()))?;
+        registry.register(Box::new(m.retries.clone()))?;
+        Ok(m)
+    }
+}

@@ -1,0 +1,456 @@
+//! The forwarding path for `AsyncAgentService` and `SyncAgentService`: read
+//! the request's first message (within the size limit), take the routing key
+//! from its bytes, pick the plugin, and forward the original bytes untouched.
+//! Responses stream back as they come; the gateway never re-encodes a body.
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::{Bytes, BytesMut};
+use flotilla_proto::paths;
+use flotilla_sdk::wire::{FRAME_HEADER_LEN, FrameLimiter, LimitedBody, format_grpc_timeout, parse_grpc_timeout};
+use http::{HeaderValue, Request, Response};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use tonic::{Status, body::Body, server::NamedService};
+use tower::{BoxError, Service};
+
+use crate::{
+    fleet::Fleet,
+    metrics::Metrics,
+    route::{self, Key, KeyError},
+};
+
+/// Request id metadata key, carried to the plugin service.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Which method a path names, with how its routing key is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Method {
+    CreateTask,
+    GetTask,
+    DeleteTask,
+    GetTaskMetrics,
+    GetTaskLogs,
+    ExecuteTaskSync,
+}
+
+impl Method {
+    fn from_path(path: &str) -> Option<Self> {
+        Some(match path {
+            paths::CREATE_TASK => Self::CreateTask,
+            paths::GET_TASK => Self::GetTask,
+            paths::DELETE_TASK => Self::DeleteTask,
+            paths::GET_TASK_METRICS => Self::GetTaskMetrics,
+            paths::GET_TASK_LOGS => Self::GetTaskLogs,
+            paths::EXECUTE_TASK_SYNC => Self::ExecuteTaskSync,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::CreateTask => "CreateTask",
+            Self::GetTask => "GetTask",
+            Self::DeleteTask => "DeleteTask",
+            Self::GetTaskMetrics => "GetTaskMetrics",
+            Self::GetTaskLogs => "GetTaskLogs",
+            Self::ExecuteTaskSync => "ExecuteTaskSync",
+        }
+    }
+
+    fn key(self, message: &[u8]) -> Result<Key<'_>, KeyError> {
+        match self {
+            Self::CreateTask => route::create_key(message),
+            Self::GetTask => route::category_key(message, "GetTaskRequest", 3),
+            Self::DeleteTask => route::category_key(message, "DeleteTaskRequest", 3),
+            Self::GetTaskMetrics => route::category_key(message, "GetTaskMetricsRequest", 7),
+            Self::GetTaskLogs => route::category_key(message, "GetTaskLogsRequest", 5),
+            Self::ExecuteTaskSync => route::execute_sync_key(message),
+        }
+    }
+}
+
+/// Shared by both proxied services.
+pub struct Proxy {
+    fleet: Arc<Fleet>,
+    metrics: Metrics,
+    max_request_bytes: usize,
+}
+
+impl Proxy {
+    /// A proxy over `fleet`.
+    pub fn new(fleet: Arc<Fleet>, metrics: Metrics, max_request_bytes: usize) -> Arc<Self> {
+        Arc::new(Self { fleet, metrics, max_request_bytes })
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Body>) -> Response<Body> {
+        let started = Instant::now();
+        let Some(method) = Method::from_path(req.uri().path()) else {
+            let status = Status::unimplemented(format!("unknown method {}", req.uri().path()));
+            return self.answer_locally("none", "unknown", started, status);
+        };
+        self.metrics.in_flight.inc();
+        let response = match self.forward(method, req, started).await {
+            Ok(r) => r,
+            Err((plugin, status)) => self.answer_locally(&plugin, method.name(), started, status),
+        };
+        self.metrics.in_flight.dec();
+        response
+    }
+
+    fn answer_locally(&self, plugin: &str, method: &str, started: Instant, status: Status) -> Response<Body> {
+        self.metrics.requests.with_label_values(&[plugin, method, code_name(status.code())]).inc();
+        self.metrics.duration.with_label_values(&[plugin, method]).observe(started.elapsed().as_secs_f64());
+        tracing::debug!(plugin, method, code = ?status.code(), message = status.message(), "Answered by the gateway");
+        status.into_http()
+    }
+
+    async fn forward(
+        &self,
+        method: Method,
+        req: Request<Body>,
+        started: Instant,
+    ) -> Result<Response<Body>, (String, Status)> {
+        let none = |s: Status| ("none".to_owned(), s);
+        let (mut parts, body) = req.into_parts();
+        let (first, rest, limiter) = read_first_message(body, self.max_request_bytes, method == Method::ExecuteTaskSync)
+            .await
+            .map_err(none)?;
+        let message = &first[FRAME_HEADER_LEN..message_end(&first)];
+        if first[0] != 0 {
+            return Err(none(Status::unimplemented(
+                "compressed requests are not supported by the gateway; send them uncompressed",
+            )));
+        }
+        let key = method.key(message).map_err(|e| {
+            none(match e {
+                KeyError::Malformed { .. } => Status::invalid_argument(e.to_string()),
+                KeyError::Missing(m) => Status::invalid_argument(m),
+            })
+        })?;
+        let state = self.fleet.state();
+        let Some(index) = state.routes.lookup(key) else {
+            let known = state.routes.known();
+            return Err(none(Status::not_found(format!(
+                "no plugin serves task type {:?} version {}; the fleet knows: {}",
+                key.name,
+                key.version,
+                if known.is_empty() { "nothing yet".to_owned() } else { known.join(", ") }
+            ))));
+        };
+        drop(state);
+        let backend = &self.fleet.backends[index];
+        let plugin = backend.plugin.name.clone();
+
+        // The deadline: the caller's, capped by the plugin's timeout.
+        let caller = parts.headers.get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
+        let (deadline, which) = match (caller, backend.plugin.timeout) {
+            (Some(c), Some(t)) if t < c => (Some(t), "the route timeout"),
+            (Some(c), _) => (Some(c), "the caller's deadline"),
+            (None, Some(t)) => (Some(t), "the route timeout"),
+            (None, None) => (None, ""),
+        };
+        if let Some(d) = deadline {
+            let header = HeaderValue::from_str(&format_grpc_timeout(d)).expect("digits and a unit letter");
+            parts.headers.insert("grpc-timeout", header);
+        }
+        if !parts.headers.contains_key(REQUEST_ID) {
+            parts.headers.insert(REQUEST_ID, request_id());
+        }
+        parts.uri = method_uri(method);
+        let body = match rest {
+            None => Body::new(http_body_util::Full::new(first)),
+            Some(rest) => Body::new(Prefixed { first: Some(first), rest: LimitedBody::with_limiter(rest, limiter) }),
+        };
+        let call = backend.call(Request::from_parts(parts, body));
+        let result = match deadline {
+            Some(d) => match tokio::time::timeout(d, call).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Err((plugin, Status::deadline_exceeded(format!(
+                        "{which} of {} passed before plugin {:?} answered",
+                        fmt_duration(d),
+                        backend.plugin.name
+                    ))));
+                }
+            },
+            None => call.await,
+        };
+        let response = result.map_err(|e| (plugin.clone(), unreachable_status(&backend.plugin, &e)))?;
+        Ok(self.observe(response, plugin, method, started))
+    }
+
+    /// Counts the call when its status is known: in the headers of a
+    /// trailers-only answer, else in the trailers at the end of the body.
+    fn observe(&self, response: Response<Body>, plugin: String, method: Method, started: Instant) -> Response<Body> {
+        let observation = Observation { metrics: self.metrics.clone(), plugin, method: method.name(), started };
+        if let Some(code) = response.headers().get("grpc-status") {
+            observation.record(code.as_bytes());
+            return response;
+        }
+        response.map(|body| Body::new(Observed { inner: body, observation: Some(observation) }))
+    }
+}
+
+fn method_uri(method: Method) -> http::Uri {
+    let path = match method {
+        Method::CreateTask => paths::CREATE_TASK,
+        Method::GetTask => paths::GET_TASK,
+        Method::DeleteTask => paths::DELETE_TASK,
+        Method::GetTaskMetrics => paths::GET_TASK_METRICS,
+        Method::GetTaskLogs => paths::GET_TASK_LOGS,
+        Method::ExecuteTaskSync => paths::EXECUTE_TASK_SYNC,
+    };
+    http::Uri::from_static(path)
+}
+
+fn fmt_duration(d: Duration) -> String {
+    flotilla_telemetry::config::HumanDuration(d).to_string()
+}
+
+fn request_id() -> HeaderValue {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    HeaderValue::from_str(&format!("gw-{pid:x}-{n:x}")).expect("hex digits and dashes")
+}
+
+/// A status for a call that could not reach the plugin.
+fn unreachable_status(plugin: &crate::config::Plugin, e: &BoxError) -> Status {
+    let detail = flotilla_telemetry::error_chain(e.as_ref());
+    Status::unavailable(format!("plugin {:?} ({}) is unreachable: {detail}", plugin.name, plugin.target_text))
+}
+
+/// The end of the first gRPC message in `buf` (which holds at least one whole message).
+fn message_end(buf: &[u8]) -> usize {
+    FRAME_HEADER_LEN + u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize
+}
+
+/// Reads the request body up to the end of its first message.
+///
+/// For unary methods the whole body must be exactly one message, and is
+/// returned as is. For streaming ones, everything read so far is returned
+/// (the first message and perhaps the start of the next) with the rest of the
+/// body and the limiter that has seen the bytes so far.
+async fn read_first_message(
+    mut body: Body,
+    limit: usize,
+    streaming: bool,
+) -> Result<(Bytes, Option<Body>, FrameLimiter), Status> {
+    let mut limiter = FrameLimiter::new(limit);
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
+    let mut have = 0usize;
+    let mut need: Option<usize> = None;
+    loop {
+        if let Some(n) = need {
+            if streaming && have >= n {
+                break;
+            }
+        }
+        let Some(frame) = body.frame().await else { break };
+        let frame = frame.map_err(|e| {
+            let status = Status::from_error(e.into());
+            if status.code() == tonic::Code::ResourceExhausted { status } else { Status::cancelled(format!("reading the request failed: {}", status.message())) }
+        })?;
+        let Ok(data) = frame.into_data() else { continue }; // trailers from a client: ignore
+        limiter.feed(&data).map_err(Status::from)?;
+        have += data.len();
+        chunks.push(data);
+        if need.is_none() && have >= FRAME_HEADER_LEN {
+            let head = first_bytes(&chunks, FRAME_HEADER_LEN);
+            need = Some(message_end(&head));
+        }
+    }
+    let Some(need) = need else {
+        return Err(Status::invalid_argument("the request body holds no complete gRPC message"));
+    };
+    if have < need {
+        return Err(Status::invalid_argument(format!(
+            "the request body ended after {have} of the {need} bytes its message declares"
+        )));
+    }
+    if !streaming && have != need {
+        return Err(Status::invalid_argument("a unary request body must hold exactly one message"));
+    }
+    let all = if chunks.len() == 1 { chunks.pop().expect("one chunk") } else { concat(&chunks, have) };
+    Ok((all, streaming.then_some(body), limiter))
+}
+
+fn first_bytes(chunks: &[Bytes], n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n);
+    for c in chunks {
+        let take = (n - out.len()).min(c.len());
+        out.extend_from_slice(&c[..take]);
+        if out.len() == n {
+            break;
+        }
+    }
+    out
+}
+
+fn concat(chunks: &[Bytes], len: usize) -> Bytes {
+    let mut buf = BytesMut::with_capacity(len);
+    for c in chunks {
+        buf.extend_from_slice(c);
+    }
+    buf.freeze()
+}
+
+pin_project_lite::pin_project! {
+    /// The bytes already read, then the rest of the client's stream.
+    struct Prefixed {
+        first: Option<Bytes>,
+        #[pin]
+        rest: LimitedBody<Body>,
+    }
+}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.project();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        this.rest.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
+    }
+}
+
+struct Observation {
+    metrics: Metrics,
+    plugin: String,
+    method: &'static str,
+    started: Instant,
+}
+
+impl Observation {
+    fn record(&self, grpc_status: &[u8]) {
+        let code = std::str::from_utf8(grpc_status)
+            .ok()
+            .and_then(|s| s.parse::<i32>().ok())
+            .map_or("Unknown", |n| code_name(tonic::Code::from_i32(n)));
+        self.metrics.requests.with_label_values(&[&self.plugin, self.method, code]).inc();
+        self.metrics
+            .duration
+            .with_label_values(&[&self.plugin, self.method])
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that counts the call when its trailers pass (or it is dropped early).
+    struct Observed {
+        #[pin]
+        inner: Body,
+        observation: Option<Observation>,
+    }
+
+    impl PinnedDrop for Observed {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(o) = this.project().observation.take() {
+                o.record(b"1"); // the caller went away before the end: CANCELLED
+            }
+        }
+    }
+}
+
+impl http_body::Body for Observed {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    if let Some(o) = this.observation.take() {
+                        o.record(trailers.get("grpc-status").map_or(&b"2"[..], |v| v.as_bytes()));
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(o) = this.observation.take() {
+                    o.record(b"14");
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(o) = this.observation.take() {
+                    o.record(b"2");
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}
+
+/// The gRPC code's canonical name, for metric labels.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+macro_rules! named_proxy {
+    ($ty:ident, $name:literal) => {
+        /// Serves this gRPC service by forwarding to the plugin services.
+        #[derive(Clone)]
+        pub struct $ty(pub Arc<Proxy>);
+
+        impl NamedService for $ty {
+            const NAME: &'static str = $name;
+        }
+
+        impl Service<Request<Body>> for $ty {
+            type Response = Response<Body>;
+            type Error = std::convert::Infallible;
+            type Future = Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send>>;
+
+            fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+                Poll::Ready(Ok(()))
+            }
+
+            fn call(&mut self, req: Request<Body>) -> Self::Future {
+                let proxy = self.0.clone();
+                Box::pin(async move { Ok(proxy.handle(req).await) })
+            }
+        }
+    };
+}
+
+named_proxy!(AsyncProxy, "flyteidl.service.AsyncAgentService");
+named_proxy!(SyncProxy, "flyteidl.service.SyncAgentService");

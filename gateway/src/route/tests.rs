@@ -1,0 +1,77 @@
+use flotilla_sdk::proto::{admin, core};
+use prost::Message;
+
+use super::*;
+
+fn template(kind: &str, version: i32) -> core::TaskTemplate {
+    core::TaskTemplate {
+        r#type: kind.to_owned(),
+        task_type_version: version,
+        config: [("k".to_owned(), "v".to_owned())].into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn create_key_reads_type_and_version() {
+    let req = admin::CreateTaskRequest {
+        template: Some(template("bigquery_query_job_task", 3)),
+        output_prefix: "s3://bucket/x".into(),
+        ..Default::default()
+    };
+    let bytes = req.encode_to_vec();
+    assert_eq!(create_key(&bytes).unwrap(), Key { name: "bigquery_query_job_task", version: 3 });
+}
+
+#[test]
+fn negative_versions_survive_sign_extension() {
+    let req = admin::CreateTaskRequest { template: Some(template("echo", -2)), ..Default::default() };
+    assert_eq!(create_key(&req.encode_to_vec()).unwrap().version, -2);
+}
+
+#[test]
+fn execute_sync_key_reads_the_header_template() {
+    let req = admin::ExecuteTaskSyncRequest {
+        part: Some(admin::execute_task_sync_request::Part::Header(admin::CreateRequestHeader {
+            template: Some(template("echo_sync", 0)),
+            ..Default::default()
+        })),
+    };
+    assert_eq!(execute_sync_key(&req.encode_to_vec()).unwrap(), Key { name: "echo_sync", version: 0 });
+    let inputs_first = admin::ExecuteTaskSyncRequest {
+        part: Some(admin::execute_task_sync_request::Part::Inputs(core::LiteralMap::default())),
+    };
+    assert!(matches!(execute_sync_key(&inputs_first.encode_to_vec()), Err(KeyError::Missing(_))));
+}
+
+#[test]
+#[allow(deprecated)]
+fn category_wins_over_the_deprecated_task_type() {
+    let req = admin::GetTaskRequest {
+        task_type: "old".into(),
+        task_category: Some(admin::TaskCategory { name: "new".into(), version: 1 }),
+        resource_meta: b"{}".to_vec(),
+        ..Default::default()
+    };
+    assert_eq!(category_key(&req.encode_to_vec(), "GetTaskRequest", 3).unwrap(), Key { name: "new", version: 1 });
+    let old_only = admin::DeleteTaskRequest { task_type: "old".into(), ..Default::default() };
+    assert_eq!(category_key(&old_only.encode_to_vec(), "DeleteTaskRequest", 3).unwrap(), Key { name: "old", version: 0 });
+    let neither = admin::DeleteTaskRequest::default();
+    assert!(matches!(category_key(&neither.encode_to_vec(), "DeleteTaskRequest", 3), Err(KeyError::Missing(_))));
+}
+
+#[test]
+fn unknown_fields_are_skipped() {
+    let mut bytes = admin::CreateTaskRequest { template: Some(template("echo", 0)), ..Default::default() }
+        .encode_to_vec();
+    // field 99, length-delimited, 3 bytes; and field 100 as a fixed64
+    bytes.extend_from_slice(&[0x9a, 0x06, 3, b'a', b'b', b'c', 0xa1, 0x06, 1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(create_key(&bytes).unwrap().name, "echo");
+}
+
+#[test]
+fn garbage_is_malformed_not_a_panic() {
+    for garbage in [&b"\xff\xff\xff\xff\x0f"[..], b"\x12\x05ab", b"\x0b", b"\x12\x80", b"\x00"] {
+        assert!(matches!(create_key(garbage), Err(KeyError::Malformed { .. })), "{garbage:?}");
+    }
+}
