@@ -168,20 +168,28 @@ impl Proxy {
             Some(rest) => Body::new(Prefixed { first: Some(first), rest: LimitedBody::with_limiter(rest, limiter) }),
         };
         let call = backend.call(Request::from_parts(parts, body));
+        let expired = |d: Duration| {
+            Status::deadline_exceeded(format!(
+                "{which} of {} passed before plugin {:?} answered",
+                fmt_duration(d),
+                backend.plugin.name
+            ))
+        };
         let result = match deadline {
             Some(d) => match tokio::time::timeout(d, call).await {
                 Ok(r) => r,
-                Err(_) => {
-                    return Err((plugin, Status::deadline_exceeded(format!(
-                        "{which} of {} passed before plugin {:?} answered",
-                        fmt_duration(d),
-                        backend.plugin.name
-                    ))));
-                }
+                Err(_) => return Err((plugin, expired(d))),
             },
             None => call.await,
         };
-        let response = result.map_err(|e| (plugin.clone(), unreachable_status(&backend.plugin, &e)))?;
+        let response = result.map_err(|e| {
+            // The h2 client enforces the grpc-timeout header too; whichever fires first, it is a deadline.
+            let status = match deadline {
+                Some(d) if caused_by::<tonic::TimeoutExpired>(e.as_ref()) => expired(d),
+                _ => unreachable_status(&backend.plugin, &e),
+            };
+            (plugin.clone(), status)
+        })?;
         Ok(self.observe(response, plugin, method, started))
     }
 
@@ -219,6 +227,18 @@ fn request_id() -> HeaderValue {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id();
     HeaderValue::from_str(&format!("gw-{pid:x}-{n:x}")).expect("hex digits and dashes")
+}
+
+/// Whether `T` is anywhere in `e`'s source chain.
+fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<T>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// A status for a call that could not reach the plugin.

@@ -1,0 +1,80 @@
+//! The status-code contract (ARCHITECTURE.md), as the gateway answers it.
+
+use std::time::{Duration, Instant};
+
+use flotilla_echo::Echo;
+use flotilla_proto::{admin, paths};
+use flotilla_testkit::{bind_loopback, frame, raw_call, spawn_plugin};
+use prost_types::value::Kind;
+use tonic::Code;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn a_body_that_is_not_protobuf_is_invalid_argument_and_the_gateway_keeps_serving() {
+    let echo = spawn_plugin(Echo::default()).await;
+    let gw = spawn_gateway(vec![plugin("echo", format!("static://{}", echo.addr))], |_| {}).await;
+    for path in [paths::CREATE_TASK, paths::GET_TASK, paths::DELETE_TASK] {
+        let answer = raw_call(gw.addr, path, frame(b"\xff\xff\xff\xff\x0f")).await;
+        assert_eq!(answer.code, Code::InvalidArgument, "{path}: {}", answer.message);
+        assert!(answer.message.contains("not a valid"), "{}", answer.message);
+    }
+    // A body that is not even one gRPC frame.
+    let answer = raw_call(gw.addr, paths::CREATE_TASK, bytes::Bytes::from_static(b"\0\0\0")).await;
+    assert_eq!(answer.code, Code::InvalidArgument, "{}", answer.message);
+    gw.metadata_client().list_agents(admin::ListAgentsRequest {}).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_oversized_request_is_resource_exhausted_naming_size_and_limit() {
+    let echo = spawn_plugin(Echo::default()).await;
+    let gw = spawn_gateway(vec![plugin("echo", format!("static://{}", echo.addr))], |c| c.max_request_bytes = 4096)
+        .await;
+    let big = admin::CreateTaskRequest {
+        template: Some(echo_template("echo", &[("pad", Kind::StringValue("x".repeat(10_000)))])),
+        ..Default::default()
+    };
+    let err = gw.async_client().create_task(big).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("limit of 4096 bytes"), "{}", err.message());
+    gw.async_client()
+        .create_task(admin::CreateTaskRequest { template: Some(echo_template("echo", &[])), ..Default::default() })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_plugin_is_unavailable_naming_it() {
+    // A port that was free a moment ago and has nobody listening.
+    let closed = bind_loopback().await.local_addr().unwrap();
+    let mut p = plugin("ghost", format!("static://{closed}"));
+    p.categories = vec!["ghost:0".into()];
+    let gw = spawn_gateway(vec![p], |_| {}).await;
+    let started = Instant::now();
+    let err = gw
+        .async_client()
+        .create_task(admin::CreateTaskRequest { template: Some(echo_template("ghost", &[])), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(err.message().contains("\"ghost\""), "{}", err.message());
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn the_route_timeout_caps_a_slow_call_with_deadline_exceeded() {
+    let echo = spawn_plugin(Echo::default()).await;
+    let mut p = plugin("echo", format!("static://{}", echo.addr));
+    p.timeout = Some(flotilla_telemetry::config::HumanDuration(Duration::from_millis(200)));
+    let gw = spawn_gateway(vec![p], |_| {}).await;
+    let header = admin::ExecuteTaskSyncRequest {
+        part: Some(admin::execute_task_sync_request::Part::Header(admin::CreateRequestHeader {
+            template: Some(echo_template("echo_sync", &[("duration_ms", Kind::NumberValue(5000.0))])),
+            ..Default::default()
+        })),
+    };
+    let started = Instant::now();
+    let err = gw.sync_client().execute_task_sync(tokio_stream::iter([header])).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+}

@@ -1,0 +1,138 @@
+//! Test support shared by Flotilla's crates (a dev-dependency only): start
+//! plugin services on loopback, make raw gRPC calls with exact bytes, and wait
+//! on conditions with a bound instead of sleeping.
+
+#![warn(missing_docs)]
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use flotilla_sdk::{Plugin, ServeOptions};
+use flotilla_telemetry::Shutdown;
+use http_body_util::BodyExt;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tower::ServiceExt;
+
+/// Binds 127.0.0.1 on a free port.
+pub async fn bind_loopback() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.expect("binding a loopback port")
+}
+
+/// A plugin service running on loopback.
+pub struct RunningService {
+    /// Its gRPC address.
+    pub addr: SocketAddr,
+    /// Its admin HTTP address.
+    pub admin: SocketAddr,
+    /// Triggers its shutdown.
+    pub shutdown: Shutdown,
+    /// Resolves when it has stopped.
+    pub task: JoinHandle<Result<(), flotilla_sdk::ServeError>>,
+}
+
+/// Serves `plugin` on loopback ports with default options.
+pub async fn spawn_plugin<P: Plugin>(plugin: P) -> RunningService {
+    spawn_plugin_with(plugin, ServeOptions::default()).await
+}
+
+/// Serves `plugin` on loopback ports.
+pub async fn spawn_plugin_with<P: Plugin>(plugin: P, options: ServeOptions) -> RunningService {
+    let (grpc, admin) = (bind_loopback().await, bind_loopback().await);
+    let addr = grpc.local_addr().expect("bound");
+    let admin_addr = admin.local_addr().expect("bound");
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(flotilla_sdk::serve(plugin, grpc, admin, options, shutdown.clone()));
+    RunningService { addr, admin: admin_addr, shutdown, task }
+}
+
+/// A lazily connecting channel to `addr`.
+pub fn channel(addr: SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("valid URI")
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy()
+}
+
+/// Frames one message the gRPC way (uncompressed).
+pub fn frame(message: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(5 + message.len());
+    b.put_u8(0);
+    b.put_u32(u32::try_from(message.len()).expect("test messages are small"));
+    b.put_slice(message);
+    b.freeze()
+}
+
+/// What a raw call answered.
+#[derive(Debug)]
+pub struct RawAnswer {
+    /// The gRPC status code (from trailers, or headers for trailers-only answers).
+    pub code: tonic::Code,
+    /// The `grpc-message`, percent-decoded.
+    pub message: String,
+    /// The response messages' bytes, unframed.
+    pub messages: Vec<Bytes>,
+}
+
+/// Calls `path` on `addr` with `body` sent as is (already framed), and reads the whole answer.
+pub async fn raw_call(addr: SocketAddr, path: &str, body: Bytes) -> RawAnswer {
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(path)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(http_body_util::Full::new(body)))
+        .expect("valid request");
+    let resp = channel(addr).oneshot(req).await.expect("the server answers over HTTP/2");
+    let (parts, body) = resp.into_parts();
+    let collected = body.collect().await.expect("the response body completes");
+    let trailers = collected.trailers().cloned();
+    let data = collected.to_bytes();
+    let status = tonic::Status::from_header_map(&parts.headers)
+        .or_else(|| trailers.as_ref().and_then(tonic::Status::from_header_map))
+        .expect("a grpc-status in headers or trailers");
+    let mut messages = Vec::new();
+    let mut rest = &data[..];
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        messages.push(Bytes::copy_from_slice(&rest[5..5 + len]));
+        rest = &rest[5 + len..];
+    }
+    RawAnswer { code: status.code(), message: status.message().to_owned(), messages }
+}
+
+/// Waits until `check` returns `Some`, polling every 20 ms, for at most `bound`.
+///
+/// # Panics
+/// When the bound passes, naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, bound: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {bound:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Fetches `http://{addr}{path}` and returns (status, body text).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("admin listener reachable");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("request written");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("response read");
+    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// Encodes a prost message.
+pub fn encode<M: prost::Message>(m: &M) -> Vec<u8> {
+    m.encode_to_vec()
+}
