@@ -1,0 +1,136 @@
+//! The echo plugin served by the SDK, checked over real gRPC on 127.0.0.1:
+//! the status-code contract, health, metrics, and graceful shutdown.
+
+use std::time::Duration;
+
+use flotilla_echo::Echo;
+use flotilla_proto::{
+    admin,
+    paths,
+    service::{async_agent_service_client::AsyncAgentServiceClient, sync_agent_service_client::SyncAgentServiceClient},
+};
+use flotilla_sdk::ServeOptions;
+use flotilla_testkit::{channel, frame, http_get, raw_call, spawn_plugin, spawn_plugin_with};
+use prost_types::value::Kind;
+use tonic::Code;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+fn template(kind: &str, custom: &[(&str, Kind)]) -> flotilla_proto::core::TaskTemplate {
+    flotilla_proto::core::TaskTemplate {
+        r#type: kind.into(),
+        custom: Some(prost_types::Struct {
+            fields: custom.iter().map(|(k, v)| ((*k).into(), prost_types::Value { kind: Some(v.clone()) })).collect(),
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn health_answers_serving() {
+    let svc = spawn_plugin(Echo::default()).await;
+    let mut health = HealthClient::new(channel(svc.addr));
+    for service in ["", "flyteidl.service.AsyncAgentService"] {
+        let r = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        assert_eq!(r.status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    assert_eq!(http_get(svc.admin, "/livez").await.0, 200);
+    assert_eq!(http_get(svc.admin, "/readyz").await.0, 200);
+    assert_eq!(http_get(svc.admin, "/nope").await.0, 404);
+}
+
+#[tokio::test]
+async fn the_status_contract_holds() {
+    let svc = spawn_plugin_with(Echo::default(), ServeOptions { max_request_bytes: 2048, ..Default::default() }).await;
+    let mut client = AsyncAgentServiceClient::new(channel(svc.addr));
+    let unknown = client
+        .create_task(admin::CreateTaskRequest { template: Some(template("warp", &[])), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    assert!(unknown.message().contains("\"warp\""), "{}", unknown.message());
+
+    let wrong_kind = client
+        .create_task(admin::CreateTaskRequest { template: Some(template("echo_sync", &[])), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(wrong_kind.code(), Code::FailedPrecondition);
+    assert!(wrong_kind.message().contains("ExecuteTaskSync"), "{}", wrong_kind.message());
+
+    let mistyped = client
+        .create_task(admin::CreateTaskRequest {
+            template: Some(template("echo", &[("duration_ms", Kind::StringValue("soon".into()))])),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(mistyped.code(), Code::InvalidArgument);
+    assert!(mistyped.message().contains("custom.duration_ms"), "{}", mistyped.message());
+
+    let garbage = raw_call(svc.addr, paths::CREATE_TASK, frame(b"\xff\xff\xff\xff\x0f")).await;
+    assert_eq!(garbage.code, Code::InvalidArgument, "{}", garbage.message);
+
+    let big = client
+        .create_task(admin::CreateTaskRequest {
+            template: Some(template("echo", &[("pad", Kind::StringValue("y".repeat(5000)))])),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(big.code(), Code::ResourceExhausted);
+    assert!(big.message().contains("limit of 2048 bytes"), "{}", big.message());
+
+    let no_key = client.get_task(admin::GetTaskRequest::default()).await.unwrap_err();
+    assert_eq!(no_key.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn flytekit_metric_names_are_exported() {
+    let svc = spawn_plugin(Echo::default()).await;
+    let mut client = AsyncAgentServiceClient::new(channel(svc.addr));
+    client
+        .create_task(admin::CreateTaskRequest { template: Some(template("echo", &[])), ..Default::default() })
+        .await
+        .unwrap();
+    let _ = client
+        .create_task(admin::CreateTaskRequest { template: Some(template("nope", &[])), ..Default::default() })
+        .await;
+    let (status, text) = http_get(svc.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    for needle in [
+        "flyte_agent_requests_success_total{operation=\"create\",task_type=\"echo\"} 1",
+        "flyte_agent_requests_failure_total{error_code=\"404\",operation=\"create\",task_type=\"nope\"} 1",
+        "flyte_agent_request_latency_seconds_count{operation=\"create\",task_type=\"echo\"} 1",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn shutdown_finishes_the_call_in_flight_then_stops() {
+    let svc = spawn_plugin(Echo::default()).await;
+    let mut client = SyncAgentServiceClient::new(channel(svc.addr));
+    let header = admin::ExecuteTaskSyncRequest {
+        part: Some(admin::execute_task_sync_request::Part::Header(admin::CreateRequestHeader {
+            template: Some(template("echo_sync", &[("duration_ms", Kind::NumberValue(600.0))])),
+            ..Default::default()
+        })),
+    };
+    let inputs = admin::ExecuteTaskSyncRequest {
+        part: Some(admin::execute_task_sync_request::Part::Inputs(Default::default())),
+    };
+    let call = tokio::spawn(async move {
+        let mut s = client.execute_task_sync(tokio_stream::iter([header, inputs])).await?.into_inner();
+        s.message().await
+    });
+    // The inputs are counted once the whole request is read, just before the plugin runs.
+    flotilla_testkit::eventually("the call to reach the plugin", Duration::from_secs(5), || async {
+        let (_, text) = http_get(svc.admin, "/metrics").await;
+        text.contains("flyte_agent_input_literal_bytes_count{task_type=\"echo_sync\"} 1").then_some(())
+    })
+    .await;
+    svc.shutdown.trigger();
+    let answer = call.await.unwrap().expect("the in-flight call completes").expect("one answer");
+    assert!(answer.res.is_some());
+    tokio::time::timeout(Duration::from_secs(5), svc.task).await.expect("serve returns").unwrap().unwrap();
+    assert!(tokio::net::TcpStream::connect(svc.addr).await.is_err(), "still accepting after shutdown");
+}
