@@ -40,7 +40,9 @@ fn to_literal(value: &Value) -> anyhow::Result<Literal> {
             })),
             ..Default::default()
         },
-        Value::Object(map) => Literal { value: Some(literal::Value::Map(to_literal_map(map)?)), ..Default::default() },
+        Value::Object(map) => {
+            Literal { value: Some(literal::Value::Map(to_literal_map(map)?)), ..Default::default() }
+        }
         Value::Null => bail!("null is not a value a Flyte input can hold"),
     })
 }
@@ -101,7 +103,8 @@ mod tests {
 
     #[test]
     fn json_inputs_become_literals_and_render_back() {
-        let v: Value = serde_json::json!({"n": 3, "f": 1.5, "s": "hi", "b": true, "l": [1, 2], "m": {"k": "v"}});
+        let v: Value =
+            serde_json::json!({"n": 3, "f": 1.5, "s": "hi", "b": true, "l": [1, 2], "m": {"k": "v"}});
         let map = to_literal_map(v.as_object().unwrap()).unwrap();
         assert_eq!(
             render(&map),

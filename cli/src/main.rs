@@ -22,7 +22,9 @@ struct Cli {
 enum Command {
     /// Run a whole local fleet in one process until Ctrl-C: the gateway and
     /// every built-in plugin service, each on its own loopback port.
-    #[command(after_help = "Examples:\n  flotilla up\n  flotilla up --listen 127.0.0.1:8080 --admin-listen 127.0.0.1:0")]
+    #[command(
+        after_help = "Examples:\n  flotilla up\n  flotilla up --listen 127.0.0.1:8080 --admin-listen 127.0.0.1:0"
+    )]
     Up(up::UpArgs),
 
     /// List the agents (and task types) the gateway routes.

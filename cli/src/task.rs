@@ -9,7 +9,8 @@ use flotilla_proto::{
     core::{self, task_execution::Phase},
     service::{
         agent_metadata_service_client::AgentMetadataServiceClient,
-        async_agent_service_client::AsyncAgentServiceClient, sync_agent_service_client::SyncAgentServiceClient,
+        async_agent_service_client::AsyncAgentServiceClient,
+        sync_agent_service_client::SyncAgentServiceClient,
     },
 };
 use serde::Deserialize;
@@ -55,7 +56,9 @@ async fn channel(target: &Target) -> anyhow::Result<Channel> {
         .timeout(timeout)
         .connect()
         .await
-        .with_context(|| format!("cannot reach the gateway at {} (is `flotilla up` running?)", target.gateway))
+        .with_context(|| {
+            format!("cannot reach the gateway at {} (is `flotilla up` running?)", target.gateway)
+        })
 }
 
 fn call_timeout(target: &Target) -> anyhow::Result<Duration> {
@@ -123,7 +126,10 @@ fn template(task: &TaskFile) -> anyhow::Result<core::TaskTemplate> {
         custom: Some(custom),
         config: task.config.clone(),
         target: task.sql.as_ref().map(|s| {
-            core::task_template::Target::Sql(core::Sql { statement: s.clone(), dialect: core::sql::Dialect::Ansi as i32 })
+            core::task_template::Target::Sql(core::Sql {
+                statement: s.clone(),
+                dialect: core::sql::Dialect::Ansi as i32,
+            })
         }),
         ..Default::default()
     })
@@ -260,7 +266,11 @@ fn print_resource(r: &admin::Resource) -> ExitCode {
         println!("outputs:");
         print!("{}", literals::render(outputs));
     }
-    if matches!(phase, Phase::Failed | Phase::Aborted | Phase::RetryableFailed) { ExitCode::from(2) } else { ExitCode::SUCCESS }
+    if matches!(phase, Phase::Failed | Phase::Aborted | Phase::RetryableFailed) {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 pub(crate) async fn get(target: &Target, h: &str) -> anyhow::Result<ExitCode> {

@@ -4,7 +4,10 @@
 use std::{net::SocketAddr, process::ExitCode, time::Instant};
 
 use anyhow::Context as _;
-use flotilla_gateway::{Config, Gateway, config::{GatewayConfig, PluginConfig}};
+use flotilla_gateway::{
+    Config, Gateway,
+    config::{GatewayConfig, PluginConfig},
+};
 use flotilla_sdk::ServeOptions;
 use flotilla_telemetry::{LogFormat, Shutdown};
 
@@ -33,9 +36,8 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let shutdown = Shutdown::new();
 
     // Plugin services first, so the gateway learns their routes on its first poll.
-    let (echo_grpc, echo_admin) = flotilla_sdk::bind_pair(ANY_LOOPBACK, ANY_LOOPBACK)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let (echo_grpc, echo_admin) =
+        flotilla_sdk::bind_pair(ANY_LOOPBACK, ANY_LOOPBACK).await.map_err(anyhow::Error::msg)?;
     let echo_addr = echo_grpc.local_addr()?;
     let echo_admin_addr = echo_admin.local_addr()?;
     let echo = tokio::spawn(flotilla_sdk::serve(
@@ -62,8 +64,9 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         }],
         ..GatewayConfig::default()
     };
-    let config = Config::validate(raw, Vec::new())
-        .map_err(|problems| anyhow::anyhow!("built-in fleet configuration is invalid: {}", problems.join("; ")))?;
+    let config = Config::validate(raw, Vec::new()).map_err(|problems| {
+        anyhow::anyhow!("built-in fleet configuration is invalid: {}", problems.join("; "))
+    })?;
     let gateway = Gateway::start(config).await.context("starting the gateway")?;
 
     println!("gateway  grpc={gateway_addr}  admin={gateway_admin_addr}");

@@ -17,11 +17,7 @@ use tower::{
     util::BoxCloneSyncService,
 };
 
-use crate::{
-    config::Plugin,
-    discover::Discovery,
-    metrics::Metrics,
-};
+use crate::{config::Plugin, discover::Discovery, metrics::Metrics};
 
 /// How many calls may wait for a ready endpoint before callers are refused.
 const BUFFER: usize = 1024;

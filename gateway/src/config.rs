@@ -175,7 +175,8 @@ pub fn parse_target(text: &str) -> Result<Target, String> {
                     let resolved = part
                         .to_socket_addrs()
                         .map_err(|e| format!("{part:?} is not a host:port that resolves: {e}"))?;
-                    let first = resolved.into_iter().next().ok_or_else(|| format!("{part:?} resolves to nothing"))?;
+                    let first =
+                        resolved.into_iter().next().ok_or_else(|| format!("{part:?} resolves to nothing"))?;
                     addrs.push(first);
                 }
             }
@@ -183,14 +184,18 @@ pub fn parse_target(text: &str) -> Result<Target, String> {
         return Ok(Target::Static(addrs));
     }
     if text.starts_with("dns://") || text.starts_with("srv://") {
-        return Err(format!("{text:?}: DNS discovery is not available in this build yet; use static://host:port"));
+        return Err(format!(
+            "{text:?}: DNS discovery is not available in this build yet; use static://host:port"
+        ));
     }
     Err(format!("{text:?} is not a discovery target: expected static://host:port[,host:port…]"))
 }
 
 fn parse_category(text: &str) -> Result<Category, String> {
     let (name, version) = match text.rsplit_once(':') {
-        Some((n, v)) => (n, v.parse::<i32>().map_err(|_| format!("{text:?}: version {v:?} is not an integer"))?),
+        Some((n, v)) => {
+            (n, v.parse::<i32>().map_err(|_| format!("{text:?}: version {v:?} is not an integer"))?)
+        }
         None => (text, 0),
     };
     if name.is_empty() {
@@ -251,10 +256,12 @@ impl Config {
     /// Every problem found.
     pub fn validate(raw: GatewayConfig, mut problems: Vec<String>) -> Result<Self, Vec<String>> {
         if raw.max_request_bytes < 1024 {
-            problems.push(format!("max_request_bytes: {} is below the minimum of 1024", raw.max_request_bytes));
+            problems
+                .push(format!("max_request_bytes: {} is below the minimum of 1024", raw.max_request_bytes));
         }
         if raw.refresh_interval.0 < Duration::from_millis(100) {
-            problems.push(format!("refresh_interval: {} is below the minimum of 100ms", raw.refresh_interval));
+            problems
+                .push(format!("refresh_interval: {} is below the minimum of 100ms", raw.refresh_interval));
         }
         if raw.connect_timeout.0.is_zero() {
             problems.push("connect_timeout: must be more than zero".to_owned());
@@ -271,7 +278,8 @@ impl Config {
             if p.nameserver.is_some() {
                 problems.push(format!("plugins[{i}].nameserver: only used by dns:// and srv:// discovery"));
             }
-            let target = parse_target(&p.discovery).map_err(|e| problems.push(format!("plugins[{i}].discovery: {e}")));
+            let target =
+                parse_target(&p.discovery).map_err(|e| problems.push(format!("plugins[{i}].discovery: {e}")));
             let mut pins = Vec::new();
             for c in &p.categories {
                 match parse_category(c) {
@@ -287,10 +295,8 @@ impl Config {
                     Err(e) => problems.push(format!("plugins[{i}].categories: {e}")),
                 }
             }
-            if let Some(t) = p.timeout {
-                if t.0.is_zero() {
-                    problems.push(format!("plugins[{i}].timeout: must be more than zero"));
-                }
+            if p.timeout.is_some_and(|t| t.0.is_zero()) {
+                problems.push(format!("plugins[{i}].timeout: must be more than zero"));
             }
             if let Ok(target) = target {
                 plugins.push(Plugin {
@@ -353,10 +359,10 @@ mod tests {
     fn plugins_come_from_the_environment() {
         let p = plugins_from_env("echo=static://127.0.0.1:1,127.0.0.1:2; bq=static://127.0.0.1:3").unwrap();
         assert_eq!(p.len(), 2);
-        assert_eq!(parse_target(&p[0].discovery).unwrap(), Target::Static(vec![
-            "127.0.0.1:1".parse().unwrap(),
-            "127.0.0.1:2".parse().unwrap()
-        ]));
+        assert_eq!(
+            parse_target(&p[0].discovery).unwrap(),
+            Target::Static(vec!["127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap()])
+        );
         assert!(plugins_from_env("nonsense").is_err());
     }
 }

@@ -83,7 +83,8 @@ impl Fleet {
                 Ok(Ok(resp)) => {
                     let agents = resp.into_inner().agents;
                     if slot.as_ref() != Some(&agents) {
-                        let kinds: Vec<String> = agents.iter().flat_map(categories).map(|c| c.to_string()).collect();
+                        let kinds: Vec<String> =
+                            agents.iter().flat_map(categories).map(|c| c.to_string()).collect();
                         tracing::info!(plugin = %name, task_types = ?kinds, "Learned the plugin's task types");
                     }
                     *slot = Some(agents);
@@ -151,7 +152,8 @@ impl Fleet {
                 });
                 #[allow(deprecated)]
                 {
-                    let kept: HashSet<&str> = agent.supported_task_categories.iter().map(|c| c.name.as_str()).collect();
+                    let kept: HashSet<&str> =
+                        agent.supported_task_categories.iter().map(|c| c.name.as_str()).collect();
                     agent.supported_task_types.retain(|t| kept.contains(t.as_str()));
                 }
                 if agent.supported_task_categories.is_empty() {
@@ -174,7 +176,8 @@ impl Fleet {
         // Pinned categories of services that did not list them still appear in ListAgents.
         for (i, b) in self.backends.iter().enumerate() {
             let listed: HashSet<Category> = agents.iter().flat_map(categories).collect();
-            let missing: Vec<&Category> = b.plugin.pins.iter().filter(|c| routes.get(*c) == Some(&i) && !listed.contains(*c)).collect();
+            let missing: Vec<&Category> =
+                b.plugin.pins.iter().filter(|c| routes.get(*c) == Some(&i) && !listed.contains(*c)).collect();
             if !missing.is_empty() && !names.contains_key(&b.plugin.name) {
                 names.insert(b.plugin.name.clone(), i);
                 #[allow(deprecated)]
@@ -234,7 +237,10 @@ impl AgentMetadataService for FleetMetadata {
             Some(a) => Ok(Response::new(admin::GetAgentResponse { agent: Some(a.clone()) })),
             None => {
                 let known: Vec<&str> = state.agents.iter().map(|a| a.name.as_str()).collect();
-                Err(Status::not_found(format!("no agent named {name:?}; the fleet has: {}", known.join(", "))))
+                Err(Status::not_found(format!(
+                    "no agent named {name:?}; the fleet has: {}",
+                    known.join(", ")
+                )))
             }
         }
     }

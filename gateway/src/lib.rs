@@ -94,7 +94,8 @@ impl Gateway {
     pub async fn serve(self, grpc: TcpListener, admin: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
         let Self { config, fleet, metrics, registry, last, reported } = self;
         let readiness = Readiness::default();
-        let admin_task = tokio::spawn(Admin { registry, readiness: readiness.clone() }.serve(admin, shutdown.clone()));
+        let admin_task =
+            tokio::spawn(Admin { registry, readiness: readiness.clone() }.serve(admin, shutdown.clone()));
         let refresher = tokio::spawn(fleet.clone().keep_refreshing(
             last,
             reported,
@@ -134,9 +135,12 @@ impl Gateway {
         };
         readiness.set(true);
         tracing::info!(?addr, plugins = config.plugins.len(), "Gateway serving");
-        let result =
-            flotilla_sdk::with_grace(server.serve_with_incoming_shutdown(incoming, stopping), &shutdown, config.shutdown_grace)
-                .await;
+        let result = flotilla_sdk::with_grace(
+            server.serve_with_incoming_shutdown(incoming, stopping),
+            &shutdown,
+            config.shutdown_grace,
+        )
+        .await;
         shutdown.trigger();
         let _ = refresher.await;
         let _ = admin_task.await;
@@ -148,6 +152,11 @@ impl Gateway {
 ///
 /// # Errors
 /// See [`Gateway::start`] and [`Gateway::serve`].
-pub async fn run(config: Config, grpc: TcpListener, admin: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
+pub async fn run(
+    config: Config,
+    grpc: TcpListener,
+    admin: TcpListener,
+    shutdown: Shutdown,
+) -> Result<(), Error> {
     Gateway::start(config).await?.serve(grpc, admin, shutdown).await
 }

@@ -35,12 +35,18 @@ impl Metrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let m = Self {
             requests: IntCounterVec::new(
-                Opts::new("flotilla_gateway_requests_total", "Calls answered, by plugin, method and gRPC code"),
+                Opts::new(
+                    "flotilla_gateway_requests_total",
+                    "Calls answered, by plugin, method and gRPC code",
+                ),
                 &["plugin", "method", "code"],
             )?,
             duration: HistogramVec::new(
-                HistogramOpts::new("flotilla_gateway_request_duration_seconds", "Call latency through the gateway")
-                    .buckets(exponential_buckets(0.0001, 2.5, 15)?),
+                HistogramOpts::new(
+                    "flotilla_gateway_request_duration_seconds",
+                    "Call latency through the gateway",
+                )
+                .buckets(exponential_buckets(0.0001, 2.5, 15)?),
                 &["plugin", "method"],
             )?,
             in_flight: IntGauge::new("flotilla_gateway_in_flight_requests", "Calls being served")?,
@@ -57,7 +63,10 @@ impl Metrics {
                 &["plugin"],
             )?,
             route_refreshes: IntCounterVec::new(
-                Opts::new("flotilla_gateway_route_refreshes_total", "ListAgents polls of plugin services, by result"),
+                Opts::new(
+                    "flotilla_gateway_route_refreshes_total",
+                    "ListAgents polls of plugin services, by result",
+                ),
                 &["plugin", "result"],
             )?,
             route_conflicts: IntGauge::new(

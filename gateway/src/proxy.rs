@@ -12,7 +12,9 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use flotilla_proto::paths;
-use flotilla_sdk::wire::{FRAME_HEADER_LEN, FrameLimiter, LimitedBody, format_grpc_timeout, parse_grpc_timeout};
+use flotilla_sdk::wire::{
+    FRAME_HEADER_LEN, FrameLimiter, LimitedBody, format_grpc_timeout, parse_grpc_timeout,
+};
 use http::{HeaderValue, Request, Response};
 use http_body::Frame;
 use http_body_util::BodyExt;
@@ -118,9 +120,10 @@ impl Proxy {
     ) -> Result<Response<Body>, (String, Status)> {
         let none = |s: Status| ("none".to_owned(), s);
         let (mut parts, body) = req.into_parts();
-        let (first, rest, limiter) = read_first_message(body, self.max_request_bytes, method == Method::ExecuteTaskSync)
-            .await
-            .map_err(none)?;
+        let (first, rest, limiter) =
+            read_first_message(body, self.max_request_bytes, method == Method::ExecuteTaskSync)
+                .await
+                .map_err(none)?;
         let message = &first[FRAME_HEADER_LEN..message_end(&first)];
         if first[0] != 0 {
             return Err(none(Status::unimplemented(
@@ -165,7 +168,9 @@ impl Proxy {
         parts.uri = method_uri(method);
         let body = match rest {
             None => Body::new(http_body_util::Full::new(first)),
-            Some(rest) => Body::new(Prefixed { first: Some(first), rest: LimitedBody::with_limiter(rest, limiter) }),
+            Some(rest) => {
+                Body::new(Prefixed { first: Some(first), rest: LimitedBody::with_limiter(rest, limiter) })
+            }
         };
         let call = backend.call(Request::from_parts(parts, body));
         let expired = |d: Duration| {
@@ -195,8 +200,15 @@ impl Proxy {
 
     /// Counts the call when its status is known: in the headers of a
     /// trailers-only answer, else in the trailers at the end of the body.
-    fn observe(&self, response: Response<Body>, plugin: String, method: Method, started: Instant) -> Response<Body> {
-        let observation = Observation { metrics: self.metrics.clone(), plugin, method: method.name(), started };
+    fn observe(
+        &self,
+        response: Response<Body>,
+        plugin: String,
+        method: Method,
+        started: Instant,
+    ) -> Response<Body> {
+        let observation =
+            Observation { metrics: self.metrics.clone(), plugin, method: method.name(), started };
         if let Some(code) = response.headers().get("grpc-status") {
             observation.record(code.as_bytes());
             return response;
@@ -268,15 +280,17 @@ async fn read_first_message(
     let mut have = 0usize;
     let mut need: Option<usize> = None;
     loop {
-        if let Some(n) = need {
-            if streaming && have >= n {
-                break;
-            }
+        if streaming && need.is_some_and(|n| have >= n) {
+            break;
         }
         let Some(frame) = body.frame().await else { break };
         let frame = frame.map_err(|e| {
             let status = Status::from_error(e.into());
-            if status.code() == tonic::Code::ResourceExhausted { status } else { Status::cancelled(format!("reading the request failed: {}", status.message())) }
+            if status.code() == tonic::Code::ResourceExhausted {
+                status
+            } else {
+                Status::cancelled(format!("reading the request failed: {}", status.message()))
+            }
         })?;
         let Ok(data) = frame.into_data() else { continue }; // trailers from a client: ignore
         limiter.feed(&data).map_err(Status::from)?;
@@ -395,10 +409,10 @@ impl http_body::Body for Observed {
         let polled = this.inner.poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(trailers) = frame.trailers_ref() {
-                    if let Some(o) = this.observation.take() {
-                        o.record(trailers.get("grpc-status").map_or(&b"2"[..], |v| v.as_bytes()));
-                    }
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(o) = this.observation.take()
+                {
+                    o.record(trailers.get("grpc-status").map_or(&b"2"[..], |v| v.as_bytes()));
                 }
             }
             Poll::Ready(Some(Err(_))) => {
@@ -458,7 +472,11 @@ macro_rules! named_proxy {
         impl Service<Request<Body>> for $ty {
             type Response = Response<Body>;
             type Error = std::convert::Infallible;
-            type Future = Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send>>;
+            type Future = Pin<
+                Box<
+                    dyn std::future::Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send,
+                >,
+            >;
 
             fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
                 Poll::Ready(Ok(()))

@@ -201,7 +201,9 @@ pub fn category_key<'a>(
             (1, Value::Bytes(b)) => task_type = utf8(b, message)?,
             (n, Value::Bytes(b)) if n == category_field => category = Some(b),
             (1, _) => return Err(fields.malformed("task_type has the wrong wire type")),
-            (n, _) if n == category_field => return Err(fields.malformed("task_category has the wrong wire type")),
+            (n, _) if n == category_field => {
+                return Err(fields.malformed("task_category has the wrong wire type"));
+            }
             _ => {}
         }
     }

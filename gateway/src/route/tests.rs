@@ -53,11 +53,20 @@ fn category_wins_over_the_deprecated_task_type() {
         resource_meta: b"{}".to_vec(),
         ..Default::default()
     };
-    assert_eq!(category_key(&req.encode_to_vec(), "GetTaskRequest", 3).unwrap(), Key { name: "new", version: 1 });
+    assert_eq!(
+        category_key(&req.encode_to_vec(), "GetTaskRequest", 3).unwrap(),
+        Key { name: "new", version: 1 }
+    );
     let old_only = admin::DeleteTaskRequest { task_type: "old".into(), ..Default::default() };
-    assert_eq!(category_key(&old_only.encode_to_vec(), "DeleteTaskRequest", 3).unwrap(), Key { name: "old", version: 0 });
+    assert_eq!(
+        category_key(&old_only.encode_to_vec(), "DeleteTaskRequest", 3).unwrap(),
+        Key { name: "old", version: 0 }
+    );
     let neither = admin::DeleteTaskRequest::default();
-    assert!(matches!(category_key(&neither.encode_to_vec(), "DeleteTaskRequest", 3), Err(KeyError::Missing(_))));
+    assert!(matches!(
+        category_key(&neither.encode_to_vec(), "DeleteTaskRequest", 3),
+        Err(KeyError::Missing(_))
+    ));
 }
 
 #[test]

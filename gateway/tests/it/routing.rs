@@ -88,7 +88,8 @@ impl NamedService for Recorder {
 impl tower::Service<http::Request<Body>> for Recorder {
     type Response = http::Response<Body>;
     type Error = Infallible;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -99,7 +100,8 @@ impl tower::Service<http::Request<Body>> for Recorder {
         Box::pin(async move {
             let body = req.into_body().collect().await.unwrap().to_bytes();
             seen.lock().unwrap().push(body);
-            let answer = frame(&admin::CreateTaskResponse { resource_meta: b"recorded".to_vec() }.encode_to_vec());
+            let answer =
+                frame(&admin::CreateTaskResponse { resource_meta: b"recorded".to_vec() }.encode_to_vec());
             let mut trailers = http::HeaderMap::new();
             trailers.insert("grpc-status", "0".parse().unwrap());
             let body = http_body_util::Full::new(answer)
@@ -115,7 +117,10 @@ impl tower::Service<http::Request<Body>> for Recorder {
 
 #[tonic::async_trait]
 impl AgentMetadataService for Recorder {
-    async fn get_agent(&self, _: Request<admin::GetAgentRequest>) -> Result<Response<admin::GetAgentResponse>, Status> {
+    async fn get_agent(
+        &self,
+        _: Request<admin::GetAgentRequest>,
+    ) -> Result<Response<admin::GetAgentResponse>, Status> {
         Err(Status::unimplemented("not needed"))
     }
     async fn list_agents(
@@ -174,7 +179,10 @@ async fn list_and_get_agent_answer_for_the_whole_fleet() {
     let echo = spawn_plugin(Echo::default()).await;
     let (addr, _recorder) = spawn_recorder().await;
     let gw = spawn_gateway(
-        vec![plugin("echo", format!("static://{}", echo.addr)), plugin("recorder", format!("static://{addr}"))],
+        vec![
+            plugin("echo", format!("static://{}", echo.addr)),
+            plugin("recorder", format!("static://{addr}")),
+        ],
         |_| {},
     )
     .await;
@@ -183,7 +191,8 @@ async fn list_and_get_agent_answer_for_the_whole_fleet() {
     let mut names: Vec<&str> = agents.iter().map(|a| a.name.as_str()).collect();
     names.sort_unstable();
     assert_eq!(names, ["Echo Agent", "Echo Sync Agent", "Recorder"]);
-    let got = client.get_agent(admin::GetAgentRequest { name: "Recorder".into() }).await.unwrap().into_inner();
+    let got =
+        client.get_agent(admin::GetAgentRequest { name: "Recorder".into() }).await.unwrap().into_inner();
     assert_eq!(got.agent.unwrap().supported_task_categories[0].name, "recorder");
     let err = client.get_agent(admin::GetAgentRequest { name: "Nobody".into() }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -195,7 +204,10 @@ async fn a_category_claimed_twice_routes_to_the_first_and_is_reported() {
     let first = spawn_plugin(Echo::default()).await;
     let second = spawn_plugin(Echo::default()).await;
     let gw = spawn_gateway(
-        vec![plugin("first", format!("static://{}", first.addr)), plugin("second", format!("static://{}", second.addr))],
+        vec![
+            plugin("first", format!("static://{}", first.addr)),
+            plugin("second", format!("static://{}", second.addr)),
+        ],
         |_| {},
     )
     .await;
@@ -203,15 +215,20 @@ async fn a_category_claimed_twice_routes_to_the_first_and_is_reported() {
     assert_eq!(status, 200);
     assert!(metrics.contains("flotilla_gateway_route_conflicts 2"), "{metrics}");
     // Calls still route (to the first), and ListAgents shows each agent once.
-    let agents = gw.metadata_client().list_agents(admin::ListAgentsRequest {}).await.unwrap().into_inner().agents;
+    let agents =
+        gw.metadata_client().list_agents(admin::ListAgentsRequest {}).await.unwrap().into_inner().agents;
     assert_eq!(agents.len(), 2);
     gw.async_client()
-        .create_task(admin::CreateTaskRequest { template: Some(echo_template("echo", &[])), ..Default::default() })
+        .create_task(admin::CreateTaskRequest {
+            template: Some(echo_template("echo", &[])),
+            ..Default::default()
+        })
         .await
         .unwrap();
     let (_, first_metrics) = flotilla_testkit::http_get(first.admin, "/metrics").await;
     assert!(
-        first_metrics.contains("flyte_agent_requests_success_total{operation=\"create\",task_type=\"echo\"} 1"),
+        first_metrics
+            .contains("flyte_agent_requests_success_total{operation=\"create\",task_type=\"echo\"} 1"),
         "{first_metrics}"
     );
 }

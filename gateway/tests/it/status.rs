@@ -28,8 +28,10 @@ async fn a_body_that_is_not_protobuf_is_invalid_argument_and_the_gateway_keeps_s
 #[tokio::test]
 async fn an_oversized_request_is_resource_exhausted_naming_size_and_limit() {
     let echo = spawn_plugin(Echo::default()).await;
-    let gw = spawn_gateway(vec![plugin("echo", format!("static://{}", echo.addr))], |c| c.max_request_bytes = 4096)
-        .await;
+    let gw = spawn_gateway(vec![plugin("echo", format!("static://{}", echo.addr))], |c| {
+        c.max_request_bytes = 4096
+    })
+    .await;
     let big = admin::CreateTaskRequest {
         template: Some(echo_template("echo", &[("pad", Kind::StringValue("x".repeat(10_000)))])),
         ..Default::default()
@@ -38,7 +40,10 @@ async fn an_oversized_request_is_resource_exhausted_naming_size_and_limit() {
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains("limit of 4096 bytes"), "{}", err.message());
     gw.async_client()
-        .create_task(admin::CreateTaskRequest { template: Some(echo_template("echo", &[])), ..Default::default() })
+        .create_task(admin::CreateTaskRequest {
+            template: Some(echo_template("echo", &[])),
+            ..Default::default()
+        })
         .await
         .unwrap();
 }
@@ -53,7 +58,10 @@ async fn an_unreachable_plugin_is_unavailable_naming_it() {
     let started = Instant::now();
     let err = gw
         .async_client()
-        .create_task(admin::CreateTaskRequest { template: Some(echo_template("ghost", &[])), ..Default::default() })
+        .create_task(admin::CreateTaskRequest {
+            template: Some(echo_template("ghost", &[])),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());

@@ -2,12 +2,16 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use flotilla_gateway::{Config, Gateway, config::{GatewayConfig, PluginConfig}};
+use flotilla_gateway::{
+    Config, Gateway,
+    config::{GatewayConfig, PluginConfig},
+};
 use flotilla_proto::{
     admin, core,
     service::{
         agent_metadata_service_client::AgentMetadataServiceClient,
-        async_agent_service_client::AsyncAgentServiceClient, sync_agent_service_client::SyncAgentServiceClient,
+        async_agent_service_client::AsyncAgentServiceClient,
+        sync_agent_service_client::SyncAgentServiceClient,
     },
 };
 use flotilla_telemetry::{Shutdown, config::HumanDuration};
@@ -41,7 +45,10 @@ pub(crate) fn plugin(name: &str, discovery: String) -> PluginConfig {
     PluginConfig { name: name.into(), discovery, nameserver: None, timeout: None, categories: vec![] }
 }
 
-pub(crate) async fn spawn_gateway(plugins: Vec<PluginConfig>, tweak: impl FnOnce(&mut GatewayConfig)) -> RunningGateway {
+pub(crate) async fn spawn_gateway(
+    plugins: Vec<PluginConfig>,
+    tweak: impl FnOnce(&mut GatewayConfig),
+) -> RunningGateway {
     let (grpc, admin) = (bind_loopback().await, bind_loopback().await);
     let addr = grpc.local_addr().unwrap();
     let admin_addr = admin.local_addr().unwrap();

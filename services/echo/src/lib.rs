@@ -62,11 +62,7 @@ impl Echo {
     /// # Errors
     /// Names an unknown or mistyped key.
     pub fn from_config(config: &ServiceConfig) -> Result<Self, String> {
-        let c: EchoConfig = config
-            .plugin
-            .clone()
-            .try_into()
-            .map_err(|e| format!("[plugin]: {e}"))?;
+        let c: EchoConfig = config.plugin.clone().try_into().map_err(|e| format!("[plugin]: {e}"))?;
         Ok(c.max_inline_bytes.map_or_else(Self::default, Self::with_max_inline_bytes))
     }
 }
@@ -86,7 +82,7 @@ impl Options {
         };
         if let Some(v) = custom.fields.get("duration_ms") {
             o.duration_ms = match v.kind {
-                Some(Kind::NumberValue(n)) if n.is_finite() && n >= 0.0 && n <= 86_400_000.0 => n as u64,
+                Some(Kind::NumberValue(n)) if (0.0..=86_400_000.0).contains(&n) => n as u64,
                 _ => {
                     return Err(PluginError::InvalidArgument(format!(
                         "custom.duration_ms must be a number of milliseconds between 0 and 86400000, got {}",
@@ -145,9 +141,8 @@ impl Meta {
         if bytes.is_empty() {
             return Err(PluginError::InvalidArgument("resource_meta is empty".to_owned()));
         }
-        serde_json::from_slice(bytes).map_err(|e| {
-            PluginError::InvalidArgument(format!("resource_meta is not an echo task's: {e}"))
-        })
+        serde_json::from_slice(bytes)
+            .map_err(|e| PluginError::InvalidArgument(format!("resource_meta is not an echo task's: {e}")))
     }
 
     fn inputs(&self) -> Result<Option<core::LiteralMap>, PluginError> {
@@ -155,9 +150,9 @@ impl Meta {
         let bytes = B64
             .decode(b64)
             .map_err(|e| PluginError::InvalidArgument(format!("resource_meta.inputs is not base64: {e}")))?;
-        core::LiteralMap::decode(bytes.as_slice())
-            .map(Some)
-            .map_err(|e| PluginError::InvalidArgument(format!("resource_meta.inputs is not a LiteralMap: {e}")))
+        core::LiteralMap::decode(bytes.as_slice()).map(Some).map_err(|e| {
+            PluginError::InvalidArgument(format!("resource_meta.inputs is not a LiteralMap: {e}"))
+        })
     }
 }
 
@@ -196,7 +191,11 @@ impl Plugin for Echo {
         Ok(admin::CreateTaskResponse { resource_meta })
     }
 
-    async fn get(&self, _call: &Call, request: admin::GetTaskRequest) -> Result<admin::Resource, PluginError> {
+    async fn get(
+        &self,
+        _call: &Call,
+        request: admin::GetTaskRequest,
+    ) -> Result<admin::Resource, PluginError> {
         let meta = Meta::decode(&request.resource_meta)?;
         let now = now_ms();
         if now < meta.done_at_ms {

@@ -2,7 +2,9 @@ use std::collections::BTreeMap;
 
 use flotilla_sdk::{
     Category,
-    proto::core::{Literal, LiteralMap, Primitive, Scalar, literal, primitive, scalar, task_execution::Phase},
+    proto::core::{
+        Literal, LiteralMap, Primitive, Scalar, literal, primitive, scalar, task_execution::Phase,
+    },
 };
 use prost_types::{Struct, Value};
 
@@ -65,7 +67,8 @@ async fn duration_keeps_the_task_running() {
 
 #[tokio::test]
 async fn fail_with_fails_the_task_with_the_message() {
-    let r = create_then_get(&Echo::default(), &[("fail_with", Kind::StringValue("disk on fire".into()))]).await;
+    let r =
+        create_then_get(&Echo::default(), &[("fail_with", Kind::StringValue("disk on fire".into()))]).await;
     assert_eq!(r.phase, Phase::Failed as i32);
     assert_eq!(r.message, "disk on fire");
 }

@@ -5,21 +5,28 @@ use std::time::Duration;
 
 use flotilla_echo::Echo;
 use flotilla_proto::{
-    admin,
-    paths,
-    service::{async_agent_service_client::AsyncAgentServiceClient, sync_agent_service_client::SyncAgentServiceClient},
+    admin, paths,
+    service::{
+        async_agent_service_client::AsyncAgentServiceClient,
+        sync_agent_service_client::SyncAgentServiceClient,
+    },
 };
 use flotilla_sdk::ServeOptions;
 use flotilla_testkit::{channel, frame, http_get, raw_call, spawn_plugin, spawn_plugin_with};
 use prost_types::value::Kind;
 use tonic::Code;
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 fn template(kind: &str, custom: &[(&str, Kind)]) -> flotilla_proto::core::TaskTemplate {
     flotilla_proto::core::TaskTemplate {
         r#type: kind.into(),
         custom: Some(prost_types::Struct {
-            fields: custom.iter().map(|(k, v)| ((*k).into(), prost_types::Value { kind: Some(v.clone()) })).collect(),
+            fields: custom
+                .iter()
+                .map(|(k, v)| ((*k).into(), prost_types::Value { kind: Some(v.clone()) }))
+                .collect(),
         }),
         ..Default::default()
     }
@@ -40,7 +47,9 @@ async fn health_answers_serving() {
 
 #[tokio::test]
 async fn the_status_contract_holds() {
-    let svc = spawn_plugin_with(Echo::default(), ServeOptions { max_request_bytes: 2048, ..Default::default() }).await;
+    let svc =
+        spawn_plugin_with(Echo::default(), ServeOptions { max_request_bytes: 2048, ..Default::default() })
+            .await;
     let mut client = AsyncAgentServiceClient::new(channel(svc.addr));
     let unknown = client
         .create_task(admin::CreateTaskRequest { template: Some(template("warp", &[])), ..Default::default() })
@@ -50,7 +59,10 @@ async fn the_status_contract_holds() {
     assert!(unknown.message().contains("\"warp\""), "{}", unknown.message());
 
     let wrong_kind = client
-        .create_task(admin::CreateTaskRequest { template: Some(template("echo_sync", &[])), ..Default::default() })
+        .create_task(admin::CreateTaskRequest {
+            template: Some(template("echo_sync", &[])),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(wrong_kind.code(), Code::FailedPrecondition);

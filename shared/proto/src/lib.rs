@@ -34,8 +34,7 @@ pub mod codec;
 pub use flyteidl::{admin, core, service};
 
 /// The serialized `FileDescriptorSet` of our `.proto` files, as compiled for this crate.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/flotilla_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/flotilla_descriptor.bin"));
 
 /// Full gRPC method paths, as they appear in HTTP/2 `:path` headers.
 pub mod paths {

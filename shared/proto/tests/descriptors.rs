@@ -43,11 +43,7 @@ fn python() -> PathBuf {
 
 fn upstream() -> FileDescriptorSet {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/upstream_descriptors.py");
-    let out = Command::new(python())
-        .arg(script)
-        .arg(UPSTREAM_VERSION)
-        .output()
-        .expect("python starts");
+    let out = Command::new(python()).arg(script).arg(UPSTREAM_VERSION).output().expect("python starts");
     assert!(
         out.status.success(),
         "dumping upstream descriptors failed: {}",
@@ -124,10 +120,7 @@ impl Index {
 
 /// The wire-relevant facts of a field, in a form that compares and prints.
 fn field_facts(m: &DescriptorProto, f: &FieldDescriptorProto) -> String {
-    let oneof = f
-        .oneof_index
-        .map(|i| m.oneof_decl[i as usize].name().to_owned())
-        .unwrap_or_default();
+    let oneof = f.oneof_index.map(|i| m.oneof_decl[i as usize].name().to_owned()).unwrap_or_default();
     format!(
         "name={} label={:?} type={:?} type_name={} oneof={oneof} proto3_optional={} json_name={} deprecated={}",
         f.name(),
@@ -169,8 +162,15 @@ fn compare_message(name: &str, ours: &DescriptorProto, theirs: &DescriptorProto,
     }
 }
 
-fn compare_enum(name: &str, ours: &EnumDescriptorProto, theirs: &EnumDescriptorProto, diffs: &mut Vec<String>) {
-    let values = |e: &EnumDescriptorProto| e.value.iter().map(|v| (v.name().to_owned(), v.number())).collect::<Vec<_>>();
+fn compare_enum(
+    name: &str,
+    ours: &EnumDescriptorProto,
+    theirs: &EnumDescriptorProto,
+    diffs: &mut Vec<String>,
+) {
+    let values = |e: &EnumDescriptorProto| {
+        e.value.iter().map(|v| (v.name().to_owned(), v.number())).collect::<Vec<_>>()
+    };
     if values(ours) != values(theirs) {
         diffs.push(format!("enum {name}: ours {:?} upstream {:?}", values(ours), values(theirs)));
     }
@@ -227,7 +227,12 @@ fn agent_protocol_is_wire_identical_to_upstream_flyteidl() {
     // Enums nested in messages that are not themselves reachable (TaskExecution.Phase, ...)
     // still carry their enclosing message's name on the wire descriptors.
 
-    assert!(diffs.is_empty(), "{} differences from flyteidl {UPSTREAM_VERSION}:\n{}", diffs.len(), diffs.join("\n"));
+    assert!(
+        diffs.is_empty(),
+        "{} differences from flyteidl {UPSTREAM_VERSION}:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
     // Sanity: the walk really covered the surface (112 messages and 22 enums in 1.16.8).
     assert_eq!((their_messages.len(), their_enums.len()), (112, 22), "upstream surface changed size");
 }

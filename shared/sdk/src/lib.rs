@@ -37,13 +37,13 @@
 #![warn(missing_docs)]
 
 mod error;
-pub mod wire;
 mod metrics;
 mod plugin;
 pub mod resource;
 mod runner;
 mod serve;
 mod service;
+pub mod wire;
 
 pub use error::PluginError;
 pub use flotilla_proto as proto;

@@ -47,8 +47,11 @@ impl AgentMetrics {
             &["task_type", "operation"],
         )?;
         let input_bytes = HistogramVec::new(
-            HistogramOpts::new("flyte_agent_input_literal_bytes", "Size of CreateTask and ExecuteTaskSync inputs")
-                .buckets(exponential_buckets(64.0, 4.0, 12)?),
+            HistogramOpts::new(
+                "flyte_agent_input_literal_bytes",
+                "Size of CreateTask and ExecuteTaskSync inputs",
+            )
+            .buckets(exponential_buckets(64.0, 4.0, 12)?),
             &["task_type"],
         )?;
         registry.register(Box::new(success.clone()))?;
@@ -58,21 +61,14 @@ impl AgentMetrics {
         Ok(Self { success, failure, latency, input_bytes })
     }
 
-    pub(crate) fn observe(
-        &self,
-        task_type: &str,
-        op: Operation,
-        seconds: f64,
-        error: Option<tonic::Code>,
-    ) {
+    pub(crate) fn observe(&self, task_type: &str, op: Operation, seconds: f64, error: Option<tonic::Code>) {
         let op = op.label();
         self.latency.with_label_values(&[task_type, op]).observe(seconds);
         match error {
             None => self.success.with_label_values(&[task_type, op]).inc(),
-            Some(code) => self
-                .failure
-                .with_label_values(&[task_type, op, crate::error::http_code_label(code)])
-                .inc(),
+            Some(code) => {
+                self.failure.with_label_values(&[task_type, op, crate::error::http_code_label(code)]).inc()
+            }
         }
     }
 

@@ -102,10 +102,8 @@ where
     P: Plugin,
     F: FnOnce(&ServiceConfig) -> Result<P, String>,
 {
-    let command = clap::Command::new(name)
-        .version(env!("CARGO_PKG_VERSION"))
-        .about(about)
-        .after_help(format!(
+    let command =
+        clap::Command::new(name).version(env!("CARGO_PKG_VERSION")).about(about).after_help(format!(
             "Serves flyteidl.service.AsyncAgentService, SyncAgentService and AgentMetadataService plus \
              grpc.health.v1 on --listen, and /metrics, /livez, /readyz on --admin-listen.\n\n\
              Example:\n  {name} --listen 127.0.0.1:8001 --admin-listen 127.0.0.1:9091"
@@ -134,7 +132,10 @@ where
     if flags.check_config {
         println!("{name}: configuration is valid");
         println!("  listen = {}\n  admin_listen = {}", config.listen, config.admin_listen);
-        println!("  max_request_bytes = {}\n  shutdown_grace = {}", config.max_request_bytes, config.shutdown_grace);
+        println!(
+            "  max_request_bytes = {}\n  shutdown_grace = {}",
+            config.max_request_bytes, config.shutdown_grace
+        );
         for agent in plugin.agents() {
             let kinds = agent.categories.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
             println!("  agent {:?} ({}): {kinds}", agent.name, if agent.is_sync { "sync" } else { "async" });
@@ -184,6 +185,8 @@ where
 /// A message naming the listener, its address and the OS error.
 pub async fn bind_pair(grpc: SocketAddr, admin: SocketAddr) -> Result<(TcpListener, TcpListener), String> {
     let g = TcpListener::bind(grpc).await.map_err(|e| format!("cannot listen for gRPC on {grpc}: {e}"))?;
-    let a = TcpListener::bind(admin).await.map_err(|e| format!("cannot listen for admin HTTP on {admin}: {e}"))?;
+    let a = TcpListener::bind(admin)
+        .await
+        .map_err(|e| format!("cannot listen for admin HTTP on {admin}: {e}"))?;
     Ok((g, a))
 }

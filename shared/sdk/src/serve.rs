@@ -4,8 +4,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use flotilla_proto::service::{
     agent_metadata_service_server::AgentMetadataServiceServer,
-    async_agent_service_server::AsyncAgentServiceServer,
-    sync_agent_service_server::SyncAgentServiceServer,
+    async_agent_service_server::AsyncAgentServiceServer, sync_agent_service_server::SyncAgentServiceServer,
 };
 use flotilla_telemetry::{Admin, Readiness, Shutdown};
 use prometheus::Registry;
@@ -92,9 +91,8 @@ pub(crate) async fn serve_with_registry<P: Plugin>(
     }
 
     let readiness = Readiness::default();
-    let admin_task = tokio::spawn(
-        Admin { registry, readiness: readiness.clone() }.serve(admin, shutdown.clone()),
-    );
+    let admin_task =
+        tokio::spawn(Admin { registry, readiness: readiness.clone() }.serve(admin, shutdown.clone()));
 
     let limit = options.max_request_bytes;
     let grpc_addr: Option<SocketAddr> = grpc.local_addr().ok();
@@ -124,7 +122,12 @@ pub(crate) async fn serve_with_registry<P: Plugin>(
     };
     readiness.set(true);
     tracing::info!(addr = ?grpc_addr, agents = ?names, "Serving");
-    let result = with_grace(server.serve_with_incoming_shutdown(incoming, stopping), &shutdown, options.shutdown_grace).await;
+    let result = with_grace(
+        server.serve_with_incoming_shutdown(incoming, stopping),
+        &shutdown,
+        options.shutdown_grace,
+    )
+    .await;
     shutdown.trigger();
     let _ = admin_task.await;
     result.map_err(ServeError::Transport)

@@ -7,8 +7,8 @@ use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc, time::Insta
 use flotilla_proto::{
     admin::{self, execute_task_sync_request::Part},
     service::{
-        agent_metadata_service_server::AgentMetadataService,
-        async_agent_service_server::AsyncAgentService, sync_agent_service_server::SyncAgentService,
+        agent_metadata_service_server::AgentMetadataService, async_agent_service_server::AsyncAgentService,
+        sync_agent_service_server::SyncAgentService,
     },
 };
 use futures_util::Stream;
@@ -262,7 +262,9 @@ impl<P: Plugin> SyncAgentService for Services<P> {
             match msg.part {
                 Some(Part::Inputs(i)) if inputs.is_none() => inputs = Some(i),
                 Some(Part::Inputs(_)) => {
-                    return Err(Status::invalid_argument("ExecuteTaskSync carries more than one inputs message"));
+                    return Err(Status::invalid_argument(
+                        "ExecuteTaskSync carries more than one inputs message",
+                    ));
                 }
                 Some(Part::Header(_)) => {
                     return Err(Status::invalid_argument("ExecuteTaskSync carries more than one header"));

@@ -111,17 +111,14 @@ where
     type Data = Bytes;
     type Error = Status;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    if let Err(e) = this.limiter.feed(data) {
-                        return Poll::Ready(Some(Err(e.into())));
-                    }
+                if let Some(data) = frame.data_ref()
+                    && let Err(e) = this.limiter.feed(data)
+                {
+                    return Poll::Ready(Some(Err(e.into())));
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -161,12 +158,8 @@ pub fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
 
 /// Formats a duration as a `grpc-timeout` header value (at most 8 digits, as the spec wants).
 pub fn format_grpc_timeout(d: Duration) -> String {
-    let candidates: [(u128, &str); 4] = [
-        (d.as_nanos(), "n"),
-        (d.as_micros(), "u"),
-        (d.as_millis(), "m"),
-        (u128::from(d.as_secs()), "S"),
-    ];
+    let candidates: [(u128, &str); 4] =
+        [(d.as_nanos(), "n"), (d.as_micros(), "u"), (d.as_millis(), "m"), (u128::from(d.as_secs()), "S")];
     for (n, unit) in candidates {
         if n < 100_000_000 {
             return format!("{n}{unit}");

@@ -81,12 +81,7 @@ pub struct Listeners {
 
 impl Listeners {
     /// Applies `FLOTILLA_LISTEN` / `FLOTILLA_ADMIN_LISTEN`, then the flags, which win.
-    pub fn resolve(
-        &mut self,
-        env: Env<'_>,
-        flags: &crate::CommonArgs,
-        problems: &mut Vec<String>,
-    ) {
+    pub fn resolve(&mut self, env: Env<'_>, flags: &crate::CommonArgs, problems: &mut Vec<String>) {
         override_from_env(env, ENV_LISTEN, &mut self.listen, problems);
         override_from_env(env, ENV_ADMIN_LISTEN, &mut self.admin_listen, problems);
         if let Some(a) = flags.listen {
