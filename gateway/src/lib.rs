@@ -104,15 +104,7 @@ impl Gateway {
         ));
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        let names = [
-            "",
-            "flyteidl.service.AsyncAgentService",
-            "flyteidl.service.SyncAgentService",
-            "flyteidl.service.AgentMetadataService",
-        ];
-        for name in names {
-            health.set_service_status(name, ServingStatus::Serving).await;
-        }
+        flotilla_sdk::set_health(&health, ServingStatus::Serving).await;
         let proxy = Proxy::new(fleet.clone(), metrics, config.max_request_bytes);
         let addr: Option<SocketAddr> = grpc.local_addr().ok();
         let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
@@ -121,18 +113,7 @@ impl Gateway {
             .add_service(AgentMetadataServiceServer::new(FleetMetadata(fleet)))
             .add_service(AsyncProxy(proxy.clone()))
             .add_service(SyncProxy(proxy));
-        let stopping = {
-            let shutdown = shutdown.clone();
-            let readiness = readiness.clone();
-            async move {
-                shutdown.wait().await;
-                readiness.set(false);
-                for name in names {
-                    health.set_service_status(name, ServingStatus::NotServing).await;
-                }
-                tracing::info!(?addr, "Shutting down: refusing new calls, finishing in-flight ones");
-            }
-        };
+        let stopping = flotilla_sdk::stopping(&shutdown, readiness.clone(), health, addr);
         readiness.set(true);
         tracing::info!(?addr, plugins = config.plugins.len(), "Gateway serving");
         let result = flotilla_sdk::with_grace(

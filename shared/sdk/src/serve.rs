@@ -80,15 +80,7 @@ pub(crate) async fn serve_with_registry<P: Plugin>(
     let services = Services::new(Arc::new(plugin), table, metrics);
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    let service_names = [
-        "",
-        "flyteidl.service.AsyncAgentService",
-        "flyteidl.service.SyncAgentService",
-        "flyteidl.service.AgentMetadataService",
-    ];
-    for name in service_names {
-        health.set_service_status(name, ServingStatus::Serving).await;
-    }
+    set_health(&health, ServingStatus::Serving).await;
 
     let readiness = Readiness::default();
     let admin_task =
@@ -108,18 +100,7 @@ pub(crate) async fn serve_with_registry<P: Plugin>(
         .add_service(SyncAgentServiceServer::new(services.clone()).max_decoding_message_size(decode_limit))
         .add_service(AgentMetadataServiceServer::new(services).max_decoding_message_size(decode_limit));
 
-    let stopping = {
-        let shutdown = shutdown.clone();
-        let readiness = readiness.clone();
-        async move {
-            shutdown.wait().await;
-            readiness.set(false);
-            for name in service_names {
-                health.set_service_status(name, ServingStatus::NotServing).await;
-            }
-            tracing::info!(addr = ?grpc_addr, "Shutting down: refusing new calls, finishing in-flight ones");
-        }
-    };
+    let stopping = stopping(&shutdown, readiness.clone(), health, grpc_addr);
     readiness.set(true);
     tracing::info!(addr = ?grpc_addr, agents = ?names, "Serving");
     let result = with_grace(
@@ -153,5 +134,38 @@ pub async fn with_grace<E>(
             tracing::warn!(?grace, "In-flight calls outlived the shutdown grace; closing them");
             Ok(())
         }
+    }
+}
+
+/// The gRPC health names every Flotilla server reports: the server as a whole and each agent service.
+const HEALTH_NAMES: [&str; 4] = [
+    "",
+    "flyteidl.service.AsyncAgentService",
+    "flyteidl.service.SyncAgentService",
+    "flyteidl.service.AgentMetadataService",
+];
+
+/// Reports `status` for the server and each agent service.
+pub async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    for name in HEALTH_NAMES {
+        health.set_service_status(name, status).await;
+    }
+}
+
+/// The signal a tonic server stops on: when `shutdown` fires it reports not
+/// ready and NOT_SERVING first, so probes and balancers move away while
+/// in-flight calls finish.
+pub fn stopping(
+    shutdown: &Shutdown,
+    readiness: Readiness,
+    health: tonic_health::server::HealthReporter,
+    addr: Option<SocketAddr>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let wait = shutdown.wait();
+    async move {
+        wait.await;
+        readiness.set(false);
+        set_health(&health, ServingStatus::NotServing).await;
+        tracing::info!(?addr, "Shutting down: refusing new calls, finishing in-flight ones");
     }
 }
