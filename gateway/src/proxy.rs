@@ -280,8 +280,14 @@ async fn read_first_message(
     let mut have = 0usize;
     let mut need: Option<usize> = None;
     loop {
-        if streaming && need.is_some_and(|n| have >= n) {
-            break;
+        if let Some(n) = need {
+            if streaming && have >= n {
+                break;
+            }
+            // A unary body holds one message: refuse more at once rather than buffer it.
+            if !streaming && have > n {
+                return Err(Status::invalid_argument("a unary request body must hold exactly one message"));
+            }
         }
         let Some(frame) = body.frame().await else { break };
         let frame = frame.map_err(|e| {
