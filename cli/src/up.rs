@@ -60,6 +60,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             discovery: format!("static://{echo_addr}"),
             nameserver: None,
             timeout: None,
+            timeouts: Default::default(),
             categories: Vec::new(),
         }],
         ..GatewayConfig::default()

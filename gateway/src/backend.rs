@@ -1,23 +1,43 @@
 //! One plugin service as the gateway sees it: a bounded `Buffer` in front of
 //! a p2c `Balance` over peak-EWMA endpoints, each an h2 client (tonic
-//! `Channel`) to one replica, fed by [`Discovery`].
+//! `Channel`) to one replica, wrapped in [`Ejecting`] so that a replica that
+//! refuses connections or keeps failing sits out a backoff before it is
+//! probed again. [`Endpoints`] holds what discovery found and answers, without
+//! a lock, whether any replica is ready; with none, calls fail fast.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    collections::BTreeSet,
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
 
+use arc_swap::ArcSwap;
 use flotilla_proto::service::agent_metadata_service_client::AgentMetadataServiceClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{
     body::Body,
     transport::{Channel, Endpoint},
 };
 use tower::{
-    BoxError, ServiceExt,
+    BoxError, Service, ServiceExt,
     balance::p2c::Balance,
     buffer::Buffer,
+    discover::Change,
     load::{CompleteOnResponse, PeakEwma},
+    retry::budget::TpsBudget,
     util::BoxCloneSyncService,
 };
 
-use crate::{config::Plugin, discover::Discovery, metrics::Metrics};
+use crate::{config::Plugin, metrics::Metrics};
 
 /// How many calls may wait for a ready endpoint before callers are refused.
 const BUFFER: usize = 1024;
@@ -25,79 +45,296 @@ const BUFFER: usize = 1024;
 const DEFAULT_RTT: Duration = Duration::from_millis(20);
 /// How fast peak-EWMA forgets a latency peak.
 const DECAY: Duration = Duration::from_secs(10);
+/// First ejection; doubles with each consecutive failure.
+const EJECT_BASE: Duration = Duration::from_millis(100);
+/// Longest ejection.
+const EJECT_MAX: Duration = Duration::from_secs(10);
+/// Consecutive failures (other than refused connections) that eject an endpoint.
+const FAILURES_TO_EJECT: u32 = 3;
 
 /// The balanced service calls go through.
 pub type BackendService = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, BoxError>;
 
-/// The balanced service with errors as statuses, for the generated clients.
-#[derive(Clone)]
-pub struct MetadataService(BackendService);
+type Changes = mpsc::UnboundedSender<Result<Change<SocketAddr, PeakEwma<Ejecting>>, Infallible>>;
 
-impl tower::Service<http::Request<Body>> for MetadataService {
-    type Response = http::Response<Body>;
-    type Error = tonic::Status;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<http::Response<Body>, tonic::Status>> + Send>,
-    >;
+/// No replica of the plugin is ready: none discovered, or all ejected.
+#[derive(Debug, thiserror::Error)]
+#[error("no ready replica ({discovered} discovered{})", if *.discovered > 0 { ", all failing" } else { "" })]
+pub struct NoEndpoints {
+    /// How many replicas discovery knows.
+    pub discovered: usize,
+}
 
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), tonic::Status>> {
-        self.0.poll_ready(cx).map_err(to_status)
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+/// Health of one replica, shared between its endpoint and [`Endpoints`].
+#[derive(Debug)]
+pub struct EndpointState {
+    addr: SocketAddr,
+    failures: AtomicU32,
+    /// Milliseconds since [`epoch`] until which the endpoint sits out.
+    ejected_until: AtomicU64,
+}
+
+impl EndpointState {
+    fn new(addr: SocketAddr) -> Self {
+        Self { addr, failures: AtomicU32::new(0), ejected_until: AtomicU64::new(0) }
     }
 
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let call = self.0.call(req);
-        Box::pin(async move { call.await.map_err(to_status) })
+    /// Whether calls may go to this replica now (not ejected, or its backoff is over: a probe).
+    pub fn is_ready(&self) -> bool {
+        self.ejected_until.load(Ordering::Acquire) <= now_ms()
+    }
+
+    fn ejected_until(&self) -> Option<Instant> {
+        let until = self.ejected_until.load(Ordering::Acquire);
+        (until > now_ms()).then(|| epoch() + Duration::from_millis(until))
+    }
+
+    /// Records a success; returns whether the endpoint had been failing.
+    fn succeeded(&self) -> bool {
+        self.failures.swap(0, Ordering::AcqRel) > 0
+    }
+
+    /// Records a failure; ejects at once when the connection was refused,
+    /// else after [`FAILURES_TO_EJECT`] in a row. Returns the ejection, if any.
+    fn failed(&self, refused: bool) -> Option<Duration> {
+        let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        if !refused && n < FAILURES_TO_EJECT {
+            return None;
+        }
+        let backoff = EJECT_BASE.saturating_mul(1 << (n - 1).min(10)).min(EJECT_MAX);
+        self.ejected_until.store(now_ms() + backoff.as_millis() as u64, Ordering::Release);
+        Some(backoff)
     }
 }
 
-fn to_status(e: BoxError) -> tonic::Status {
-    tonic::Status::unavailable(flotilla_telemetry::error_chain(e.as_ref()))
+/// An endpoint that sits out its ejection before it reports ready again.
+pub struct Ejecting {
+    inner: Channel,
+    state: Arc<EndpointState>,
+    plugin: Arc<str>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Service<http::Request<Body>> for Ejecting {
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<http::Response<Body>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if let Some(until) = self.state.ejected_until() {
+            let until = tokio::time::Instant::from_std(until);
+            let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+            if sleep.deadline() != until {
+                sleep.as_mut().reset(until);
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+        self.sleep = None;
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let state = self.state.clone();
+        let plugin = self.plugin.clone();
+        let call = self.inner.call(req);
+        Box::pin(async move {
+            let result = call.await.map_err(BoxError::from);
+            match &result {
+                Ok(resp) if grpc_status(resp.headers()) == Some(tonic::Code::Unavailable) => {
+                    note_failure(&state, &plugin, false, "answered UNAVAILABLE");
+                }
+                Ok(_) => {
+                    if state.succeeded() {
+                        tracing::info!(plugin = %plugin, addr = %state.addr, "Replica answers again");
+                    }
+                }
+                Err(e) => {
+                    let refused = never_reached(e.as_ref());
+                    note_failure(&state, &plugin, refused, &flotilla_telemetry::error_chain(e.as_ref()));
+                }
+            }
+            result
+        })
+    }
+}
+
+fn note_failure(state: &EndpointState, plugin: &str, refused: bool, why: &str) {
+    if let Some(backoff) = state.failed(refused) {
+        tracing::warn!(plugin, addr = %state.addr, ?backoff, error = why, "Replica ejected");
+    }
+}
+
+/// The gRPC status of a trailers-only answer, if the headers carry one.
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    let v = headers.get("grpc-status")?;
+    let n: i32 = std::str::from_utf8(v.as_bytes()).ok()?.parse().ok()?;
+    Some(tonic::Code::from_i32(n))
+}
+
+/// Whether an error proves the request never reached a replica: the
+/// connection was never made, or no replica was ready to take it.
+pub fn never_reached(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<tonic::ConnectError>() || err.is::<NoEndpoints>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// The replicas discovery found for one plugin.
+pub struct Endpoints {
+    plugin: Arc<str>,
+    target: String,
+    connect_timeout: Duration,
+    changes: Changes,
+    states: ArcSwap<Vec<Arc<EndpointState>>>,
+    metrics: Metrics,
+}
+
+impl Endpoints {
+    /// The plugin's name.
+    pub fn plugin(&self) -> &str {
+        &self.plugin
+    }
+
+    /// The plugin's discovery target, as written.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// The gateway's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Whether any replica can take a call now. Lock-free: read on every call.
+    pub fn any_ready(&self) -> Result<(), NoEndpoints> {
+        let states = self.states.load();
+        if states.iter().any(|s| s.is_ready()) { Ok(()) } else { Err(NoEndpoints { discovered: states.len() }) }
+    }
+
+    /// Replaces the replica set with `addrs`: new ones are inserted, gone ones removed.
+    pub fn update(&self, addrs: &BTreeSet<SocketAddr>) {
+        let current = self.states.load();
+        let known: BTreeSet<SocketAddr> = current.iter().map(|s| s.addr).collect();
+        if &known == addrs {
+            return;
+        }
+        let mut next: Vec<Arc<EndpointState>> =
+            current.iter().filter(|s| addrs.contains(&s.addr)).cloned().collect();
+        for gone in known.difference(addrs) {
+            // The receiver lives in the balancer, which lives as long as this backend.
+            let _ = self.changes.send(Ok(Change::Remove(*gone)));
+        }
+        for &added in addrs.difference(&known) {
+            let state = Arc::new(EndpointState::new(added));
+            next.push(state.clone());
+            let _ = self.changes.send(Ok(Change::Insert(added, self.endpoint(state))));
+        }
+        let added: Vec<_> = addrs.difference(&known).collect();
+        let removed: Vec<_> = known.difference(addrs).collect();
+        tracing::info!(plugin = %self.plugin, target = %self.target, ?added, ?removed, replicas = next.len(), "Replicas changed");
+        self.metrics.endpoints.with_label_values(&[&self.plugin, "discovered"]).set(next.len() as i64);
+        self.states.store(Arc::new(next));
+    }
+
+    fn endpoint(&self, state: Arc<EndpointState>) -> PeakEwma<Ejecting> {
+        let channel = Endpoint::from_shared(format!("http://{}", state.addr))
+            .expect("an http:// URI with a socket address is valid")
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect_lazy();
+        let ejecting = Ejecting { inner: channel, state, plugin: self.plugin.clone(), sleep: None };
+        PeakEwma::new(ejecting, DEFAULT_RTT, DECAY.as_nanos() as f64, CompleteOnResponse::default())
+    }
 }
 
 /// A plugin service behind the gateway.
 pub struct Backend {
     /// The plugin's configuration.
     pub plugin: Plugin,
-    /// Calls go here.
-    pub service: BackendService,
-    _discovery: Discovery<PeakEwma<Channel>>,
+    /// Its replicas.
+    pub endpoints: Arc<Endpoints>,
+    /// Retries may add at most 20% to the calls (and 10 a second), so a sick
+    /// plugin is not hit with a storm of them.
+    pub budget: TpsBudget,
+    service: BackendService,
 }
 
 impl Backend {
-    /// Builds the backend and starts its discovery. Connections are made lazily.
+    /// Builds the backend; discovery fills its endpoints (see [`crate::discover`]).
     pub fn new(plugin: Plugin, connect_timeout: Duration, metrics: &Metrics) -> Self {
-        let (discovery, stream) = Discovery::new();
-        let n = discovery.start(&plugin.target, |addr| endpoint(addr, connect_timeout));
-        metrics.discovery_refreshes.with_label_values(&[&plugin.name]).inc();
-        metrics.endpoints.with_label_values(&[&plugin.name, "discovered"]).set(n as i64);
-        let balance = Balance::new(stream);
-        let buffered = Buffer::new(balance, BUFFER);
-        Self { plugin, service: BoxCloneSyncService::new(buffered), _discovery: discovery }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let endpoints = Arc::new(Endpoints {
+            plugin: plugin.name.as_str().into(),
+            target: plugin.target_text.clone(),
+            connect_timeout,
+            changes: tx,
+            states: ArcSwap::default(),
+            metrics: metrics.clone(),
+        });
+        let balance = Balance::new(UnboundedReceiverStream::new(rx));
+        let service = BoxCloneSyncService::new(Buffer::new(balance, BUFFER));
+        Self { plugin, endpoints, budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2), service }
     }
 
     /// A metadata client over the balanced service (used to poll `ListAgents`).
-    /// (The error is made a concrete type: tonic's client futures are not
-    /// `Send` over a boxed error, because of how its bounds are written.)
     pub fn metadata_client(&self) -> AgentMetadataServiceClient<MetadataService> {
-        AgentMetadataServiceClient::new(MetadataService(self.service.clone()))
+        AgentMetadataServiceClient::new(MetadataService { endpoints: self.endpoints.clone(), inner: self.service.clone() })
     }
 
-    /// Sends one call.
+    /// Sends one call to a ready replica, or fails at once with [`NoEndpoints`].
     ///
     /// # Errors
-    /// Connection and balancing errors, unchanged.
+    /// [`NoEndpoints`], or the connection error of the replica tried.
     pub async fn call(&self, req: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
+        self.endpoints.any_ready()?;
         self.service.clone().oneshot(req).await
     }
 }
 
-fn endpoint(addr: SocketAddr, connect_timeout: Duration) -> PeakEwma<Channel> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
-        .expect("an http:// URI with a socket address is valid")
-        .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .connect_lazy();
-    PeakEwma::new(channel, DEFAULT_RTT, DECAY.as_nanos() as f64, CompleteOnResponse::default())
+/// The balanced service with errors as statuses, for the generated clients.
+/// (A concrete error type: tonic's client futures are not `Send` over a boxed one.)
+#[derive(Clone)]
+pub struct MetadataService {
+    endpoints: Arc<Endpoints>,
+    inner: BackendService,
+}
+
+impl Service<http::Request<Body>> for MetadataService {
+    type Response = http::Response<Body>;
+    type Error = tonic::Status;
+    type Future = Pin<Box<dyn Future<Output = Result<http::Response<Body>, tonic::Status>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), tonic::Status>> {
+        self.inner.poll_ready(cx).map_err(to_status)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        if let Err(e) = self.endpoints.any_ready() {
+            return Box::pin(std::future::ready(Err(tonic::Status::unavailable(e.to_string()))));
+        }
+        let call = self.inner.call(req);
+        Box::pin(async move { call.await.map_err(to_status) })
+    }
+}
+
+fn to_status(e: BoxError) -> tonic::Status {
+    tonic::Status::unavailable(flotilla_telemetry::error_chain(e.as_ref()))
 }

@@ -8,11 +8,15 @@
 //! refresh_interval = "10s"      # how often each plugin's ListAgents is polled
 //! connect_timeout = "1s"
 //! shutdown_grace = "30s"
+//! dns_ttl_floor = "1s"          # re-resolve no sooner than this, whatever the records' TTL
+//! dns_ttl_ceiling = "30s"       # and no later than this (Docker's DNS says 600 s)
 //!
 //! [[plugins]]
 //! name = "echo"
-//! discovery = "static://127.0.0.1:8001,127.0.0.1:8002"
+//! discovery = "static://127.0.0.1:8001,127.0.0.1:8002"   # or dns://echo:8000, srv://_grpc._tcp.echo.service.consul
+//! nameserver = "127.0.0.1:8600"  # optional, for dns:// and srv://; default: the system resolver
 //! timeout = "5s"                # cap on every call to this plugin (the caller's deadline may be shorter)
+//! timeouts = { GetTask = "3s" } # per-method caps, overriding `timeout`
 //! categories = ["echo:0"]       # optional pins, for services whose ListAgents is missing
 //! ```
 
@@ -54,6 +58,10 @@ pub struct GatewayConfig {
     pub connect_timeout: HumanDuration,
     /// How long in-flight calls may take to finish after shutdown starts.
     pub shutdown_grace: HumanDuration,
+    /// DNS answers are re-resolved no sooner than this after a lookup.
+    pub dns_ttl_floor: HumanDuration,
+    /// DNS answers are re-resolved no later than this after a lookup.
+    pub dns_ttl_ceiling: HumanDuration,
     /// The plugin services behind the gateway.
     pub plugins: Vec<PluginConfig>,
 }
@@ -67,6 +75,8 @@ impl Default for GatewayConfig {
             refresh_interval: HumanDuration(Duration::from_secs(10)),
             connect_timeout: HumanDuration(Duration::from_secs(1)),
             shutdown_grace: HumanDuration(Duration::from_secs(30)),
+            dns_ttl_floor: HumanDuration(Duration::from_secs(1)),
+            dns_ttl_ceiling: HumanDuration(Duration::from_secs(30)),
             plugins: Vec::new(),
         }
     }
@@ -78,14 +88,18 @@ impl Default for GatewayConfig {
 pub struct PluginConfig {
     /// A name for logs and metrics (`bigquery`).
     pub name: String,
-    /// Where its replicas are: `static://host:port[,host:port…]`.
+    /// Where its replicas are: `static://host:port[,host:port…]`, `dns://name:port`
+    /// (A/AAAA records) or `srv://_grpc._tcp.name` (SRV records).
     pub discovery: String,
-    /// DNS server for `dns://` and `srv://` discovery (reserved for DNS discovery).
+    /// DNS server (`ip` or `ip:port`) for `dns://` and `srv://` discovery; default: the system resolver.
     #[serde(default)]
     pub nameserver: Option<String>,
     /// Cap on every call to this plugin.
     #[serde(default)]
     pub timeout: Option<HumanDuration>,
+    /// Per-method caps (`CreateTask`, `GetTask`, `DeleteTask`, `ExecuteTaskSync`, ...), overriding `timeout`.
+    #[serde(default)]
+    pub timeouts: HashMap<String, HumanDuration>,
     /// Categories routed to this plugin whatever its `ListAgents` says (`"name:version"`).
     #[serde(default)]
     pub categories: Vec<String>,
@@ -96,7 +110,31 @@ pub struct PluginConfig {
 pub enum Target {
     /// A fixed list of addresses.
     Static(Vec<SocketAddr>),
+    /// Every A/AAAA record of `host`, at `port`.
+    Dns {
+        /// The name to look up.
+        host: String,
+        /// The port every replica listens on.
+        port: u16,
+    },
+    /// Every SRV record of `name`, each target's addresses at the record's port.
+    Srv {
+        /// The SRV name (`_grpc._tcp.echo.service.consul`).
+        name: String,
+    },
 }
+
+/// The methods a per-method timeout may name.
+pub const METHODS: [&str; 8] = [
+    "CreateTask",
+    "GetTask",
+    "DeleteTask",
+    "GetTaskMetrics",
+    "GetTaskLogs",
+    "ExecuteTaskSync",
+    "ListAgents",
+    "GetAgent",
+];
 
 /// A validated plugin service.
 #[derive(Clone, Debug)]
@@ -107,10 +145,21 @@ pub struct Plugin {
     pub target_text: String,
     /// Its discovery target.
     pub target: Target,
+    /// DNS server for `dns://` and `srv://`; `None` is the system resolver.
+    pub nameserver: Option<SocketAddr>,
     /// Cap on every call.
     pub timeout: Option<Duration>,
+    /// Per-method caps, by method name.
+    pub timeouts: HashMap<String, Duration>,
     /// Pinned categories.
     pub pins: Vec<Category>,
+}
+
+impl Plugin {
+    /// The cap on a call to `method`: its own timeout, else the plugin's.
+    pub fn timeout_for(&self, method: &str) -> Option<Duration> {
+        self.timeouts.get(method).copied().or(self.timeout)
+    }
 }
 
 /// The validated gateway configuration.
@@ -128,6 +177,10 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// How long in-flight calls may take to finish after shutdown starts.
     pub shutdown_grace: Duration,
+    /// Earliest re-resolution after a DNS lookup.
+    pub dns_ttl_floor: Duration,
+    /// Latest re-resolution after a DNS lookup.
+    pub dns_ttl_ceiling: Duration,
     /// The plugin services.
     pub plugins: Vec<Plugin>,
 }
@@ -183,12 +236,34 @@ pub fn parse_target(text: &str) -> Result<Target, String> {
         }
         return Ok(Target::Static(addrs));
     }
-    if text.starts_with("dns://") || text.starts_with("srv://") {
-        return Err(format!(
-            "{text:?}: DNS discovery is not available in this build yet; use static://host:port"
-        ));
+    if let Some(rest) = text.strip_prefix("dns://") {
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{text:?}: expected dns://name:port (the port every replica listens on)"))?;
+        let port = port.parse::<u16>().map_err(|_| format!("{text:?}: {port:?} is not a port number"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("{text:?}: the name is empty"));
+        }
+        return Ok(Target::Dns { host: host.to_owned(), port });
     }
-    Err(format!("{text:?} is not a discovery target: expected static://host:port[,host:port…]"))
+    if let Some(name) = text.strip_prefix("srv://") {
+        if name.is_empty() || name.contains(':') || name.contains('/') {
+            return Err(format!("{text:?}: expected srv://_service._proto.name (ports come from the records)"));
+        }
+        return Ok(Target::Srv { name: name.to_owned() });
+    }
+    Err(format!(
+        "{text:?} is not a discovery target: expected static://host:port[,host:port…], dns://name:port or \
+         srv://_grpc._tcp.name"
+    ))
+}
+
+/// A nameserver: `ip:port`, or `ip` for port 53.
+fn parse_nameserver(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("{text:?} is not an ip or ip:port"))
 }
 
 fn parse_category(text: &str) -> Result<Category, String> {
@@ -218,6 +293,7 @@ fn plugins_from_env(raw: &str) -> Result<Vec<PluginConfig>, String> {
                 discovery: discovery.trim().to_owned(),
                 nameserver: None,
                 timeout: None,
+                timeouts: HashMap::new(),
                 categories: Vec::new(),
             })
         })
@@ -263,6 +339,15 @@ impl Config {
             problems
                 .push(format!("refresh_interval: {} is below the minimum of 100ms", raw.refresh_interval));
         }
+        if raw.dns_ttl_floor.0 > raw.dns_ttl_ceiling.0 {
+            problems.push(format!(
+                "dns_ttl_floor: {} is more than dns_ttl_ceiling ({})",
+                raw.dns_ttl_floor, raw.dns_ttl_ceiling
+            ));
+        }
+        if raw.dns_ttl_floor.0 < Duration::from_millis(100) {
+            problems.push(format!("dns_ttl_floor: {} is below the minimum of 100ms", raw.dns_ttl_floor));
+        }
         if raw.connect_timeout.0.is_zero() {
             problems.push("connect_timeout: must be more than zero".to_owned());
         }
@@ -275,11 +360,35 @@ impl Config {
             } else if let Some(j) = names.insert(p.name.clone(), i) {
                 problems.push(format!("plugins[{i}].name: {:?} is already the name of plugins[{j}]", p.name));
             }
-            if p.nameserver.is_some() {
-                problems.push(format!("plugins[{i}].nameserver: only used by dns:// and srv:// discovery"));
-            }
             let target =
                 parse_target(&p.discovery).map_err(|e| problems.push(format!("plugins[{i}].discovery: {e}")));
+            let nameserver = match (&p.nameserver, &target) {
+                (None, _) => None,
+                (Some(ns), Ok(Target::Static(_))) => {
+                    problems.push(format!("plugins[{i}].nameserver: {ns:?} is only used by dns:// and srv:// discovery"));
+                    None
+                }
+                (Some(ns), _) => match parse_nameserver(ns) {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        problems.push(format!("plugins[{i}].nameserver: {e}"));
+                        None
+                    }
+                },
+            };
+            let mut timeouts = HashMap::new();
+            for (method, t) in &p.timeouts {
+                if !METHODS.contains(&method.as_str()) {
+                    problems.push(format!(
+                        "plugins[{i}].timeouts: {method:?} is not a method; expected one of {}",
+                        METHODS.join(", ")
+                    ));
+                } else if t.0.is_zero() {
+                    problems.push(format!("plugins[{i}].timeouts.{method}: must be more than zero"));
+                } else {
+                    timeouts.insert(method.clone(), t.0);
+                }
+            }
             let mut pins = Vec::new();
             for c in &p.categories {
                 match parse_category(c) {
@@ -303,7 +412,9 @@ impl Config {
                     name: p.name,
                     target_text: p.discovery,
                     target,
+                    nameserver,
                     timeout: p.timeout.map(|t| t.0),
+                    timeouts,
                     pins,
                 });
             }
@@ -318,6 +429,8 @@ impl Config {
             refresh_interval: raw.refresh_interval.0,
             connect_timeout: raw.connect_timeout.0,
             shutdown_grace: raw.shutdown_grace.0,
+            dns_ttl_floor: raw.dns_ttl_floor.0,
+            dns_ttl_ceiling: raw.dns_ttl_ceiling.0,
             plugins,
         })
     }
@@ -347,6 +460,27 @@ mod tests {
         assert!(problems[0].starts_with("plugins[0].discovery"), "{problems:#?}");
         assert!(problems.iter().any(|p| p.contains("already the name of plugins[0]")));
         assert!(problems.iter().any(|p| p.contains("\"zero\" is not an integer")));
+    }
+
+    #[test]
+    fn dns_targets_parse_and_bad_ones_are_named() {
+        assert_eq!(parse_target("dns://echo:8000").unwrap(), Target::Dns { host: "echo".into(), port: 8000 });
+        assert_eq!(
+            parse_target("srv://_grpc._tcp.echo.service.consul").unwrap(),
+            Target::Srv { name: "_grpc._tcp.echo.service.consul".into() }
+        );
+        assert!(parse_target("dns://echo").unwrap_err().contains("dns://name:port"));
+        assert!(parse_target("srv://x:1").is_err());
+        let c = raw(r#"
+            [[plugins]]
+            name = "a"
+            discovery = "static://127.0.0.1:1"
+            nameserver = "127.0.0.1:8600"
+            timeouts = { GetTsk = "1s" }
+        "#);
+        let problems = Config::validate(c, vec![]).unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:#?}");
+        assert!(problems.iter().any(|p| p.contains("\"GetTsk\" is not a method")));
     }
 
     #[test]

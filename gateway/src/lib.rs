@@ -48,6 +48,9 @@ pub enum Error {
     /// The gRPC server failed.
     #[error("the gRPC server failed")]
     Transport(#[from] tonic::transport::Error),
+    /// A discovery target cannot be looked up at all (no resolver).
+    #[error("discovery: {0}")]
+    Discovery(String),
 }
 
 /// A gateway that has learned its first routes and is ready to serve.
@@ -58,6 +61,17 @@ pub struct Gateway {
     registry: Registry,
     last: Vec<Option<Vec<flotilla_proto::admin::Agent>>>,
     reported: HashSet<String>,
+    /// Stops the discovery tasks when dropped: after serving, or if never served.
+    discovery: StopOnDrop,
+}
+
+/// Triggers a shutdown when dropped.
+struct StopOnDrop(Shutdown);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.trigger();
+    }
 }
 
 impl Gateway {
@@ -69,16 +83,31 @@ impl Gateway {
     pub async fn start(config: Config) -> Result<Self, Error> {
         let registry = Registry::new();
         let metrics = Metrics::register(&registry)?;
-        let backends = config
-            .plugins
-            .iter()
-            .map(|p| Backend::new(p.clone(), config.connect_timeout, &metrics))
-            .collect();
+        let backends: Vec<Backend> =
+            config.plugins.iter().map(|p| Backend::new(p.clone(), config.connect_timeout, &metrics)).collect();
+        // Discovery runs from the start: static targets fill at once, DNS ones
+        // after their first lookup, which the first route poll waits for (bounded).
+        let discovery = Shutdown::new();
+        for b in &backends {
+            let lookup = discover::Lookup::new(&b.plugin).map_err(Error::Discovery)?;
+            if let Ok(first) = lookup.resolve().await
+                && !first.addrs.is_empty()
+            {
+                b.endpoints.update(&first.addrs);
+            }
+            tokio::spawn(discover::run(
+                lookup,
+                b.endpoints.clone(),
+                config.dns_ttl_floor,
+                config.dns_ttl_ceiling,
+                discovery.clone(),
+            ));
+        }
         let fleet = Arc::new(Fleet::new(backends, metrics.clone()));
         let mut last = vec![None; config.plugins.len()];
         let mut reported = HashSet::new();
         fleet.refresh(&mut last, &mut reported, poll_timeout(config.refresh_interval)).await;
-        Ok(Self { config, fleet, metrics, registry, last, reported })
+        Ok(Self { config, fleet, metrics, registry, last, reported, discovery: StopOnDrop(discovery) })
     }
 
     /// The fleet (backends and learned routes).
@@ -92,7 +121,7 @@ impl Gateway {
     /// # Errors
     /// When the gRPC server fails.
     pub async fn serve(self, grpc: TcpListener, admin: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
-        let Self { config, fleet, metrics, registry, last, reported } = self;
+        let Self { config, fleet, metrics, registry, last, reported, discovery: _discovery } = self;
         let readiness = Readiness::default();
         let admin_task =
             tokio::spawn(Admin { registry, readiness: readiness.clone() }.serve(admin, shutdown.clone()));

@@ -23,7 +23,7 @@ pub struct Metrics {
     pub route_refreshes: IntCounterVec,
     /// Categories claimed by more than one plugin, right now.
     pub route_conflicts: IntGauge,
-    /// Retries by plugin and method.
+    /// Retries by plugin, method and reason (`connect`: never reached a replica; `error`, `unavailable`).
     pub retries: IntCounterVec,
 }
 
@@ -75,7 +75,7 @@ impl Metrics {
             )?,
             retries: IntCounterVec::new(
                 Opts::new("flotilla_gateway_retries_total", "Calls retried on another replica"),
-                &["plugin", "method"],
+                &["plugin", "method", "reason"],
             )?,
         };
         registry.register(Box::new(m.requests.clone()))?;

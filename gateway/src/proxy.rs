@@ -13,19 +13,23 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use flotilla_proto::paths;
 use flotilla_sdk::wire::{
-    FRAME_HEADER_LEN, FrameLimiter, LimitedBody, format_grpc_timeout, parse_grpc_timeout,
+    FRAME_HEADER_LEN, FrameLimiter, format_grpc_timeout, parse_grpc_timeout,
 };
 use http::{HeaderValue, Request, Response};
 use http_body::Frame;
 use http_body_util::BodyExt;
-use tonic::{Status, body::Body, server::NamedService};
-use tower::{BoxError, Service};
+use tonic::{Code, Status, body::Body, server::NamedService};
+use tower::{BoxError, Service, retry::budget::Budget as _};
 
 use crate::{
+    backend::{grpc_status, never_reached},
     fleet::Fleet,
     metrics::Metrics,
     route::{self, Key, KeyError},
 };
+
+/// Attempts per call, the first included.
+const MAX_ATTEMPTS: u32 = 3;
 
 /// Request id metadata key, carried to the plugin service.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -52,6 +56,11 @@ impl Method {
             paths::EXECUTE_TASK_SYNC => Self::ExecuteTaskSync,
             _ => return None,
         })
+    }
+
+    /// Whether a second call cannot start a second job.
+    fn idempotent(self) -> bool {
+        matches!(self, Self::GetTask | Self::DeleteTask | Self::GetTaskMetrics | Self::GetTaskLogs)
     }
 
     fn name(self) -> &'static str {
@@ -119,17 +128,16 @@ impl Proxy {
         started: Instant,
     ) -> Result<Response<Body>, (String, Status)> {
         let none = |s: Status| ("none".to_owned(), s);
-        let (mut parts, body) = req.into_parts();
-        let (first, rest, limiter) =
-            read_first_message(body, self.max_request_bytes, method == Method::ExecuteTaskSync)
-                .await
-                .map_err(none)?;
-        let message = &first[FRAME_HEADER_LEN..message_end(&first)];
-        if first[0] != 0 {
+        let (parts, body) = req.into_parts();
+        let request = read_request(body, self.max_request_bytes, method == Method::ExecuteTaskSync)
+            .await
+            .map_err(none)?;
+        if request[0] != 0 {
             return Err(none(Status::unimplemented(
                 "compressed requests are not supported by the gateway; send them uncompressed",
             )));
         }
+        let message = &request[FRAME_HEADER_LEN..message_end(&request)];
         let key = method.key(message).map_err(|e| {
             none(match e {
                 KeyError::Malformed { .. } => Status::invalid_argument(e.to_string()),
@@ -150,29 +158,14 @@ impl Proxy {
         let backend = &self.fleet.backends[index];
         let plugin = backend.plugin.name.clone();
 
-        // The deadline: the caller's, capped by the plugin's timeout.
+        // The deadline: the caller's, capped by the plugin's timeout for this method.
         let caller = parts.headers.get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
-        let (deadline, which) = match (caller, backend.plugin.timeout) {
+        let (deadline, which) = match (caller, backend.plugin.timeout_for(method.name())) {
             (Some(c), Some(t)) if t < c => (Some(t), "the route timeout"),
             (Some(c), _) => (Some(c), "the caller's deadline"),
             (None, Some(t)) => (Some(t), "the route timeout"),
             (None, None) => (None, ""),
         };
-        if let Some(d) = deadline {
-            let header = HeaderValue::from_str(&format_grpc_timeout(d)).expect("digits and a unit letter");
-            parts.headers.insert("grpc-timeout", header);
-        }
-        if !parts.headers.contains_key(REQUEST_ID) {
-            parts.headers.insert(REQUEST_ID, request_id());
-        }
-        parts.uri = method_uri(method);
-        let body = match rest {
-            None => Body::new(http_body_util::Full::new(first)),
-            Some(rest) => {
-                Body::new(Prefixed { first: Some(first), rest: LimitedBody::with_limiter(rest, limiter) })
-            }
-        };
-        let call = backend.call(Request::from_parts(parts, body));
         let expired = |d: Duration| {
             Status::deadline_exceeded(format!(
                 "{which} of {} passed before plugin {:?} answered",
@@ -180,22 +173,69 @@ impl Proxy {
                 backend.plugin.name
             ))
         };
-        let result = match deadline {
-            Some(d) => match tokio::time::timeout(d, call).await {
-                Ok(r) => r,
-                Err(_) => return Err((plugin, expired(d))),
-            },
-            None => call.await,
-        };
-        let response = result.map_err(|e| {
-            // The h2 client enforces the grpc-timeout header too; whichever fires first, it is a deadline.
-            let status = match deadline {
-                Some(d) if caused_by::<tonic::TimeoutExpired>(e.as_ref()) => expired(d),
-                _ => unreachable_status(&backend.plugin, &e),
+        let mut headers = parts.headers;
+        if !headers.contains_key(REQUEST_ID) {
+            headers.insert(REQUEST_ID, request_id());
+        }
+
+        backend.budget.deposit();
+        let mut attempt = 1;
+        loop {
+            // Each attempt carries what is left of the deadline downstream.
+            let remaining = match deadline {
+                Some(d) => match d.checked_sub(started.elapsed()) {
+                    Some(r) if !r.is_zero() => Some(r),
+                    _ => return Err((plugin, expired(d))),
+                },
+                None => None,
             };
-            (plugin.clone(), status)
-        })?;
-        Ok(self.observe(response, plugin, method, started))
+            let mut req = Request::new(Body::new(http_body_util::Full::new(request.clone())));
+            *req.uri_mut() = method_uri(method);
+            *req.headers_mut() = headers.clone();
+            if let Some(r) = remaining {
+                let value = HeaderValue::from_str(&format_grpc_timeout(r)).expect("digits and a unit letter");
+                req.headers_mut().insert("grpc-timeout", value);
+            }
+            let call = backend.call(req);
+            let result = match (remaining, deadline) {
+                (Some(r), Some(d)) => match tokio::time::timeout(r, call).await {
+                    Ok(result) => result,
+                    Err(_) => return Err((plugin, expired(d))),
+                },
+                _ => call.await,
+            };
+            // Retry only what cannot start a second job: idempotent methods after a
+            // failure, anything when the request provably never reached a replica.
+            let retry = match &result {
+                Err(e) if never_reached(e.as_ref()) => Some("connect"),
+                Err(e) if method.idempotent() && !caused_by::<tonic::TimeoutExpired>(e.as_ref()) => {
+                    Some("error")
+                }
+                Ok(resp) if method.idempotent() && grpc_status(resp.headers()) == Some(Code::Unavailable) => {
+                    Some("unavailable")
+                }
+                _ => None,
+            };
+            if let Some(reason) = retry
+                && attempt < MAX_ATTEMPTS
+                && backend.endpoints.any_ready().is_ok()
+                && backend.budget.withdraw()
+            {
+                self.metrics.retries.with_label_values(&[&plugin, method.name(), reason]).inc();
+                tracing::debug!(plugin = %plugin, method = method.name(), attempt, reason, "Retrying on another replica");
+                attempt += 1;
+                continue;
+            }
+            let response = result.map_err(|e| {
+                // The h2 client enforces grpc-timeout too; whichever fires first, it is the deadline.
+                let status = match deadline {
+                    Some(d) if caused_by::<tonic::TimeoutExpired>(e.as_ref()) => expired(d),
+                    _ => unreachable_status(&backend.plugin, &e),
+                };
+                (plugin.clone(), status)
+            })?;
+            return Ok(self.observe(response, plugin, method, started));
+        }
     }
 
     /// Counts the call when its status is known: in the headers of a
@@ -264,35 +304,21 @@ fn message_end(buf: &[u8]) -> usize {
     FRAME_HEADER_LEN + u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize
 }
 
-/// Reads the request body up to the end of its first message.
-///
-/// For unary methods the whole body must be exactly one message, and is
-/// returned as is. For streaming ones, everything read so far is returned
-/// (the first message and perhaps the start of the next) with the rest of the
-/// body and the limiter that has seen the bytes so far.
-async fn read_first_message(
-    mut body: Body,
-    limit: usize,
-    streaming: bool,
-) -> Result<(Bytes, Option<Body>, FrameLimiter), Status> {
+/// Reads the whole request body: one message for unary methods, the whole
+/// stream for ExecuteTaskSync (whose client sends a header and the inputs, then
+/// closes: the plugin reads to the end before answering anyway). Every message
+/// is held to `limit` as it arrives, and a stream to twice that in all.
+/// Holding the body whole is what makes a retry on another replica possible.
+async fn read_request(mut body: Body, limit: usize, streaming: bool) -> Result<Bytes, Status> {
     let mut limiter = FrameLimiter::new(limit);
+    let total_limit = if streaming { limit.saturating_mul(2) } else { limit.saturating_add(FRAME_HEADER_LEN) };
     let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
     let mut have = 0usize;
     let mut need: Option<usize> = None;
-    loop {
-        if let Some(n) = need {
-            if streaming && have >= n {
-                break;
-            }
-            // A unary body holds one message: refuse more at once rather than buffer it.
-            if !streaming && have > n {
-                return Err(Status::invalid_argument("a unary request body must hold exactly one message"));
-            }
-        }
-        let Some(frame) = body.frame().await else { break };
+    while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
             let status = Status::from_error(e.into());
-            if status.code() == tonic::Code::ResourceExhausted {
+            if status.code() == Code::ResourceExhausted {
                 status
             } else {
                 Status::cancelled(format!("reading the request failed: {}", status.message()))
@@ -301,10 +327,18 @@ async fn read_first_message(
         let Ok(data) = frame.into_data() else { continue }; // trailers from a client: ignore
         limiter.feed(&data).map_err(Status::from)?;
         have += data.len();
+        if have > total_limit {
+            return Err(Status::resource_exhausted(format!(
+                "the request stream is more than {total_limit} bytes, the limit for the whole stream"
+            )));
+        }
         chunks.push(data);
         if need.is_none() && have >= FRAME_HEADER_LEN {
-            let head = first_bytes(&chunks, FRAME_HEADER_LEN);
-            need = Some(message_end(&head));
+            need = Some(message_end(&first_bytes(&chunks, FRAME_HEADER_LEN)));
+        }
+        // A unary body holds one message: refuse more at once rather than buffer it.
+        if !streaming && need.is_some_and(|n| have > n) {
+            return Err(Status::invalid_argument("a unary request body must hold exactly one message"));
         }
     }
     let Some(need) = need else {
@@ -315,11 +349,7 @@ async fn read_first_message(
             "the request body ended after {have} of the {need} bytes its message declares"
         )));
     }
-    if !streaming && have != need {
-        return Err(Status::invalid_argument("a unary request body must hold exactly one message"));
-    }
-    let all = if chunks.len() == 1 { chunks.pop().expect("one chunk") } else { concat(&chunks, have) };
-    Ok((all, streaming.then_some(body), limiter))
+    Ok(if chunks.len() == 1 { chunks.pop().expect("one chunk") } else { concat(&chunks, have) })
 }
 
 fn first_bytes(chunks: &[Bytes], n: usize) -> Vec<u8> {
@@ -340,32 +370,6 @@ fn concat(chunks: &[Bytes], len: usize) -> Bytes {
         buf.extend_from_slice(c);
     }
     buf.freeze()
-}
-
-pin_project_lite::pin_project! {
-    /// The bytes already read, then the rest of the client's stream.
-    struct Prefixed {
-        first: Option<Bytes>,
-        #[pin]
-        rest: LimitedBody<Body>,
-    }
-}
-
-impl http_body::Body for Prefixed {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let this = self.project();
-        if let Some(first) = this.first.take() {
-            return Poll::Ready(Some(Ok(Frame::data(first))));
-        }
-        this.rest.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.rest.is_end_stream()
-    }
 }
 
 struct Observation {

@@ -42,7 +42,14 @@ impl RunningGateway {
 }
 
 pub(crate) fn plugin(name: &str, discovery: String) -> PluginConfig {
-    PluginConfig { name: name.into(), discovery, nameserver: None, timeout: None, categories: vec![] }
+    PluginConfig {
+        name: name.into(),
+        discovery,
+        nameserver: None,
+        timeout: None,
+        timeouts: Default::default(),
+        categories: vec![],
+    }
 }
 
 pub(crate) async fn spawn_gateway(

@@ -94,12 +94,7 @@ pin_project_lite::pin_project! {
 impl<B> LimitedBody<B> {
     /// Wraps `inner`, allowing messages of at most `limit` bytes.
     pub fn new(inner: B, limit: usize) -> Self {
-        Self::with_limiter(inner, FrameLimiter::new(limit))
-    }
-
-    /// Wraps `inner`, continuing a limiter that has already seen the stream's first bytes.
-    pub fn with_limiter(inner: B, limiter: FrameLimiter) -> Self {
-        Self { inner, limiter }
+        Self { inner, limiter: FrameLimiter::new(limit) }
     }
 }
 

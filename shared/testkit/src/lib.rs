@@ -4,6 +4,8 @@
 
 #![warn(missing_docs)]
 
+pub mod dns;
+
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use bytes::{BufMut, Bytes, BytesMut};
