@@ -78,14 +78,32 @@ fn now_ms() -> u64 {
 #[derive(Debug)]
 pub struct EndpointState {
     addr: SocketAddr,
+    /// A handle on the replica's connection, for direct health probes.
+    channel: Channel,
     failures: AtomicU32,
     /// Milliseconds since [`epoch`] until which the endpoint sits out.
     ejected_until: AtomicU64,
 }
 
 impl EndpointState {
-    fn new(addr: SocketAddr) -> Self {
-        Self { addr, failures: AtomicU32::new(0), ejected_until: AtomicU64::new(0) }
+    fn new(addr: SocketAddr, channel: Channel) -> Self {
+        Self { addr, channel, failures: AtomicU32::new(0), ejected_until: AtomicU64::new(0) }
+    }
+
+    /// The replica's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A metadata client straight to this replica, bypassing the balancer.
+    pub fn direct_client(&self) -> AgentMetadataServiceClient<Channel> {
+        AgentMetadataServiceClient::new(self.channel.clone())
+    }
+
+    /// Ends an ejection early: a direct probe found the replica answering.
+    pub fn recover(&self) {
+        self.failures.store(0, Ordering::Release);
+        self.ejected_until.store(0, Ordering::Release);
     }
 
     /// Whether calls may go to this replica now (not ejected, or its backoff is over: a probe).
@@ -241,9 +259,13 @@ impl Endpoints {
             let _ = self.changes.send(Ok(Change::Remove(*gone)));
         }
         for &added in addrs.difference(&known) {
-            let state = Arc::new(EndpointState::new(added));
+            let channel = self.channel(added);
+            let state = Arc::new(EndpointState::new(added, channel.clone()));
             next.push(state.clone());
-            let _ = self.changes.send(Ok(Change::Insert(added, self.endpoint(state))));
+            let ejecting = Ejecting { inner: channel, state, plugin: self.plugin.clone(), sleep: None };
+            let endpoint =
+                PeakEwma::new(ejecting, DEFAULT_RTT, DECAY.as_nanos() as f64, CompleteOnResponse::default());
+            let _ = self.changes.send(Ok(Change::Insert(added, endpoint)));
         }
         let added: Vec<_> = addrs.difference(&known).collect();
         let removed: Vec<_> = known.difference(addrs).collect();
@@ -252,16 +274,19 @@ impl Endpoints {
         self.states.store(Arc::new(next));
     }
 
-    fn endpoint(&self, state: Arc<EndpointState>) -> PeakEwma<Ejecting> {
-        let channel = Endpoint::from_shared(format!("http://{}", state.addr))
+    /// Replicas sitting out an ejection, which only a direct probe can bring back early.
+    pub fn ejected(&self) -> Vec<Arc<EndpointState>> {
+        self.states.load().iter().filter(|s| !s.is_ready()).cloned().collect()
+    }
+
+    fn channel(&self, addr: SocketAddr) -> Channel {
+        Endpoint::from_shared(format!("http://{addr}"))
             .expect("an http:// URI with a socket address is valid")
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
-            .connect_lazy();
-        let ejecting = Ejecting { inner: channel, state, plugin: self.plugin.clone(), sleep: None };
-        PeakEwma::new(ejecting, DEFAULT_RTT, DECAY.as_nanos() as f64, CompleteOnResponse::default())
+            .connect_lazy()
     }
 }
 

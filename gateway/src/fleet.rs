@@ -71,11 +71,18 @@ impl Fleet {
             })
             .collect();
         let mut answers = Vec::with_capacity(polls.len());
-        for poll in polls {
-            answers.push(match poll.await {
+        for (poll, backend) in polls.into_iter().zip(&self.backends) {
+            let answer = match poll.await {
                 Ok(answer) => answer,
                 Err(join) => Ok(Err(Status::internal(format!("the ListAgents poll panicked: {join}")))),
-            });
+            };
+            // With every replica ejected the balanced poll fails fast; the poll
+            // then doubles as a health check, asking ejected replicas directly.
+            let answer = match answer {
+                Ok(Ok(a)) => Ok(Ok(a)),
+                failed => probe(backend, timeout).await.map_or(failed, |a| Ok(Ok(a))),
+            };
+            answers.push(answer);
         }
         for ((backend, answer), slot) in self.backends.iter().zip(answers).zip(last.iter_mut()) {
             let name = &backend.plugin.name;
@@ -210,6 +217,22 @@ impl Fleet {
             self.refresh(&mut last, &mut reported, timeout).await;
         }
     }
+}
+
+/// Asks each ejected replica of `backend` directly; the first that answers is
+/// brought back at once, and its answer is the poll's.
+async fn probe(backend: &crate::backend::Backend, timeout: Duration) -> Option<Response<admin::ListAgentsResponse>> {
+    for replica in backend.endpoints.ejected() {
+        let mut req = Request::new(admin::ListAgentsRequest {});
+        req.set_timeout(timeout);
+        let mut client = replica.direct_client();
+        if let Ok(Ok(answer)) = tokio::time::timeout(timeout, client.list_agents(req)).await {
+            replica.recover();
+            tracing::info!(plugin = %backend.plugin.name, addr = %replica.addr(), "Replica answers a probe again");
+            return Some(answer);
+        }
+    }
+    None
 }
 
 /// How long one `ListAgents` poll may take: like propeller's 3 s default, never more than the interval.

@@ -1,22 +1,10 @@
 //! Routing: calls reach the plugin that serves their task type, with their bytes untouched.
 
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    task::{Context, Poll},
-};
-
-use bytes::Bytes;
 use flotilla_echo::Echo;
-use flotilla_proto::{
-    admin,
-    service::agent_metadata_service_server::{AgentMetadataService, AgentMetadataServiceServer},
-};
-use flotilla_testkit::{bind_loopback, frame, raw_call, spawn_plugin};
-use http_body_util::BodyExt;
+use flotilla_proto::admin;
+use flotilla_testkit::{frame, raw_call, spawn_plugin};
 use prost::Message;
-use tonic::{Code, Request, Response, Status, body::Body, server::NamedService};
+use tonic::Code;
 
 use crate::support::*;
 
@@ -72,81 +60,6 @@ async fn unknown_task_type_is_not_found_naming_it_and_the_known_ones() {
     assert_eq!(err.code(), Code::NotFound);
     assert!(err.message().contains("\"teleport\""), "{}", err.message());
     assert!(err.message().contains("echo v0"), "{}", err.message());
-}
-
-/// A plugin service that records the raw bytes of every AsyncAgentService call
-/// and lists one agent serving `recorder` v0.
-#[derive(Clone, Default)]
-struct Recorder {
-    seen: Arc<Mutex<Vec<Bytes>>>,
-}
-
-impl NamedService for Recorder {
-    const NAME: &'static str = "flyteidl.service.AsyncAgentService";
-}
-
-impl tower::Service<http::Request<Body>> for Recorder {
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future =
-        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let seen = self.seen.clone();
-        Box::pin(async move {
-            let body = req.into_body().collect().await.unwrap().to_bytes();
-            seen.lock().unwrap().push(body);
-            let answer =
-                frame(&admin::CreateTaskResponse { resource_meta: b"recorded".to_vec() }.encode_to_vec());
-            let mut trailers = http::HeaderMap::new();
-            trailers.insert("grpc-status", "0".parse().unwrap());
-            let body = http_body_util::Full::new(answer)
-                .map_err(|never| match never {})
-                .with_trailers(async move { Some(Ok(trailers)) });
-            Ok(http::Response::builder()
-                .header("content-type", "application/grpc")
-                .body(Body::new(body))
-                .unwrap())
-        })
-    }
-}
-
-#[tonic::async_trait]
-impl AgentMetadataService for Recorder {
-    async fn get_agent(
-        &self,
-        _: Request<admin::GetAgentRequest>,
-    ) -> Result<Response<admin::GetAgentResponse>, Status> {
-        Err(Status::unimplemented("not needed"))
-    }
-    async fn list_agents(
-        &self,
-        _: Request<admin::ListAgentsRequest>,
-    ) -> Result<Response<admin::ListAgentsResponse>, Status> {
-        #[allow(deprecated)]
-        let agent = admin::Agent {
-            name: "Recorder".into(),
-            supported_task_types: vec![],
-            is_sync: false,
-            supported_task_categories: vec![admin::TaskCategory { name: "recorder".into(), version: 0 }],
-        };
-        Ok(Response::new(admin::ListAgentsResponse { agents: vec![agent] }))
-    }
-}
-
-async fn spawn_recorder() -> (SocketAddr, Recorder) {
-    let recorder = Recorder::default();
-    let listener = bind_loopback().await;
-    let addr = listener.local_addr().unwrap();
-    let server = tonic::transport::Server::builder()
-        .add_service(recorder.clone())
-        .add_service(AgentMetadataServiceServer::new(recorder.clone()));
-    tokio::spawn(server.serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)));
-    (addr, recorder)
 }
 
 #[tokio::test]

@@ -1,6 +1,20 @@
 //! Starting a gateway in front of plugin services, and clients for it.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use prost::Message;
+use tonic::{Request, Response, Status, body::Body, server::NamedService};
 
 use flotilla_gateway::{
     Config, Gateway,
@@ -9,13 +23,14 @@ use flotilla_gateway::{
 use flotilla_proto::{
     admin, core,
     service::{
+        agent_metadata_service_server::{AgentMetadataService, AgentMetadataServiceServer},
         agent_metadata_service_client::AgentMetadataServiceClient,
         async_agent_service_client::AsyncAgentServiceClient,
         sync_agent_service_client::SyncAgentServiceClient,
     },
 };
 use flotilla_telemetry::{Shutdown, config::HumanDuration};
-use flotilla_testkit::bind_loopback;
+use flotilla_testkit::{bind_loopback, frame};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
@@ -102,3 +117,84 @@ pub(crate) fn inputs(n: i64) -> core::LiteralMap {
 pub(crate) fn category(name: &str) -> Option<admin::TaskCategory> {
     Some(admin::TaskCategory { name: name.into(), version: 0 })
 }
+
+/// A plugin service that records the raw bytes of every AsyncAgentService call
+/// and lists one agent serving `recorder` v0.
+#[derive(Clone, Default)]
+pub(crate) struct Recorder {
+    pub(crate) seen: Arc<Mutex<Vec<Bytes>>>,
+    /// While set, ListAgents answers INTERNAL.
+    pub(crate) failing_list: Arc<AtomicBool>,
+}
+
+impl NamedService for Recorder {
+    const NAME: &'static str = "flyteidl.service.AsyncAgentService";
+}
+
+impl tower::Service<http::Request<Body>> for Recorder {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let seen = self.seen.clone();
+        Box::pin(async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            seen.lock().unwrap().push(body);
+            let answer =
+                frame(&admin::CreateTaskResponse { resource_meta: b"recorded".to_vec() }.encode_to_vec());
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", "0".parse().unwrap());
+            let body = http_body_util::Full::new(answer)
+                .map_err(|never| match never {})
+                .with_trailers(async move { Some(Ok(trailers)) });
+            Ok(http::Response::builder()
+                .header("content-type", "application/grpc")
+                .body(Body::new(body))
+                .unwrap())
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl AgentMetadataService for Recorder {
+    async fn get_agent(
+        &self,
+        _: Request<admin::GetAgentRequest>,
+    ) -> Result<Response<admin::GetAgentResponse>, Status> {
+        Err(Status::unimplemented("not needed"))
+    }
+    async fn list_agents(
+        &self,
+        _: Request<admin::ListAgentsRequest>,
+    ) -> Result<Response<admin::ListAgentsResponse>, Status> {
+        if self.failing_list.load(Ordering::SeqCst) {
+            return Err(Status::internal("ListAgents is broken on purpose"));
+        }
+        #[allow(deprecated)]
+        let agent = admin::Agent {
+            name: "Recorder".into(),
+            supported_task_types: vec![],
+            is_sync: false,
+            supported_task_categories: vec![admin::TaskCategory { name: "recorder".into(), version: 0 }],
+        };
+        Ok(Response::new(admin::ListAgentsResponse { agents: vec![agent] }))
+    }
+}
+
+pub(crate) async fn spawn_recorder() -> (SocketAddr, Recorder) {
+    let recorder = Recorder::default();
+    let listener = bind_loopback().await;
+    let addr = listener.local_addr().unwrap();
+    let server = tonic::transport::Server::builder()
+        .add_service(recorder.clone())
+        .add_service(AgentMetadataServiceServer::new(recorder.clone()));
+    tokio::spawn(server.serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)));
+    (addr, recorder)
+}
+

@@ -39,7 +39,17 @@ pub async fn spawn_plugin<P: Plugin>(plugin: P) -> RunningService {
 
 /// Serves `plugin` on loopback ports.
 pub async fn spawn_plugin_with<P: Plugin>(plugin: P, options: ServeOptions) -> RunningService {
-    let (grpc, admin) = (bind_loopback().await, bind_loopback().await);
+    spawn_plugin_at(plugin, "127.0.0.1:0".parse().expect("valid"), options).await
+}
+
+/// Serves `plugin` with its gRPC listener on `grpc` (any 127.0.0.0/8 address; port 0 picks one).
+pub async fn spawn_plugin_at<P: Plugin>(
+    plugin: P,
+    grpc: SocketAddr,
+    options: ServeOptions,
+) -> RunningService {
+    let grpc = TcpListener::bind(grpc).await.unwrap_or_else(|e| panic!("binding {grpc}: {e}"));
+    let admin = bind_loopback().await;
     let addr = grpc.local_addr().expect("bound");
     let admin_addr = admin.local_addr().expect("bound");
     let shutdown = Shutdown::new();
@@ -119,6 +129,16 @@ where
         assert!(tokio::time::Instant::now() < deadline, "timed out after {bound:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed) on the
+/// admin listener at `admin`, or 0 when the series is absent.
+pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
+    let (_, text) = http_get(admin, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Fetches `http://{addr}{path}` and returns (status, body text).
