@@ -242,7 +242,11 @@ impl Endpoints {
     /// Whether any replica can take a call now. Lock-free: read on every call.
     pub fn any_ready(&self) -> Result<(), NoEndpoints> {
         let states = self.states.load();
-        if states.iter().any(|s| s.is_ready()) { Ok(()) } else { Err(NoEndpoints { discovered: states.len() }) }
+        if states.iter().any(|s| s.is_ready()) {
+            Ok(())
+        } else {
+            Err(NoEndpoints { discovered: states.len() })
+        }
     }
 
     /// Replaces the replica set with `addrs`: new ones are inserted, gone ones removed.
@@ -321,7 +325,10 @@ impl Backend {
 
     /// A metadata client over the balanced service (used to poll `ListAgents`).
     pub fn metadata_client(&self) -> AgentMetadataServiceClient<MetadataService> {
-        AgentMetadataServiceClient::new(MetadataService { endpoints: self.endpoints.clone(), inner: self.service.clone() })
+        AgentMetadataServiceClient::new(MetadataService {
+            endpoints: self.endpoints.clone(),
+            inner: self.service.clone(),
+        })
     }
 
     /// Sends one call to a ready replica, or fails at once with [`NoEndpoints`].

@@ -237,9 +237,9 @@ pub fn parse_target(text: &str) -> Result<Target, String> {
         return Ok(Target::Static(addrs));
     }
     if let Some(rest) = text.strip_prefix("dns://") {
-        let (host, port) = rest
-            .rsplit_once(':')
-            .ok_or_else(|| format!("{text:?}: expected dns://name:port (the port every replica listens on)"))?;
+        let (host, port) = rest.rsplit_once(':').ok_or_else(|| {
+            format!("{text:?}: expected dns://name:port (the port every replica listens on)")
+        })?;
         let port = port.parse::<u16>().map_err(|_| format!("{text:?}: {port:?} is not a port number"))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
@@ -249,7 +249,9 @@ pub fn parse_target(text: &str) -> Result<Target, String> {
     }
     if let Some(name) = text.strip_prefix("srv://") {
         if name.is_empty() || name.contains(':') || name.contains('/') {
-            return Err(format!("{text:?}: expected srv://_service._proto.name (ports come from the records)"));
+            return Err(format!(
+                "{text:?}: expected srv://_service._proto.name (ports come from the records)"
+            ));
         }
         return Ok(Target::Srv { name: name.to_owned() });
     }
@@ -365,7 +367,9 @@ impl Config {
             let nameserver = match (&p.nameserver, &target) {
                 (None, _) => None,
                 (Some(ns), Ok(Target::Static(_))) => {
-                    problems.push(format!("plugins[{i}].nameserver: {ns:?} is only used by dns:// and srv:// discovery"));
+                    problems.push(format!(
+                        "plugins[{i}].nameserver: {ns:?} is only used by dns:// and srv:// discovery"
+                    ));
                     None
                 }
                 (Some(ns), _) => match parse_nameserver(ns) {

@@ -11,12 +11,7 @@
 //!   plugin. Nothing here ever yields an error into the balancer, for which any
 //!   error is fatal.
 
-use std::{
-    collections::BTreeSet,
-    net::SocketAddr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Duration};
 
 use hickory_resolver::{
     Resolver, TokioResolver,
@@ -61,7 +56,11 @@ impl Lookup {
                 udp.port = ns.port();
                 let mut tcp = ConnectionConfig::tcp();
                 tcp.port = ns.port();
-                let config = ResolverConfig::from_name_servers(vec![NameServerConfig::new(ns.ip(), true, vec![udp, tcp])]);
+                let config = ResolverConfig::from_name_servers(vec![NameServerConfig::new(
+                    ns.ip(),
+                    true,
+                    vec![udp, tcp],
+                )]);
                 let mut builder = Resolver::builder_with_config(config, TokioRuntimeProvider::default());
                 tune(builder.options_mut());
                 Some(builder.build().map_err(|e| format!("building a resolver for {ns}: {e}"))?)
@@ -82,7 +81,9 @@ impl Lookup {
     /// The resolver's error, in words.
     pub async fn resolve(&self) -> Result<Resolved, String> {
         let resolver = match (&self.target, &self.resolver) {
-            (Target::Static(addrs), _) => return Ok(Resolved { addrs: addrs.iter().copied().collect(), ttl: None }),
+            (Target::Static(addrs), _) => {
+                return Ok(Resolved { addrs: addrs.iter().copied().collect(), ttl: None });
+            }
             (_, Some(r)) => r,
             (_, None) => return Err("no resolver".to_owned()),
         };
@@ -91,7 +92,10 @@ impl Lookup {
             Target::Dns { host, port } => {
                 let answer = resolver.lookup_ip(host.as_str()).await.map_err(|e| e.to_string())?;
                 let ttl = min_ttl(answer.as_lookup().answers());
-                Ok(Resolved { addrs: answer.iter().map(|ip| SocketAddr::new(ip, *port)).collect(), ttl: Some(ttl) })
+                Ok(Resolved {
+                    addrs: answer.iter().map(|ip| SocketAddr::new(ip, *port)).collect(),
+                    ttl: Some(ttl),
+                })
             }
             Target::Srv { name } => {
                 let answer = resolver.srv_lookup(name.as_str()).await.map_err(|e| e.to_string())?;
@@ -112,7 +116,9 @@ impl Lookup {
                             addrs.extend(ips.iter().map(|ip| SocketAddr::new(ip, port)));
                         }
                         // One target that does not resolve does not hide the others.
-                        Err(e) => tracing::warn!(srv = %name, %target, error = %e, "SRV target does not resolve"),
+                        Err(e) => {
+                            tracing::warn!(srv = %name, %target, error = %e, "SRV target does not resolve")
+                        }
                     }
                 }
                 Ok(Resolved { addrs, ttl: Some(ttl) })

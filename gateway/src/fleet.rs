@@ -221,7 +221,10 @@ impl Fleet {
 
 /// Asks each ejected replica of `backend` directly; the first that answers is
 /// brought back at once, and its answer is the poll's.
-async fn probe(backend: &crate::backend::Backend, timeout: Duration) -> Option<Response<admin::ListAgentsResponse>> {
+async fn probe(
+    backend: &crate::backend::Backend,
+    timeout: Duration,
+) -> Option<Response<admin::ListAgentsResponse>> {
     for replica in backend.endpoints.ejected() {
         let mut req = Request::new(admin::ListAgentsRequest {});
         req.set_timeout(timeout);

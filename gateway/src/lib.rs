@@ -83,8 +83,11 @@ impl Gateway {
     pub async fn start(config: Config) -> Result<Self, Error> {
         let registry = Registry::new();
         let metrics = Metrics::register(&registry)?;
-        let backends: Vec<Backend> =
-            config.plugins.iter().map(|p| Backend::new(p.clone(), config.connect_timeout, &metrics)).collect();
+        let backends: Vec<Backend> = config
+            .plugins
+            .iter()
+            .map(|p| Backend::new(p.clone(), config.connect_timeout, &metrics))
+            .collect();
         // Discovery runs from the start: static targets fill at once, DNS ones
         // after their first lookup, which the first route poll waits for (bounded).
         let discovery = Shutdown::new();

@@ -12,9 +12,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use flotilla_proto::paths;
-use flotilla_sdk::wire::{
-    FRAME_HEADER_LEN, FrameLimiter, format_grpc_timeout, parse_grpc_timeout,
-};
+use flotilla_sdk::wire::{FRAME_HEADER_LEN, FrameLimiter, format_grpc_timeout, parse_grpc_timeout};
 use http::{HeaderValue, Request, Response};
 use http_body::Frame;
 use http_body_util::BodyExt;
@@ -311,7 +309,8 @@ fn message_end(buf: &[u8]) -> usize {
 /// Holding the body whole is what makes a retry on another replica possible.
 async fn read_request(mut body: Body, limit: usize, streaming: bool) -> Result<Bytes, Status> {
     let mut limiter = FrameLimiter::new(limit);
-    let total_limit = if streaming { limit.saturating_mul(2) } else { limit.saturating_add(FRAME_HEADER_LEN) };
+    let total_limit =
+        if streaming { limit.saturating_mul(2) } else { limit.saturating_add(FRAME_HEADER_LEN) };
     let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
     let mut have = 0usize;
     let mut need: Option<usize> = None;

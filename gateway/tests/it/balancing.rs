@@ -54,7 +54,11 @@ async fn zero_ready_replicas_fail_fast_and_a_returning_replica_is_used_again() {
         let started = Instant::now();
         let err = get(&gw, &meta).await.unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
-        assert!(err.message().contains("\"echo\"") && err.message().contains(&addr.to_string()), "{}", err.message());
+        assert!(
+            err.message().contains("\"echo\"") && err.message().contains(&addr.to_string()),
+            "{}",
+            err.message()
+        );
         assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
     }
 
@@ -76,7 +80,10 @@ async fn idempotent_calls_move_to_another_replica_when_one_goes_away() {
     for _ in 0..20 {
         get(&gw, &meta).await.unwrap();
     }
-    assert!(metric(a.admin, GET_OK).await > 0.0 && metric(b.admin, GET_OK).await > 0.0, "both replicas serve");
+    assert!(
+        metric(a.admin, GET_OK).await > 0.0 && metric(b.admin, GET_OK).await > 0.0,
+        "both replicas serve"
+    );
 
     a.shutdown.trigger();
     a.task.await.unwrap().unwrap();
@@ -95,7 +102,11 @@ impl Plugin for Flaky {
         vec![AgentSpec::asynchronous("Flaky Agent", "flaky")]
     }
 
-    async fn create(&self, _: &Call, _: admin::CreateTaskRequest) -> Result<admin::CreateTaskResponse, PluginError> {
+    async fn create(
+        &self,
+        _: &Call,
+        _: admin::CreateTaskRequest,
+    ) -> Result<admin::CreateTaskResponse, PluginError> {
         Ok(admin::CreateTaskResponse { resource_meta: b"flaky".to_vec() })
     }
 }
@@ -111,14 +122,18 @@ async fn a_service_started_after_the_gateway_becomes_routable_within_a_refresh()
     .await;
     let flaky_create = || async {
         gw.async_client()
-            .create_task(admin::CreateTaskRequest { template: Some(echo_template("flaky", &[])), ..Default::default() })
+            .create_task(admin::CreateTaskRequest {
+                template: Some(echo_template("flaky", &[])),
+                ..Default::default()
+            })
             .await
     };
     assert_eq!(flaky_create().await.unwrap_err().code(), Code::NotFound);
 
     // Let the gateway fail against the absent service several times (its ejection backs off).
     eventually("failed polls of the absent service", Duration::from_secs(10), || async {
-        let failed = metric(gw.admin, "flotilla_gateway_route_refreshes_total{plugin=\"late\",result=\"error\"}");
+        let failed =
+            metric(gw.admin, "flotilla_gateway_route_refreshes_total{plugin=\"late\",result=\"error\"}");
         (failed.await >= 4.0).then_some(())
     })
     .await;
@@ -139,22 +154,30 @@ async fn a_service_whose_list_agents_fails_keeps_its_routes_and_others_are_undis
     let (addr, recorder) = spawn_recorder().await;
     let echo = spawn_plugin(Echo::default()).await;
     let gw = spawn_gateway(
-        vec![plugin("recorder", format!("static://{addr}")), plugin("echo", format!("static://{}", echo.addr))],
+        vec![
+            plugin("recorder", format!("static://{addr}")),
+            plugin("echo", format!("static://{}", echo.addr)),
+        ],
         |_| {},
     )
     .await;
     recorder.failing_list.store(true, Ordering::SeqCst);
     // Wait for polls that fail (refresh is 200 ms in tests), then check the routes survive.
     eventually("failed ListAgents polls", Duration::from_secs(5), || async {
-        let failed = metric(gw.admin, "flotilla_gateway_route_refreshes_total{plugin=\"recorder\",result=\"error\"}");
+        let failed =
+            metric(gw.admin, "flotilla_gateway_route_refreshes_total{plugin=\"recorder\",result=\"error\"}");
         (failed.await >= 2.0).then_some(())
     })
     .await;
     gw.async_client()
-        .create_task(admin::CreateTaskRequest { template: Some(echo_template("recorder", &[])), ..Default::default() })
+        .create_task(admin::CreateTaskRequest {
+            template: Some(echo_template("recorder", &[])),
+            ..Default::default()
+        })
         .await
         .expect("the failing service's last known routes still route");
     create(&gw).await;
-    let agents = gw.metadata_client().list_agents(admin::ListAgentsRequest {}).await.unwrap().into_inner().agents;
+    let agents =
+        gw.metadata_client().list_agents(admin::ListAgentsRequest {}).await.unwrap().into_inner().agents;
     assert!(agents.iter().any(|a| a.name == "Recorder") && agents.iter().any(|a| a.name == "Echo Agent"));
 }

@@ -2,6 +2,7 @@
 //! plugin services on 127.0.0.1.
 
 mod balancing;
+mod dns;
 mod routing;
 mod shutdown;
 mod status;

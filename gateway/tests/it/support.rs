@@ -23,8 +23,8 @@ use flotilla_gateway::{
 use flotilla_proto::{
     admin, core,
     service::{
-        agent_metadata_service_server::{AgentMetadataService, AgentMetadataServiceServer},
         agent_metadata_service_client::AgentMetadataServiceClient,
+        agent_metadata_service_server::{AgentMetadataService, AgentMetadataServiceServer},
         async_agent_service_client::AsyncAgentServiceClient,
         sync_agent_service_client::SyncAgentServiceClient,
     },
@@ -197,4 +197,3 @@ pub(crate) async fn spawn_recorder() -> (SocketAddr, Recorder) {
     tokio::spawn(server.serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)));
     (addr, recorder)
 }
-

@@ -32,7 +32,6 @@ const TYPE_A: u16 = 1;
 const TYPE_AAAA: u16 = 28;
 const TYPE_SRV: u16 = 33;
 const TYPE_OPT: u16 = 41;
-const RCODE_NXDOMAIN: u8 = 3;
 
 /// The records a [`Dnsmasq`] serves.
 ///
@@ -92,17 +91,15 @@ impl Dnsmasq {
     /// not serve the zone in time (with its stderr in the message).
     pub async fn start(zone: &Zone) -> Dnsmasq {
         validate(zone);
-        let binary = find_binary();
-        let dir = make_dir();
+        let mut server = Dnsmasq {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            binary: find_binary(),
+            dir: make_dir(),
+            child: None,
+        };
         let mut last = String::new();
         for _ in 0..8 {
-            let port = free_port();
-            let mut server = Dnsmasq {
-                addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-                binary: binary.clone(),
-                dir: dir.clone(),
-                child: None,
-            };
+            server.addr.set_port(free_port());
             match server.launch(zone, Instant::now() + READY_BOUND).await {
                 Ok(()) => return server,
                 // Another process took the port between our probe and dnsmasq's bind.
@@ -570,6 +567,7 @@ mod tests {
     use super::*;
 
     const ECHO_SRV: &str = "_grpc._tcp.echo.flotilla.test";
+    const RCODE_NXDOMAIN: u8 = 3;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("an IP address")

@@ -1,0 +1,187 @@
+//! DNS discovery against a real DNS server (dnsmasq on a loopback port):
+//! calls spread over every replica the records name, a replica removed from
+//! DNS gets no new calls, one added starts getting them; A and SRV alike.
+
+use std::{net::SocketAddr, time::Duration};
+
+use flotilla_echo::Echo;
+use flotilla_proto::admin;
+use flotilla_sdk::ServeOptions;
+use flotilla_telemetry::config::HumanDuration;
+use flotilla_testkit::{
+    RunningService,
+    dns::{Dnsmasq, Srv, Zone},
+    eventually, metric, spawn_plugin_at,
+};
+
+use crate::support::*;
+
+const GET_OK: &str = "flyte_agent_requests_success_total{operation=\"get\",task_type=\"echo\"}";
+const DISCOVERED: &str = "flotilla_gateway_endpoints{plugin=\"echo\",state=\"discovered\"}";
+
+/// Three echo replicas on 127.0.0.2-4, all on one port (as pods behind a headless service).
+async fn replicas_on_one_port() -> (Vec<RunningService>, u16) {
+    for _ in 0..10 {
+        let first =
+            spawn_plugin_at(Echo::default(), "127.0.0.2:0".parse().unwrap(), ServeOptions::default()).await;
+        let port = first.addr.port();
+        let mut all = vec![first];
+        for ip in ["127.0.0.3", "127.0.0.4"] {
+            let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
+            if std::net::TcpListener::bind(addr).is_err() {
+                break; // taken on this address: try another port
+            }
+            all.push(spawn_plugin_at(Echo::default(), addr, ServeOptions::default()).await);
+        }
+        if all.len() == 3 {
+            return (all, port);
+        }
+    }
+    panic!("no port free on 127.0.0.2, .3 and .4 in 10 tries");
+}
+
+fn a_zone(replicas: &[&RunningService]) -> Zone {
+    Zone {
+        ttl_secs: 1,
+        a: replicas.iter().map(|r| ("echo.flotilla.test".to_owned(), r.addr.ip())).collect(),
+        srv: vec![],
+    }
+}
+
+async fn gets(gw: &RunningGateway, meta: &[u8], n: usize) {
+    let mut client = gw.async_client();
+    for i in 0..n {
+        client
+            .get_task(admin::GetTaskRequest {
+                resource_meta: meta.to_vec(),
+                task_category: category("echo"),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("GetTask {i} failed: {e:?}"));
+    }
+}
+
+async fn counts(replicas: &[RunningService]) -> Vec<f64> {
+    let mut out = Vec::new();
+    for r in replicas {
+        out.push(metric(r.admin, GET_OK).await);
+    }
+    out
+}
+
+async fn wait_discovered(gw: &RunningGateway, n: f64) {
+    eventually(&format!("the gateway to discover {n} replicas"), Duration::from_secs(10), || async {
+        (metric(gw.admin, DISCOVERED).await == n).then_some(())
+    })
+    .await;
+}
+
+async fn dns_gateway(discovery: String, dns: &Dnsmasq) -> RunningGateway {
+    let mut p = plugin("echo", discovery);
+    p.nameserver = Some(dns.addr().to_string());
+    spawn_gateway(vec![p], |c| c.dns_ttl_floor = HumanDuration(Duration::from_millis(200))).await
+}
+
+async fn create_meta(gw: &RunningGateway) -> Vec<u8> {
+    gw.async_client()
+        .create_task(admin::CreateTaskRequest {
+            template: Some(echo_template("echo", &[])),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .resource_meta
+}
+
+#[tokio::test]
+async fn a_records_spread_calls_and_follow_replicas_leaving_and_joining() {
+    let (replicas, port) = replicas_on_one_port().await;
+    let all: Vec<&RunningService> = replicas.iter().collect();
+    let mut dns = Dnsmasq::start(&a_zone(&all)).await;
+    let gw = dns_gateway(format!("dns://echo.flotilla.test:{port}"), &dns).await;
+    wait_discovered(&gw, 3.0).await;
+    let meta = create_meta(&gw).await;
+
+    gets(&gw, &meta, 90).await;
+    let spread = counts(&replicas).await;
+    assert!(spread.iter().all(|&c| c > 0.0), "every replica serves a share: {spread:?}");
+
+    // The third replica leaves DNS: after the next refresh it gets no new calls.
+    dns.set(&a_zone(&all[..2])).await;
+    wait_discovered(&gw, 2.0).await;
+    let before = counts(&replicas).await;
+    gets(&gw, &meta, 60).await;
+    let after = counts(&replicas).await;
+    assert_eq!(after[2], before[2], "the removed replica still got calls: {before:?} → {after:?}");
+    assert_eq!(after[0] + after[1], before[0] + before[1] + 60.0);
+
+    // It joins again: it gets calls again.
+    dns.set(&a_zone(&all)).await;
+    wait_discovered(&gw, 3.0).await;
+    gets(&gw, &meta, 60).await;
+    let rejoined = counts(&replicas).await;
+    assert!(rejoined[2] > after[2], "the re-added replica got no calls: {after:?} → {rejoined:?}");
+}
+
+#[tokio::test]
+async fn srv_records_and_their_targets_are_followed() {
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(
+            spawn_plugin_at(Echo::default(), "127.0.0.1:0".parse().unwrap(), ServeOptions::default()).await,
+        );
+    }
+    let zone = |n: usize| Zone {
+        ttl_secs: 1,
+        a: (0..n).map(|i| (format!("r{i}.flotilla.test"), replicas[i].addr.ip())).collect(),
+        srv: (0..n)
+            .map(|i| Srv {
+                name: "_grpc._tcp.echo.flotilla.test".into(),
+                target: format!("r{i}.flotilla.test"),
+                port: replicas[i].addr.port(),
+                priority: 0,
+                weight: 1,
+            })
+            .collect(),
+    };
+    let mut dns = Dnsmasq::start(&zone(3)).await;
+    let gw = dns_gateway("srv://_grpc._tcp.echo.flotilla.test".into(), &dns).await;
+    wait_discovered(&gw, 3.0).await;
+    let meta = create_meta(&gw).await;
+    gets(&gw, &meta, 90).await;
+    let spread = counts(&replicas).await;
+    assert!(spread.iter().all(|&c| c > 0.0), "every SRV target serves a share: {spread:?}");
+
+    dns.set(&zone(2)).await;
+    wait_discovered(&gw, 2.0).await;
+    let before = counts(&replicas).await;
+    gets(&gw, &meta, 40).await;
+    assert_eq!(counts(&replicas).await[2], before[2], "the SRV target removed still got calls");
+}
+
+#[tokio::test]
+async fn a_failed_lookup_keeps_the_last_good_replicas() {
+    let (replicas, port) = replicas_on_one_port().await;
+    let all: Vec<&RunningService> = replicas.iter().collect();
+    let mut dns = Dnsmasq::start(&a_zone(&all)).await;
+    let gw = dns_gateway(format!("dns://echo.flotilla.test:{port}"), &dns).await;
+    wait_discovered(&gw, 3.0).await;
+    let meta = create_meta(&gw).await;
+
+    // The name disappears (NXDOMAIN): the gateway keeps serving from what it knew.
+    dns.set(&Zone {
+        ttl_secs: 1,
+        a: vec![("other.flotilla.test".into(), "127.0.0.9".parse().unwrap())],
+        srv: vec![],
+    })
+    .await;
+    eventually("a failed lookup", Duration::from_secs(10), || async {
+        (metric(gw.admin, "flotilla_gateway_discovery_errors_total{plugin=\"echo\"}").await >= 1.0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(metric(gw.admin, DISCOVERED).await, 3.0);
+    gets(&gw, &meta, 30).await;
+}
