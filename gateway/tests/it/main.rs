@@ -3,6 +3,7 @@
 
 mod balancing;
 mod dns;
+mod load;
 mod routing;
 mod shutdown;
 mod status;
