@@ -133,7 +133,7 @@ async fn killing_one_of_three_replicas_under_load_fails_no_idempotent_call() {
                     })
                     .await;
                 deletes.count(&deleted, "DeleteTask");
-                if (round + w) % 10 == 0 {
+                if (round + w).is_multiple_of(10) {
                     lists.count(&meta_client.list_agents(admin::ListAgentsRequest {}).await, "ListAgents");
                 }
             }
