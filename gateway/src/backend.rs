@@ -42,9 +42,12 @@ use crate::{config::Plugin, metrics::Metrics};
 /// How many calls may wait for a ready endpoint before callers are refused.
 const BUFFER: usize = 1024;
 /// The latency an endpoint is assumed to have before it has answered anything.
-const DEFAULT_RTT: Duration = Duration::from_millis(20);
+/// Low on purpose: a replica that joins must look cheap enough to be tried, or
+/// p2c would keep choosing the replicas it already knows to be fast (on
+/// loopback they answer in well under a millisecond) until the guess decays.
+const DEFAULT_RTT: Duration = Duration::from_micros(500);
 /// How fast peak-EWMA forgets a latency peak.
-const DECAY: Duration = Duration::from_secs(10);
+const DECAY: Duration = Duration::from_secs(5);
 /// First ejection; doubles with each consecutive failure.
 const EJECT_BASE: Duration = Duration::from_millis(100);
 /// Longest ejection.
@@ -139,6 +142,7 @@ pub struct Ejecting {
     inner: Channel,
     state: Arc<EndpointState>,
     plugin: Arc<str>,
+    ejections: prometheus::IntCounter,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -165,12 +169,13 @@ impl Service<http::Request<Body>> for Ejecting {
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let state = self.state.clone();
         let plugin = self.plugin.clone();
+        let ejections = self.ejections.clone();
         let call = self.inner.call(req);
         Box::pin(async move {
             let result = call.await.map_err(BoxError::from);
             match &result {
                 Ok(resp) if grpc_status(resp.headers()) == Some(tonic::Code::Unavailable) => {
-                    note_failure(&state, &plugin, false, "answered UNAVAILABLE");
+                    note_failure(&state, &plugin, &ejections, false, "answered UNAVAILABLE");
                 }
                 Ok(_) => {
                     if state.succeeded() {
@@ -179,7 +184,8 @@ impl Service<http::Request<Body>> for Ejecting {
                 }
                 Err(e) => {
                     let refused = never_reached(e.as_ref());
-                    note_failure(&state, &plugin, refused, &flotilla_telemetry::error_chain(e.as_ref()));
+                    let why = flotilla_telemetry::error_chain(e.as_ref());
+                    note_failure(&state, &plugin, &ejections, refused, &why);
                 }
             }
             result
@@ -187,8 +193,15 @@ impl Service<http::Request<Body>> for Ejecting {
     }
 }
 
-fn note_failure(state: &EndpointState, plugin: &str, refused: bool, why: &str) {
+fn note_failure(
+    state: &EndpointState,
+    plugin: &str,
+    ejections: &prometheus::IntCounter,
+    refused: bool,
+    why: &str,
+) {
     if let Some(backoff) = state.failed(refused) {
+        ejections.inc();
         tracing::warn!(plugin, addr = %state.addr, ?backoff, error = why, "Replica ejected");
     }
 }
@@ -266,16 +279,48 @@ impl Endpoints {
             let channel = self.channel(added);
             let state = Arc::new(EndpointState::new(added, channel.clone()));
             next.push(state.clone());
-            let ejecting = Ejecting { inner: channel, state, plugin: self.plugin.clone(), sleep: None };
+            self.warm_up(state.clone());
+            let ejecting = Ejecting {
+                inner: channel,
+                state,
+                plugin: self.plugin.clone(),
+                ejections: self.metrics.ejections.with_label_values(&[&self.plugin]),
+                sleep: None,
+            };
             let endpoint =
                 PeakEwma::new(ejecting, DEFAULT_RTT, DECAY.as_nanos() as f64, CompleteOnResponse::default());
             let _ = self.changes.send(Ok(Change::Insert(added, endpoint)));
         }
         let added: Vec<_> = addrs.difference(&known).collect();
         let removed: Vec<_> = known.difference(addrs).collect();
+        let changes = &self.metrics.discovery_changes;
+        changes.with_label_values(&[&self.plugin, "added"]).inc_by(added.len() as u64);
+        changes.with_label_values(&[&self.plugin, "removed"]).inc_by(removed.len() as u64);
         tracing::info!(plugin = %self.plugin, target = %self.target, ?added, ?removed, replicas = next.len(), "Replicas changed");
         self.metrics.endpoints.with_label_values(&[&self.plugin, "discovered"]).set(next.len() as i64);
         self.states.store(Arc::new(next));
+    }
+
+    /// Connects to a new replica before calls need it, so that no call pays
+    /// for (and peak-EWMA does not remember) the TCP and HTTP/2 handshakes;
+    /// a replica that refuses is ejected before any call is sent its way.
+    fn warm_up(&self, state: Arc<EndpointState>) {
+        let plugin = self.plugin.clone();
+        let ejections = self.metrics.ejections.with_label_values(&[&self.plugin]);
+        let timeout = self.connect_timeout.saturating_mul(2);
+        tokio::spawn(async move {
+            let mut client = state.direct_client();
+            let mut req = tonic::Request::new(flotilla_proto::admin::ListAgentsRequest {});
+            req.set_timeout(timeout);
+            match tokio::time::timeout(timeout, client.list_agents(req)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {} // answering all the same
+                Ok(Err(status)) => note_failure(&state, &plugin, &ejections, true, status.message()),
+                Err(_) => {
+                    note_failure(&state, &plugin, &ejections, true, "no answer to the first ListAgents")
+                }
+            }
+        });
     }
 
     /// Replicas sitting out an ejection, which only a direct probe can bring back early.

@@ -19,6 +19,10 @@ pub struct Metrics {
     pub discovery_refreshes: IntCounterVec,
     /// Discovery errors by plugin.
     pub discovery_errors: IntCounterVec,
+    /// Replicas added to or removed from a plugin by discovery.
+    pub discovery_changes: IntCounterVec,
+    /// Replicas ejected after failing, by plugin.
+    pub ejections: IntCounterVec,
     /// Route-table refreshes (ListAgents polls) by plugin and result.
     pub route_refreshes: IntCounterVec,
     /// Categories claimed by more than one plugin, right now.
@@ -62,6 +66,14 @@ impl Metrics {
                 Opts::new("flotilla_gateway_discovery_errors_total", "Discovery lookups that failed"),
                 &["plugin"],
             )?,
+            discovery_changes: IntCounterVec::new(
+                Opts::new("flotilla_gateway_discovery_changes_total", "Replicas discovery added or removed"),
+                &["plugin", "change"],
+            )?,
+            ejections: IntCounterVec::new(
+                Opts::new("flotilla_gateway_ejections_total", "Replicas ejected after failing"),
+                &["plugin"],
+            )?,
             route_refreshes: IntCounterVec::new(
                 Opts::new(
                     "flotilla_gateway_route_refreshes_total",
@@ -84,6 +96,8 @@ impl Metrics {
         registry.register(Box::new(m.endpoints.clone()))?;
         registry.register(Box::new(m.discovery_refreshes.clone()))?;
         registry.register(Box::new(m.discovery_errors.clone()))?;
+        registry.register(Box::new(m.discovery_changes.clone()))?;
+        registry.register(Box::new(m.ejections.clone()))?;
         registry.register(Box::new(m.route_refreshes.clone()))?;
         registry.register(Box::new(m.route_conflicts.clone()))?;
         registry.register(Box::new(m.retries.clone()))?;

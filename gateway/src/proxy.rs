@@ -188,6 +188,8 @@ impl Proxy {
                 None => None,
             };
             let mut req = Request::new(Body::new(http_body_util::Full::new(request.clone())));
+            // gRPC is always POST; servers that check (grpcio does) reset anything else.
+            *req.method_mut() = http::Method::POST;
             *req.uri_mut() = method_uri(method);
             *req.headers_mut() = headers.clone();
             if let Some(r) = remaining {

@@ -48,20 +48,6 @@ fn a_zone(replicas: &[&RunningService]) -> Zone {
     }
 }
 
-async fn gets(gw: &RunningGateway, meta: &[u8], n: usize) {
-    let mut client = gw.async_client();
-    for i in 0..n {
-        client
-            .get_task(admin::GetTaskRequest {
-                resource_meta: meta.to_vec(),
-                task_category: category("echo"),
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| panic!("GetTask {i} failed: {e:?}"));
-    }
-}
-
 async fn counts(replicas: &[RunningService]) -> Vec<f64> {
     let mut out = Vec::new();
     for r in replicas {

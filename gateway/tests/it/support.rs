@@ -114,6 +114,31 @@ pub(crate) fn inputs(n: i64) -> core::LiteralMap {
     core::LiteralMap { literals: [("n".to_owned(), lit)].into() }
 }
 
+/// `n` GetTask calls from 6 concurrent callers, as propeller makes them.
+pub(crate) async fn gets(gw: &RunningGateway, meta: &[u8], n: usize) {
+    let callers = 6;
+    let mut tasks = Vec::new();
+    for c in 0..callers {
+        let mut client = gw.async_client();
+        let meta = meta.to_vec();
+        tasks.push(tokio::spawn(async move {
+            for i in (c..n).step_by(callers) {
+                client
+                    .get_task(admin::GetTaskRequest {
+                        resource_meta: meta.clone(),
+                        task_category: category("echo"),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("GetTask {i} failed: {e:?}"));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
 pub(crate) fn category(name: &str) -> Option<admin::TaskCategory> {
     Some(admin::TaskCategory { name: name.into(), version: 0 })
 }
