@@ -241,24 +241,33 @@ pub fn validate(body: &[u8], message: &'static str) -> Result<(), KeyError> {
 /// swapped in atomically, so the request path never takes a lock.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    routes: HashMap<Category, usize>,
+    /// Task type name → version → plugin index. Two levels so a borrowed
+    /// `&str` from the request bytes looks up without allocating.
+    routes: HashMap<String, HashMap<i32, usize>>,
 }
 
 impl RouteTable {
     /// A table from (category → index of the plugin in the config).
     pub fn new(routes: HashMap<Category, usize>) -> Self {
-        Self { routes }
+        let mut by_name: HashMap<String, HashMap<i32, usize>> = HashMap::new();
+        for (c, i) in routes {
+            by_name.entry(c.name).or_default().insert(c.version, i);
+        }
+        Self { routes: by_name }
     }
 
     /// The plugin index serving `key`.
     pub fn lookup(&self, key: Key<'_>) -> Option<usize> {
-        // Category owns a String; the lookup allocates only on this path, once per call.
-        self.routes.get(&key.to_category()).copied()
+        self.routes.get(key.name)?.get(&key.version).copied()
     }
 
     /// Every known category, sorted, for error messages.
     pub fn known(&self) -> Vec<String> {
-        let mut all: Vec<String> = self.routes.keys().map(ToString::to_string).collect();
+        let mut all: Vec<String> = self
+            .routes
+            .iter()
+            .flat_map(|(name, versions)| versions.keys().map(move |v| Category::new(name.clone(), *v).to_string()))
+            .collect();
         all.sort();
         all
     }
