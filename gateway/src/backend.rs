@@ -23,10 +23,7 @@ use arc_swap::ArcSwap;
 use flotilla_proto::service::agent_metadata_service_client::AgentMetadataServiceClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::{
-    body::Body,
-    transport::{Channel, Endpoint},
-};
+use tonic::body::Body;
 use tower::{
     BoxError, Service, ServiceExt,
     balance::p2c::Balance,
@@ -37,7 +34,11 @@ use tower::{
     util::BoxCloneSyncService,
 };
 
-use crate::{config::Plugin, metrics::Metrics};
+use crate::{
+    config::Plugin,
+    h2::{EndpointError, H2Endpoint},
+    metrics::Metrics,
+};
 
 /// How many calls may wait for a ready endpoint before callers are refused.
 const BUFFER: usize = 1024;
@@ -82,15 +83,15 @@ fn now_ms() -> u64 {
 pub struct EndpointState {
     addr: SocketAddr,
     /// A handle on the replica's connection, for direct health probes.
-    channel: Channel,
+    endpoint: H2Endpoint,
     failures: AtomicU32,
     /// Milliseconds since [`epoch`] until which the endpoint sits out.
     ejected_until: AtomicU64,
 }
 
 impl EndpointState {
-    fn new(addr: SocketAddr, channel: Channel) -> Self {
-        Self { addr, channel, failures: AtomicU32::new(0), ejected_until: AtomicU64::new(0) }
+    fn new(addr: SocketAddr, endpoint: H2Endpoint) -> Self {
+        Self { addr, endpoint, failures: AtomicU32::new(0), ejected_until: AtomicU64::new(0) }
     }
 
     /// The replica's address.
@@ -99,8 +100,8 @@ impl EndpointState {
     }
 
     /// A metadata client straight to this replica, bypassing the balancer.
-    pub fn direct_client(&self) -> AgentMetadataServiceClient<Channel> {
-        AgentMetadataServiceClient::new(self.channel.clone())
+    pub fn direct_client(&self) -> AgentMetadataServiceClient<H2Endpoint> {
+        AgentMetadataServiceClient::new(self.endpoint.clone())
     }
 
     /// Ends an ejection early: a direct probe found the replica answering.
@@ -139,7 +140,7 @@ impl EndpointState {
 
 /// An endpoint that sits out its ejection before it reports ready again.
 pub struct Ejecting {
-    inner: Channel,
+    inner: H2Endpoint,
     state: Arc<EndpointState>,
     plugin: Arc<str>,
     ejections: prometheus::IntCounter,
@@ -218,7 +219,9 @@ pub fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
 pub fn never_reached(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
-        if err.is::<tonic::ConnectError>() || err.is::<NoEndpoints>() {
+        if err.is::<NoEndpoints>()
+            || err.downcast_ref::<EndpointError>().is_some_and(EndpointError::never_sent)
+        {
             return true;
         }
         cur = err.source();
@@ -276,7 +279,7 @@ impl Endpoints {
             let _ = self.changes.send(Ok(Change::Remove(*gone)));
         }
         for &added in addrs.difference(&known) {
-            let channel = self.channel(added);
+            let channel = H2Endpoint::new(added, self.connect_timeout);
             let state = Arc::new(EndpointState::new(added, channel.clone()));
             next.push(state.clone());
             self.warm_up(state.clone());
@@ -326,16 +329,6 @@ impl Endpoints {
     /// Replicas sitting out an ejection, which only a direct probe can bring back early.
     pub fn ejected(&self) -> Vec<Arc<EndpointState>> {
         self.states.load().iter().filter(|s| !s.is_ready()).cloned().collect()
-    }
-
-    fn channel(&self, addr: SocketAddr) -> Channel {
-        Endpoint::from_shared(format!("http://{addr}"))
-            .expect("an http:// URI with a socket address is valid")
-            .connect_timeout(self.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .connect_lazy()
     }
 }
 

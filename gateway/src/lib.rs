@@ -17,6 +17,7 @@ pub mod backend;
 pub mod config;
 pub mod discover;
 pub mod fleet;
+pub mod h2;
 pub mod metrics;
 pub mod proxy;
 pub mod route;

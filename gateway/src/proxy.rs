@@ -208,9 +208,7 @@ impl Proxy {
             // failure, anything when the request provably never reached a replica.
             let retry = match &result {
                 Err(e) if never_reached(e.as_ref()) => Some("connect"),
-                Err(e) if method.idempotent() && !caused_by::<tonic::TimeoutExpired>(e.as_ref()) => {
-                    Some("error")
-                }
+                Err(_) if method.idempotent() => Some("error"),
                 Ok(resp) if method.idempotent() && grpc_status(resp.headers()) == Some(Code::Unavailable) => {
                     Some("unavailable")
                 }
@@ -226,14 +224,7 @@ impl Proxy {
                 attempt += 1;
                 continue;
             }
-            let response = result.map_err(|e| {
-                // The h2 client enforces grpc-timeout too; whichever fires first, it is the deadline.
-                let status = match deadline {
-                    Some(d) if caused_by::<tonic::TimeoutExpired>(e.as_ref()) => expired(d),
-                    _ => unreachable_status(&backend.plugin, &e),
-                };
-                (plugin.clone(), status)
-            })?;
+            let response = result.map_err(|e| (plugin.clone(), unreachable_status(&backend.plugin, &e)))?;
             return Ok(self.observe(response, plugin, method, started));
         }
     }
@@ -279,18 +270,6 @@ fn request_id() -> HeaderValue {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id();
     HeaderValue::from_str(&format!("gw-{pid:x}-{n:x}")).expect("hex digits and dashes")
-}
-
-/// Whether `T` is anywhere in `e`'s source chain.
-fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if err.is::<T>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
 }
 
 /// A status for a call that could not reach the plugin.

@@ -266,7 +266,9 @@ impl RouteTable {
         let mut all: Vec<String> = self
             .routes
             .iter()
-            .flat_map(|(name, versions)| versions.keys().map(move |v| Category::new(name.clone(), *v).to_string()))
+            .flat_map(|(name, versions)| {
+                versions.keys().map(move |v| Category::new(name.clone(), *v).to_string())
+            })
             .collect();
         all.sort();
         all
