@@ -34,6 +34,7 @@ pub const REQUEST_ID: &str = "x-request-id";
 
 /// Which method a path names, with how its routing key is read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
 enum Method {
     CreateTask,
     GetTask,
@@ -44,6 +45,15 @@ enum Method {
 }
 
 impl Method {
+    const ALL: [Method; 6] = [
+        Self::CreateTask,
+        Self::GetTask,
+        Self::DeleteTask,
+        Self::GetTaskMetrics,
+        Self::GetTaskLogs,
+        Self::ExecuteTaskSync,
+    ];
+
     fn from_path(path: &str) -> Option<Self> {
         Some(match path {
             paths::CREATE_TASK => Self::CreateTask,
@@ -84,39 +94,77 @@ impl Method {
     }
 }
 
+/// One plugin's call metrics, resolved once so the request path never looks labels up.
+struct PluginMetrics {
+    /// By method, then by gRPC code (0..=16).
+    calls: Vec<Vec<prometheus::IntCounter>>,
+    /// By method.
+    durations: Vec<prometheus::Histogram>,
+}
+
+impl PluginMetrics {
+    fn new(metrics: &Metrics, plugin: &str) -> Arc<Self> {
+        let calls = Method::ALL
+            .iter()
+            .map(|m| {
+                (0..=16)
+                    .map(|code| {
+                        let code = code_name(tonic::Code::from_i32(code));
+                        metrics.requests.with_label_values(&[plugin, m.name(), code])
+                    })
+                    .collect()
+            })
+            .collect();
+        let durations =
+            Method::ALL.iter().map(|m| metrics.duration.with_label_values(&[plugin, m.name()])).collect();
+        Arc::new(Self { calls, durations })
+    }
+
+    fn record(&self, method: Method, code: i32, started: Instant) {
+        let code = usize::try_from(code).ok().filter(|c| *c <= 16).unwrap_or(tonic::Code::Unknown as usize);
+        self.calls[method as usize][code].inc();
+        self.durations[method as usize].observe(started.elapsed().as_secs_f64());
+    }
+}
+
 /// Shared by both proxied services.
 pub struct Proxy {
     fleet: Arc<Fleet>,
     metrics: Metrics,
+    /// Per backend, in the fleet's order.
+    by_plugin: Vec<Arc<PluginMetrics>>,
+    /// Calls the gateway answered before choosing a plugin.
+    unrouted: Arc<PluginMetrics>,
     max_request_bytes: usize,
 }
 
 impl Proxy {
     /// A proxy over `fleet`.
     pub fn new(fleet: Arc<Fleet>, metrics: Metrics, max_request_bytes: usize) -> Arc<Self> {
-        Arc::new(Self { fleet, metrics, max_request_bytes })
+        let by_plugin = fleet.backends.iter().map(|b| PluginMetrics::new(&metrics, &b.plugin.name)).collect();
+        let unrouted = PluginMetrics::new(&metrics, "none");
+        Arc::new(Self { fleet, metrics, by_plugin, unrouted, max_request_bytes })
     }
 
     async fn handle(self: Arc<Self>, req: Request<Body>) -> Response<Body> {
         let started = Instant::now();
         let Some(method) = Method::from_path(req.uri().path()) else {
             let status = Status::unimplemented(format!("unknown method {}", req.uri().path()));
-            return self.answer_locally("none", "unknown", started, status);
+            self.metrics.requests.with_label_values(&["none", "unknown", code_name(status.code())]).inc();
+            return status.into_http();
         };
         self.metrics.in_flight.inc();
         let response = match self.forward(method, req, started).await {
             Ok(r) => r,
-            Err((plugin, status)) => self.answer_locally(&plugin, method.name(), started, status),
+            Err((backend, status)) => {
+                let metrics = backend.map_or(&self.unrouted, |i| &self.by_plugin[i]);
+                metrics.record(method, status.code() as i32, started);
+                tracing::debug!(method = method.name(), code = ?status.code(), message = status.message(), "Answered by the gateway");
+                status.into_http()
+            }
         };
         self.metrics.in_flight.dec();
         response
-    }
-
-    fn answer_locally(&self, plugin: &str, method: &str, started: Instant, status: Status) -> Response<Body> {
-        self.metrics.requests.with_label_values(&[plugin, method, code_name(status.code())]).inc();
-        self.metrics.duration.with_label_values(&[plugin, method]).observe(started.elapsed().as_secs_f64());
-        tracing::debug!(plugin, method, code = ?status.code(), message = status.message(), "Answered by the gateway");
-        status.into_http()
     }
 
     async fn forward(
@@ -124,8 +172,8 @@ impl Proxy {
         method: Method,
         req: Request<Body>,
         started: Instant,
-    ) -> Result<Response<Body>, (String, Status)> {
-        let none = |s: Status| ("none".to_owned(), s);
+    ) -> Result<Response<Body>, (Option<usize>, Status)> {
+        let none = |s: Status| (None, s);
         let (parts, body) = req.into_parts();
         let request = read_request(body, self.max_request_bytes, method == Method::ExecuteTaskSync)
             .await
@@ -154,7 +202,7 @@ impl Proxy {
         };
         drop(state);
         let backend = &self.fleet.backends[index];
-        let plugin = backend.plugin.name.clone();
+        let plugin = &backend.plugin.name;
 
         // The deadline: the caller's, capped by the plugin's timeout for this method.
         let caller = parts.headers.get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
@@ -183,7 +231,7 @@ impl Proxy {
             let remaining = match deadline {
                 Some(d) => match d.checked_sub(started.elapsed()) {
                     Some(r) if !r.is_zero() => Some(r),
-                    _ => return Err((plugin, expired(d))),
+                    _ => return Err((Some(index), expired(d))),
                 },
                 None => None,
             };
@@ -200,7 +248,7 @@ impl Proxy {
             let result = match (remaining, deadline) {
                 (Some(r), Some(d)) => match tokio::time::timeout(r, call).await {
                     Ok(result) => result,
-                    Err(_) => return Err((plugin, expired(d))),
+                    Err(_) => return Err((Some(index), expired(d))),
                 },
                 _ => call.await,
             };
@@ -219,13 +267,13 @@ impl Proxy {
                 && backend.endpoints.any_ready().is_ok()
                 && backend.budget.withdraw()
             {
-                self.metrics.retries.with_label_values(&[&plugin, method.name(), reason]).inc();
+                self.metrics.retries.with_label_values(&[plugin, method.name(), reason]).inc();
                 tracing::debug!(plugin = %plugin, method = method.name(), attempt, reason, "Retrying on another replica");
                 attempt += 1;
                 continue;
             }
-            let response = result.map_err(|e| (plugin.clone(), unreachable_status(&backend.plugin, &e)))?;
-            return Ok(self.observe(response, plugin, method, started));
+            let response = result.map_err(|e| (Some(index), unreachable_status(&backend.plugin, &e)))?;
+            return Ok(self.observe(response, index, method, started));
         }
     }
 
@@ -234,12 +282,11 @@ impl Proxy {
     fn observe(
         &self,
         response: Response<Body>,
-        plugin: String,
+        index: usize,
         method: Method,
         started: Instant,
     ) -> Response<Body> {
-        let observation =
-            Observation { metrics: self.metrics.clone(), plugin, method: method.name(), started };
+        let observation = Observation { metrics: self.by_plugin[index].clone(), method, started };
         if let Some(code) = response.headers().get("grpc-status") {
             observation.record(code.as_bytes());
             return response;
@@ -353,23 +400,15 @@ fn concat(chunks: &[Bytes], len: usize) -> Bytes {
 }
 
 struct Observation {
-    metrics: Metrics,
-    plugin: String,
-    method: &'static str,
+    metrics: Arc<PluginMetrics>,
+    method: Method,
     started: Instant,
 }
 
 impl Observation {
     fn record(&self, grpc_status: &[u8]) {
-        let code = std::str::from_utf8(grpc_status)
-            .ok()
-            .and_then(|s| s.parse::<i32>().ok())
-            .map_or("Unknown", |n| code_name(tonic::Code::from_i32(n)));
-        self.metrics.requests.with_label_values(&[&self.plugin, self.method, code]).inc();
-        self.metrics
-            .duration
-            .with_label_values(&[&self.plugin, self.method])
-            .observe(self.started.elapsed().as_secs_f64());
+        let code = std::str::from_utf8(grpc_status).ok().and_then(|s| s.parse::<i32>().ok()).unwrap_or(2);
+        self.metrics.record(self.method, code, self.started);
     }
 }
 
