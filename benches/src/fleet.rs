@@ -253,7 +253,9 @@ impl Launcher {
 }
 
 fn rust_args(addr: SocketAddr) -> Vec<String> {
-    ["--listen", &addr.to_string(), "--admin-listen", "127.0.0.1:0", "--log", "warn"]
+    // One runtime thread each: every Flotilla server is its own service with
+    // about one core's budget (see RESULTS.md for what the thread count does).
+    ["--listen", &addr.to_string(), "--admin-listen", "127.0.0.1:0", "--log", "warn", "--threads", "1"]
         .map(str::to_owned)
         .to_vec()
 }

@@ -1,9 +1,11 @@
-//! One plugin service as the gateway sees it: a bounded `Buffer` in front of
-//! a p2c `Balance` over peak-EWMA endpoints, each an h2 client (tonic
-//! `Channel`) to one replica, wrapped in [`Ejecting`] so that a replica that
-//! refuses connections or keeps failing sits out a backoff before it is
-//! probed again. [`Endpoints`] holds what discovery found and answers, without
-//! a lock, whether any replica is ready; with none, calls fail fast.
+//! One plugin service as the gateway sees it: tower's p2c `Balance` over
+//! peak-EWMA endpoints, each an [`H2Endpoint`] (one HTTP/2 connection to one
+//! replica) wrapped in [`Ejecting`], so that a replica that refuses
+//! connections or keeps failing sits out a backoff before it is probed again.
+//! Each worker thread has its own balancer, fed by the same discovery changes,
+//! so a call takes no lock and crosses no queue on its way to a replica.
+//! [`Endpoints`] holds what discovery found and answers, without a lock,
+//! whether any replica is ready; with none, calls fail fast.
 
 use std::{
     collections::BTreeSet,
@@ -25,13 +27,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::body::Body;
 use tower::{
-    BoxError, Service, ServiceExt,
+    BoxError, Service,
     balance::p2c::Balance,
-    buffer::Buffer,
     discover::Change,
     load::{CompleteOnResponse, PeakEwma},
     retry::budget::TpsBudget,
-    util::BoxCloneSyncService,
 };
 
 use crate::{
@@ -40,8 +40,6 @@ use crate::{
     metrics::Metrics,
 };
 
-/// How many calls may wait for a ready endpoint before callers are refused.
-const BUFFER: usize = 1024;
 /// The latency an endpoint is assumed to have before it has answered anything.
 /// Low on purpose: a replica that joins must look cheap enough to be tried, or
 /// p2c would keep choosing the replicas it already knows to be fast (on
@@ -56,10 +54,18 @@ const EJECT_MAX: Duration = Duration::from_secs(10);
 /// Consecutive failures (other than refused connections) that eject an endpoint.
 const FAILURES_TO_EJECT: u32 = 3;
 
-/// The balanced service calls go through.
-pub type BackendService = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, BoxError>;
-
 type Changes = mpsc::UnboundedSender<Result<Change<SocketAddr, PeakEwma<Ejecting>>, Infallible>>;
+type Balancer = Balance<
+    UnboundedReceiverStream<Result<Change<SocketAddr, PeakEwma<Ejecting>>, Infallible>>,
+    http::Request<Body>,
+>;
+
+thread_local! {
+    /// Each worker thread's own balancer per backend (keyed by [`Endpoints::id`]).
+    /// `Balance` needs `&mut self`; one per thread means no lock and no queue
+    /// on the request path. The load each sees is its thread's share of it.
+    static BALANCERS: std::cell::RefCell<std::collections::HashMap<u64, Balancer>> = Default::default();
+}
 
 /// No replica of the plugin is ready: none discovered, or all ejected.
 #[derive(Debug, thiserror::Error)]
@@ -231,10 +237,14 @@ pub fn never_reached(e: &(dyn std::error::Error + 'static)) -> bool {
 
 /// The replicas discovery found for one plugin.
 pub struct Endpoints {
+    /// Unique per backend, the key of its balancers.
+    id: u64,
     plugin: Arc<str>,
     target: String,
     connect_timeout: Duration,
-    changes: Changes,
+    /// One change stream per thread balancer; touched only when a balancer is
+    /// made and when discovery changes the set, never per call.
+    subscribers: std::sync::Mutex<Vec<Changes>>,
     states: ArcSwap<Vec<Arc<EndpointState>>>,
     metrics: Metrics,
 }
@@ -274,26 +284,17 @@ impl Endpoints {
         }
         let mut next: Vec<Arc<EndpointState>> =
             current.iter().filter(|s| addrs.contains(&s.addr)).cloned().collect();
+        let mut subscribers = self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for gone in known.difference(addrs) {
-            // The receiver lives in the balancer, which lives as long as this backend.
-            let _ = self.changes.send(Ok(Change::Remove(*gone)));
+            subscribers.retain(|tx| tx.send(Ok(Change::Remove(*gone))).is_ok());
         }
         for &added in addrs.difference(&known) {
-            let channel = H2Endpoint::new(added, self.connect_timeout);
-            let state = Arc::new(EndpointState::new(added, channel.clone()));
+            let state = Arc::new(EndpointState::new(added, H2Endpoint::new(added, self.connect_timeout)));
             next.push(state.clone());
             self.warm_up(state.clone());
-            let ejecting = Ejecting {
-                inner: channel,
-                state,
-                plugin: self.plugin.clone(),
-                ejections: self.metrics.ejections.with_label_values(&[&self.plugin]),
-                sleep: None,
-            };
-            let endpoint =
-                PeakEwma::new(ejecting, DEFAULT_RTT, DECAY.as_nanos() as f64, CompleteOnResponse::default());
-            let _ = self.changes.send(Ok(Change::Insert(added, endpoint)));
+            subscribers.retain(|tx| tx.send(Ok(Change::Insert(added, self.endpoint(&state)))).is_ok());
         }
+        drop(subscribers);
         let added: Vec<_> = addrs.difference(&known).collect();
         let removed: Vec<_> = known.difference(addrs).collect();
         let changes = &self.metrics.discovery_changes;
@@ -326,6 +327,54 @@ impl Endpoints {
         });
     }
 
+    /// A balancer endpoint for `state`. Every balancer gets its own (its own
+    /// load estimate); they share the connection and the ejection state.
+    fn endpoint(&self, state: &Arc<EndpointState>) -> PeakEwma<Ejecting> {
+        let ejecting = Ejecting {
+            inner: state.endpoint.clone(),
+            state: state.clone(),
+            plugin: self.plugin.clone(),
+            ejections: self.metrics.ejections.with_label_values(&[&self.plugin]),
+            sleep: None,
+        };
+        PeakEwma::new(ejecting, DEFAULT_RTT, DECAY.as_nanos() as f64, CompleteOnResponse::default())
+    }
+
+    /// A new balancer fed with the current replicas and every change from now on.
+    fn subscribe(&self) -> Balancer {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut subscribers = self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for state in self.states.load().iter() {
+            let _ = tx.send(Ok(Change::Insert(state.addr, self.endpoint(state))));
+        }
+        subscribers.push(tx);
+        Balance::new(UnboundedReceiverStream::new(rx))
+    }
+
+    /// Sends `req` through this thread's balancer (made on first use).
+    async fn balanced_call(&self, req: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
+        let mut req = Some(req);
+        let call = std::future::poll_fn(|cx| {
+            BALANCERS.with(|all| {
+                let mut all = all.borrow_mut();
+                let balancer = all.entry(self.id).or_insert_with(|| self.subscribe());
+                match balancer.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        Poll::Ready(Ok(balancer.call(req.take().expect("called once, when ready"))))
+                    }
+                    Poll::Ready(Err(e)) => {
+                        // A balancer that failed (its change stream ended) is rebuilt on next use.
+                        all.remove(&self.id);
+                        Poll::Ready(Err(e))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+        })
+        .await?;
+        call.await
+    }
+
     /// Replicas sitting out an ejection, which only a direct probe can bring back early.
     pub fn ejected(&self) -> Vec<Arc<EndpointState>> {
         self.states.load().iter().filter(|s| !s.is_ready()).cloned().collect()
@@ -341,32 +390,27 @@ pub struct Backend {
     /// Retries may add at most 20% to the calls (and 10 a second), so a sick
     /// plugin is not hit with a storm of them.
     pub budget: TpsBudget,
-    service: BackendService,
 }
 
 impl Backend {
     /// Builds the backend; discovery fills its endpoints (see [`crate::discover`]).
     pub fn new(plugin: Plugin, connect_timeout: Duration, metrics: &Metrics) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         let endpoints = Arc::new(Endpoints {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             plugin: plugin.name.as_str().into(),
             target: plugin.target_text.clone(),
             connect_timeout,
-            changes: tx,
+            subscribers: std::sync::Mutex::default(),
             states: ArcSwap::default(),
             metrics: metrics.clone(),
         });
-        let balance = Balance::new(UnboundedReceiverStream::new(rx));
-        let service = BoxCloneSyncService::new(Buffer::new(balance, BUFFER));
-        Self { plugin, endpoints, budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2), service }
+        Self { plugin, endpoints, budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2) }
     }
 
-    /// A metadata client over the balanced service (used to poll `ListAgents`).
+    /// A metadata client over the balanced replicas (used to poll `ListAgents`).
     pub fn metadata_client(&self) -> AgentMetadataServiceClient<MetadataService> {
-        AgentMetadataServiceClient::new(MetadataService {
-            endpoints: self.endpoints.clone(),
-            inner: self.service.clone(),
-        })
+        AgentMetadataServiceClient::new(MetadataService { endpoints: self.endpoints.clone() })
     }
 
     /// Sends one call to a ready replica, or fails at once with [`NoEndpoints`].
@@ -375,16 +419,15 @@ impl Backend {
     /// [`NoEndpoints`], or the connection error of the replica tried.
     pub async fn call(&self, req: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
         self.endpoints.any_ready()?;
-        self.service.clone().oneshot(req).await
+        self.endpoints.balanced_call(req).await
     }
 }
 
-/// The balanced service with errors as statuses, for the generated clients.
+/// The balanced replicas with errors as statuses, for the generated clients.
 /// (A concrete error type: tonic's client futures are not `Send` over a boxed one.)
 #[derive(Clone)]
 pub struct MetadataService {
     endpoints: Arc<Endpoints>,
-    inner: BackendService,
 }
 
 impl Service<http::Request<Body>> for MetadataService {
@@ -392,16 +435,16 @@ impl Service<http::Request<Body>> for MetadataService {
     type Error = tonic::Status;
     type Future = Pin<Box<dyn Future<Output = Result<http::Response<Body>, tonic::Status>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), tonic::Status>> {
-        self.inner.poll_ready(cx).map_err(to_status)
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), tonic::Status>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        if let Err(e) = self.endpoints.any_ready() {
-            return Box::pin(std::future::ready(Err(tonic::Status::unavailable(e.to_string()))));
-        }
-        let call = self.inner.call(req);
-        Box::pin(async move { call.await.map_err(to_status) })
+        let endpoints = self.endpoints.clone();
+        Box::pin(async move {
+            endpoints.any_ready().map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            endpoints.balanced_call(req).await.map_err(to_status)
+        })
     }
 }
 

@@ -39,7 +39,7 @@ fn main() -> ExitCode {
     if config.plugins.is_empty() {
         tracing::warn!("No plugin services are configured: every task type will answer NOT_FOUND");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match cli.common.runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("flotilla-gateway: cannot start the async runtime: {e}");

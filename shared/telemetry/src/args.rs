@@ -39,4 +39,23 @@ pub struct CommonArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Worker threads of the async runtime (default: one per CPU). One thread
+    /// costs the least CPU per call when the process has about one core to itself.
+    #[arg(long, value_name = "N", env = "FLOTILLA_THREADS")]
+    pub threads: Option<std::num::NonZeroUsize>,
+}
+
+impl CommonArgs {
+    /// The async runtime these flags ask for.
+    ///
+    /// # Errors
+    /// When the runtime cannot start (no threads can be spawned).
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = self.threads {
+            builder.worker_threads(n.get());
+        }
+        builder.enable_all().build()
+    }
 }
