@@ -10,23 +10,22 @@ The binary is `$FLOTILLA_BIN` when set, else `<repo>/target/debug/flotilla`.
 
 from __future__ import annotations
 
-import collections
 import os
 import queue
 import re
 import signal
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List
 
 import grpc
 import pytest
 from flyteidl.service import agent_pb2_grpc
+from pump import LinePump
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BIN = REPO_ROOT / "target" / "debug" / "flotilla"
@@ -45,65 +44,10 @@ OUTPUT_TAIL_LINES = 200
 _SERVICE_LINE = re.compile(r"^(?P<name>\S+)\s+grpc=(?P<grpc>\S+)\s+admin=(?P<admin>\S+)")
 _UP_LINE = re.compile(r"^flotilla is up\b")
 _UP_TARGET = re.compile(r"\bat\s+(?P<addr>\S+)")
-_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 # Never let an ambient http(s)_proxy setting divert loopback traffic.
 _GRPC_BASE_OPTIONS = [("grpc.enable_http_proxy", 0)]
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-class _LinePump:
-    """Reads a child's pipe line by line on a daemon thread.
-
-    Every line is kept in a bounded tail for failure messages. Until
-    `stop_forwarding()` is called, lines are also handed to the consumer
-    through a queue (None marks end of stream). The thread keeps draining the
-    pipe for the child's whole life, so a chatty child never blocks on a full
-    pipe.
-    """
-
-    def __init__(self, stream, name: str, forward: bool) -> None:
-        self._stream = stream
-        self._lock = threading.Lock()
-        self._tail: collections.deque = collections.deque(maxlen=OUTPUT_TAIL_LINES)
-        self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
-        self._forward = forward
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for raw in iter(self._stream.readline, b""):
-                line = _ANSI_ESCAPE.sub("", raw.decode("utf-8", "replace")).rstrip("\r\n")
-                with self._lock:
-                    self._tail.append(line)
-                    forward = self._forward
-                if forward:
-                    self._queue.put(line)
-        except (OSError, ValueError):
-            pass  # pipe closed underneath us during teardown
-        finally:
-            self._queue.put(None)
-
-    def next_line(self, timeout: float) -> Optional[str]:
-        """The next line, None at end of stream; raises queue.Empty on timeout."""
-        return self._queue.get(timeout=max(timeout, 0.0))
-
-    def stop_forwarding(self) -> None:
-        with self._lock:
-            self._forward = False
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                return
-
-    def tail(self) -> str:
-        with self._lock:
-            return "\n".join(self._tail)
-
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
 
 
 @dataclass(frozen=True)
@@ -116,8 +60,8 @@ class ServiceAddrs:
 class Fleet:
     process: subprocess.Popen
     services: Dict[str, ServiceAddrs]
-    stdout: _LinePump
-    stderr: _LinePump
+    stdout: LinePump
+    stderr: LinePump
     argv: List[str] = field(default_factory=list)
 
     @property
@@ -266,8 +210,8 @@ def fleet() -> Iterator[Fleet]:
     fleet = Fleet(
         process=proc,
         services={},
-        stdout=_LinePump(proc.stdout, "flotilla-stdout", forward=True),
-        stderr=_LinePump(proc.stderr, "flotilla-stderr", forward=False),
+        stdout=LinePump(proc.stdout, "flotilla-stdout", forward=True, tail_lines=OUTPUT_TAIL_LINES),
+        stderr=LinePump(proc.stderr, "flotilla-stderr", forward=False, tail_lines=OUTPUT_TAIL_LINES),
         argv=argv,
     )
     try:

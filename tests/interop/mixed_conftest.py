@@ -19,7 +19,6 @@ The test module imports the `mixed_fleet` fixture from here.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import queue
@@ -28,7 +27,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -42,6 +40,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flyteidl.admin import agent_pb2
 from flyteidl.service import agent_pb2_grpc
+from pump import LinePump
 
 INTEROP_DIR = Path(__file__).resolve().parent
 REPO_ROOT = INTEROP_DIR.parents[1]
@@ -59,69 +58,10 @@ POLL_INTERVAL_S = 0.1
 REFRESH_INTERVAL = "500ms"
 OUTPUT_TAIL_LINES = 300
 
-_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _SOME = re.compile(r"^Some\((?P<addr>.*)\)$")
 # Never let an ambient http(s)_proxy setting divert loopback traffic.
 GRPC_OPTIONS = [("grpc.enable_http_proxy", 0)]
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-class _Pump:
-    """Drains a child's merged stdout/stderr on a daemon thread.
-
-    Keeps a bounded tail for failure messages. Until `stop_forwarding()`, every
-    line is also handed to `next_line` through a queue (used while the fleet
-    starts). The thread drains the pipe for the child's whole life, so a chatty
-    child never blocks on a full pipe.
-    """
-
-    def __init__(self, stream, name: str) -> None:
-        self._stream = stream
-        self._lock = threading.Lock()
-        self._tail: collections.deque = collections.deque(maxlen=OUTPUT_TAIL_LINES)
-        self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
-        self._forward = True
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for raw in iter(self._stream.readline, b""):
-                line = _ANSI_ESCAPE.sub("", raw.decode("utf-8", "replace")).rstrip("\r\n")
-                with self._lock:
-                    self._tail.append(line)
-                    forward = self._forward
-                if forward:
-                    self._queue.put(line)
-        except (OSError, ValueError):
-            pass  # pipe closed underneath us during teardown
-        finally:
-            self._queue.put(None)
-
-    def next_line(self, timeout: float) -> Optional[str]:
-        """The next line, None at end of stream; raises queue.Empty on timeout."""
-        return self._queue.get(timeout=max(timeout, 0.0))
-
-    def stop_forwarding(self) -> None:
-        with self._lock:
-            self._forward = False
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                return
-
-    def tail(self) -> str:
-        with self._lock:
-            return "\n".join(self._tail)
-
-    def contains(self, needle: str) -> List[str]:
-        """The tail's lines that contain `needle`."""
-        with self._lock:
-            return [line for line in self._tail if needle in line]
-
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
 
 
 @dataclass
@@ -131,7 +71,7 @@ class Child:
     name: str
     argv: List[str]
     process: subprocess.Popen
-    output: _Pump
+    output: LinePump
     retired: bool = False  # exited during startup and replaced by a new attempt
 
     def describe(self) -> str:
@@ -225,7 +165,7 @@ def _start(fleet: MixedFleet, name: str, argv: List[str], env: Dict[str, str], c
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    child = Child(name=name, argv=argv, process=process, output=_Pump(process.stdout, f"{name}-output"))
+    child = Child(name=name, argv=argv, process=process, output=LinePump(process.stdout, f"{name}-output", tail_lines=OUTPUT_TAIL_LINES))
     fleet.children.append(child)
     return child
 
