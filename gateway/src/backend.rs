@@ -215,9 +215,7 @@ fn note_failure(
 
 /// The gRPC status of a trailers-only answer, if the headers carry one.
 pub fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
-    let v = headers.get("grpc-status")?;
-    let n: i32 = std::str::from_utf8(v.as_bytes()).ok()?.parse().ok()?;
-    Some(tonic::Code::from_i32(n))
+    headers.get("grpc-status").map(|v| tonic::Code::from_bytes(v.as_bytes()))
 }
 
 /// Whether an error proves the request never reached a replica: the

@@ -189,11 +189,11 @@ impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "listen = {}\nadmin_listen = {}", self.listen, self.admin_listen)?;
         writeln!(f, "max_request_bytes = {}", self.max_request_bytes)?;
-        writeln!(f, "refresh_interval = {}", humantime::format_duration(self.refresh_interval))?;
+        writeln!(f, "refresh_interval = {}", HumanDuration(self.refresh_interval))?;
         for p in &self.plugins {
             write!(f, "plugin {:?}: {}", p.name, p.target_text)?;
             if let Some(t) = p.timeout {
-                write!(f, ", timeout {}", humantime::format_duration(t))?;
+                write!(f, ", timeout {}", HumanDuration(t))?;
             }
             if !p.pins.is_empty() {
                 let pins: Vec<String> = p.pins.iter().map(ToString::to_string).collect();
@@ -202,12 +202,6 @@ impl fmt::Display for Config {
             writeln!(f)?;
         }
         Ok(())
-    }
-}
-
-mod humantime {
-    pub(super) fn format_duration(d: std::time::Duration) -> String {
-        flotilla_telemetry::config::HumanDuration(d).to_string()
     }
 }
 

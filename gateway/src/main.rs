@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use flotilla_gateway::Config;
-use flotilla_telemetry::{CommonArgs, Shutdown, config::process_env};
+use flotilla_telemetry::{CommonArgs, config::process_env};
 
 /// The Flotilla routing gateway: one gRPC endpoint serving Flyte's agent
 /// services, routing each task type to the plugin service that runs it.
@@ -39,34 +39,12 @@ fn main() -> ExitCode {
     if config.plugins.is_empty() {
         tracing::warn!("No plugin services are configured: every task type will answer NOT_FOUND");
     }
-    let runtime = match cli.common.runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("flotilla-gateway: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
-        let (grpc, admin) = match flotilla_sdk::bind_pair(config.listen, config.admin_listen).await {
-            Ok(pair) => pair,
-            Err(e) => {
-                eprintln!("flotilla-gateway: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let shutdown = Shutdown::new();
-        let trigger = shutdown.clone();
-        tokio::spawn(async move {
-            flotilla_telemetry::signal().await;
-            trigger.trigger();
-        });
-        tracing::info!(grpc = ?grpc.local_addr().ok(), admin = ?admin.local_addr().ok(), "flotilla-gateway listening");
-        match flotilla_gateway::run(config, grpc, admin, shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("flotilla-gateway: {}", flotilla_telemetry::error_chain(&e));
-                ExitCode::FAILURE
-            }
-        }
-    })
+    let (listen, admin_listen) = (config.listen, config.admin_listen);
+    flotilla_sdk::run_process(
+        "flotilla-gateway",
+        &cli.common,
+        listen,
+        admin_listen,
+        |grpc, admin, shutdown| flotilla_gateway::run(config, grpc, admin, shutdown),
+    )
 }

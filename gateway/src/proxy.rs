@@ -215,7 +215,7 @@ impl Proxy {
         let expired = |d: Duration| {
             Status::deadline_exceeded(format!(
                 "{which} of {} passed before plugin {:?} answered",
-                fmt_duration(d),
+                flotilla_telemetry::config::HumanDuration(d),
                 backend.plugin.name
             ))
         };
@@ -305,10 +305,6 @@ fn method_uri(method: Method) -> http::Uri {
         Method::ExecuteTaskSync => paths::EXECUTE_TASK_SYNC,
     };
     http::Uri::from_static(path)
-}
-
-fn fmt_duration(d: Duration) -> String {
-    flotilla_telemetry::config::HumanDuration(d).to_string()
 }
 
 fn request_id() -> HeaderValue {
@@ -407,8 +403,7 @@ struct Observation {
 
 impl Observation {
     fn record(&self, grpc_status: &[u8]) {
-        let code = std::str::from_utf8(grpc_status).ok().and_then(|s| s.parse::<i32>().ok()).unwrap_or(2);
-        self.metrics.record(self.method, code, self.started);
+        self.metrics.record(self.method, tonic::Code::from_bytes(grpc_status) as i32, self.started);
     }
 }
 

@@ -17,19 +17,6 @@ use crate::support::*;
 
 const GET_OK: &str = "flyte_agent_requests_success_total{operation=\"get\",task_type=\"echo\"}";
 
-async fn create(gw: &RunningGateway) -> Vec<u8> {
-    gw.async_client()
-        .create_task(admin::CreateTaskRequest {
-            inputs: Some(inputs(1)),
-            template: Some(echo_template("echo", &[])),
-            ..Default::default()
-        })
-        .await
-        .expect("create succeeds")
-        .into_inner()
-        .resource_meta
-}
-
 async fn get(gw: &RunningGateway, meta: &[u8]) -> Result<admin::Resource, tonic::Status> {
     gw.async_client()
         .get_task(admin::GetTaskRequest {

@@ -5,7 +5,6 @@
 use std::{net::SocketAddr, time::Duration};
 
 use flotilla_echo::Echo;
-use flotilla_proto::admin;
 use flotilla_sdk::ServeOptions;
 use flotilla_telemetry::config::HumanDuration;
 use flotilla_testkit::{
@@ -69,18 +68,6 @@ async fn dns_gateway(discovery: String, dns: &Dnsmasq) -> RunningGateway {
     spawn_gateway(vec![p], |c| c.dns_ttl_floor = HumanDuration(Duration::from_millis(200))).await
 }
 
-async fn create_meta(gw: &RunningGateway) -> Vec<u8> {
-    gw.async_client()
-        .create_task(admin::CreateTaskRequest {
-            template: Some(echo_template("echo", &[])),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .resource_meta
-}
-
 #[tokio::test]
 async fn a_records_spread_calls_and_follow_replicas_leaving_and_joining() {
     let (replicas, port) = replicas_on_one_port().await;
@@ -88,7 +75,7 @@ async fn a_records_spread_calls_and_follow_replicas_leaving_and_joining() {
     let mut dns = Dnsmasq::start(&a_zone(&all)).await;
     let gw = dns_gateway(format!("dns://echo.flotilla.test:{port}"), &dns).await;
     wait_discovered(&gw, 3.0).await;
-    let meta = create_meta(&gw).await;
+    let meta = create(&gw).await;
 
     gets(&gw, &meta, 90).await;
     let spread = counts(&replicas).await;
@@ -135,7 +122,7 @@ async fn srv_records_and_their_targets_are_followed() {
     let mut dns = Dnsmasq::start(&zone(3)).await;
     let gw = dns_gateway("srv://_grpc._tcp.echo.flotilla.test".into(), &dns).await;
     wait_discovered(&gw, 3.0).await;
-    let meta = create_meta(&gw).await;
+    let meta = create(&gw).await;
     gets(&gw, &meta, 90).await;
     let spread = counts(&replicas).await;
     assert!(spread.iter().all(|&c| c > 0.0), "every SRV target serves a share: {spread:?}");
@@ -154,7 +141,7 @@ async fn a_failed_lookup_keeps_the_last_good_replicas() {
     let mut dns = Dnsmasq::start(&a_zone(&all)).await;
     let gw = dns_gateway(format!("dns://echo.flotilla.test:{port}"), &dns).await;
     wait_discovered(&gw, 3.0).await;
-    let meta = create_meta(&gw).await;
+    let meta = create(&gw).await;
 
     // The name disappears (NXDOMAIN): the gateway keeps serving from what it knew.
     dns.set(&Zone {

@@ -139,6 +139,20 @@ pub(crate) async fn gets(gw: &RunningGateway, meta: &[u8], n: usize) {
     }
 }
 
+/// Creates an echo task (inputs: n = 1) through the gateway and returns its resource_meta.
+pub(crate) async fn create(gw: &RunningGateway) -> Vec<u8> {
+    gw.async_client()
+        .create_task(admin::CreateTaskRequest {
+            inputs: Some(inputs(1)),
+            template: Some(echo_template("echo", &[])),
+            ..Default::default()
+        })
+        .await
+        .expect("create succeeds")
+        .into_inner()
+        .resource_meta
+}
+
 pub(crate) fn category(name: &str) -> Option<admin::TaskCategory> {
     Some(admin::TaskCategory { name: name.into(), version: 0 })
 }

@@ -143,6 +143,26 @@ where
         return ExitCode::SUCCESS;
     }
 
+    run_process(name, &flags, config.listen, config.admin_listen, |grpc, admin, shutdown| {
+        serve(plugin, grpc, admin, config.serve_options(), shutdown)
+    })
+}
+
+/// The life of a server process around `serve`: the async runtime the flags
+/// ask for, both listeners bound (naming the one that cannot be), shutdown on
+/// SIGTERM or Ctrl-C. Exits 0 when `serve` returns cleanly, 1 on any failure.
+pub fn run_process<F, Fut, E>(
+    name: &str,
+    flags: &CommonArgs,
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    serve: F,
+) -> ExitCode
+where
+    F: FnOnce(TcpListener, TcpListener, Shutdown) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::error::Error,
+{
     let runtime = match flags.runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -151,25 +171,22 @@ where
         }
     };
     runtime.block_on(async move {
-        let (grpc, admin) = match bind_pair(config.listen, config.admin_listen).await {
+        let (grpc, admin) = match bind_pair(listen, admin_listen).await {
             Ok(pair) => pair,
             Err(e) => {
                 eprintln!("{name}: {e}");
                 return ExitCode::FAILURE;
             }
         };
-        tracing::info!(
-            grpc = %grpc.local_addr().map_or_else(|_| config.listen.to_string(), |a| a.to_string()),
-            admin = %admin.local_addr().map_or_else(|_| config.admin_listen.to_string(), |a| a.to_string()),
-            "{name} listening"
-        );
+        let shown = |l: &TcpListener, fallback: SocketAddr| l.local_addr().unwrap_or(fallback);
+        tracing::info!(grpc = %shown(&grpc, listen), admin = %shown(&admin, admin_listen), "{name} listening");
         let shutdown = Shutdown::new();
         let trigger = shutdown.clone();
         tokio::spawn(async move {
             flotilla_telemetry::signal().await;
             trigger.trigger();
         });
-        match serve(plugin, grpc, admin, config.serve_options(), shutdown).await {
+        match serve(grpc, admin, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("{name}: {}", flotilla_telemetry::error_chain(&e));
