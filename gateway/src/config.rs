@@ -190,10 +190,21 @@ impl fmt::Display for Config {
         writeln!(f, "listen = {}\nadmin_listen = {}", self.listen, self.admin_listen)?;
         writeln!(f, "max_request_bytes = {}", self.max_request_bytes)?;
         writeln!(f, "refresh_interval = {}", HumanDuration(self.refresh_interval))?;
+        writeln!(f, "dns_ttl_floor = {}", HumanDuration(self.dns_ttl_floor))?;
+        writeln!(f, "dns_ttl_ceiling = {}", HumanDuration(self.dns_ttl_ceiling))?;
         for p in &self.plugins {
             write!(f, "plugin {:?}: {}", p.name, p.target_text)?;
+            if let Some(ns) = p.nameserver {
+                write!(f, ", nameserver {ns}")?;
+            }
             if let Some(t) = p.timeout {
                 write!(f, ", timeout {}", HumanDuration(t))?;
+            }
+            let mut per_method: Vec<String> =
+                p.timeouts.iter().map(|(m, t)| format!("{m} {}", HumanDuration(*t))).collect();
+            per_method.sort();
+            if !per_method.is_empty() {
+                write!(f, ", timeouts {}", per_method.join(", "))?;
             }
             if !p.pins.is_empty() {
                 let pins: Vec<String> = p.pins.iter().map(ToString::to_string).collect();
