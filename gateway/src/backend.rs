@@ -177,9 +177,10 @@ impl Service<http::Request<Body>> for Ejecting {
         let state = self.state.clone();
         let plugin = self.plugin.clone();
         let ejections = self.ejections.clone();
-        let call = self.inner.call(req);
+        // `send` straight away: one boxed future per call, not one per layer.
+        let inner = self.inner.clone();
         Box::pin(async move {
-            let result = call.await.map_err(BoxError::from);
+            let result = inner.send(req).await.map_err(BoxError::from);
             match &result {
                 Ok(resp) if grpc_status(resp.headers()) == Some(tonic::Code::Unavailable) => {
                     note_failure(&state, &plugin, &ejections, false, "answered UNAVAILABLE");

@@ -357,7 +357,11 @@ async fn read_request(mut body: Body, limit: usize, streaming: bool) -> Result<B
         }
         chunks.push(data);
         if need.is_none() && have >= FRAME_HEADER_LEN {
-            need = Some(message_end(&first_bytes(&chunks, FRAME_HEADER_LEN)));
+            // Almost always the first chunk holds the whole header: no copy then.
+            need = Some(match chunks.first() {
+                Some(c) if c.len() >= FRAME_HEADER_LEN => message_end(c),
+                _ => message_end(&first_bytes(&chunks, FRAME_HEADER_LEN)),
+            });
         }
         // A unary body holds one message: refuse more at once rather than buffer it.
         if !streaming && need.is_some_and(|n| have > n) {
