@@ -37,13 +37,6 @@ pub struct Key<'a> {
     pub version: i32,
 }
 
-impl Key<'_> {
-    /// An owned [`Category`].
-    pub fn to_category(self) -> Category {
-        Category::new(self.name, self.version)
-    }
-}
-
 impl fmt::Display for Key<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} v{}", self.name, self.version)
