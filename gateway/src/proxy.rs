@@ -96,6 +96,8 @@ impl Method {
 
 /// One plugin's call metrics, resolved once so the request path never looks labels up.
 struct PluginMetrics {
+    /// The plugin's name (`none` for calls answered before routing), for logs.
+    plugin: Arc<str>,
     /// By method, then by gRPC code (0..=16).
     calls: Vec<Vec<prometheus::IntCounter>>,
     /// By method.
@@ -117,13 +119,16 @@ impl PluginMetrics {
             .collect();
         let durations =
             Method::ALL.iter().map(|m| metrics.duration.with_label_values(&[plugin, m.name()])).collect();
-        Arc::new(Self { calls, durations })
+        Arc::new(Self { plugin: plugin.into(), calls, durations })
     }
 
-    fn record(&self, method: Method, code: i32, started: Instant) {
+    /// Counts a finished call and logs it (see [`log_call`]).
+    fn record(&self, method: Method, code: i32, call: &CallLog, message: &str) {
         let code = usize::try_from(code).ok().filter(|c| *c <= 16).unwrap_or(tonic::Code::Unknown as usize);
+        let elapsed = call.started.elapsed();
         self.calls[method as usize][code].inc();
-        self.durations[method as usize].observe(started.elapsed().as_secs_f64());
+        self.durations[method as usize].observe(elapsed.as_secs_f64());
+        log_call(call, method, &self.plugin, code, elapsed, message);
     }
 }
 
@@ -147,19 +152,35 @@ impl Proxy {
     }
 
     async fn handle(self: Arc<Self>, req: Request<Body>) -> Response<Body> {
-        let started = Instant::now();
-        let Some(method) = Method::from_path(req.uri().path()) else {
-            let status = Status::unimplemented(format!("unknown method {}", req.uri().path()));
+        let (mut parts, body) = req.into_parts();
+        // The caller's request id when it sent a usable one, else a new one;
+        // the plugin service gets it too, and both log it.
+        let request_id = match parts.headers.get(REQUEST_ID) {
+            Some(v) if valid_request_id(v.as_bytes()) => v.clone(),
+            _ => {
+                let id = new_request_id();
+                parts.headers.insert(REQUEST_ID, id.clone());
+                id
+            }
+        };
+        let mut call = CallLog { request_id, task_type: Bytes::new(), started: Instant::now() };
+        let Some(method) = Method::from_path(parts.uri.path()) else {
+            let status = Status::unimplemented(format!("unknown method {}", parts.uri.path()));
             self.metrics.requests.with_label_values(&["none", "unknown", code_name(status.code())]).inc();
+            tracing::info!(
+                request_id = call.request_id(),
+                method = parts.uri.path(),
+                code = code_name(status.code()),
+                "Unknown method"
+            );
             return status.into_http();
         };
         self.metrics.in_flight.inc();
-        let response = match self.forward(method, req, started).await {
+        let response = match self.forward(method, parts, body, &mut call).await {
             Ok(r) => r,
             Err((backend, status)) => {
                 let metrics = backend.map_or(&self.unrouted, |i| &self.by_plugin[i]);
-                metrics.record(method, status.code() as i32, started);
-                tracing::debug!(method = method.name(), code = ?status.code(), message = status.message(), "Answered by the gateway");
+                metrics.record(method, status.code() as i32, &call, status.message());
                 status.into_http()
             }
         };
@@ -170,11 +191,12 @@ impl Proxy {
     async fn forward(
         &self,
         method: Method,
-        req: Request<Body>,
-        started: Instant,
+        parts: http::request::Parts,
+        body: Body,
+        call: &mut CallLog,
     ) -> Result<Response<Body>, (Option<usize>, Status)> {
         let none = |s: Status| (None, s);
-        let (parts, body) = req.into_parts();
+        let started = call.started;
         let request = read_request(body, self.max_request_bytes, method == Method::ExecuteTaskSync)
             .await
             .map_err(none)?;
@@ -190,6 +212,8 @@ impl Proxy {
                 KeyError::Missing(m) => Status::invalid_argument(m),
             })
         })?;
+        // No copy: a view into the request's bytes, kept for the log line.
+        call.task_type = request.slice_ref(key.name.as_bytes());
         let state = self.fleet.state();
         let Some(index) = state.routes.lookup(key) else {
             let known = state.routes.known();
@@ -219,11 +243,7 @@ impl Proxy {
                 backend.plugin.name
             ))
         };
-        let mut headers = parts.headers;
-        if !headers.contains_key(REQUEST_ID) {
-            headers.insert(REQUEST_ID, request_id());
-        }
-
+        let headers = parts.headers;
         backend.budget.deposit();
         let mut attempt = 1;
         loop {
@@ -244,13 +264,13 @@ impl Proxy {
                 let value = HeaderValue::from_str(&format_grpc_timeout(r)).expect("digits and a unit letter");
                 req.headers_mut().insert("grpc-timeout", value);
             }
-            let call = backend.call(req);
+            let sent = backend.call(req);
             let result = match (remaining, deadline) {
-                (Some(r), Some(d)) => match tokio::time::timeout(r, call).await {
+                (Some(r), Some(d)) => match tokio::time::timeout(r, sent).await {
                     Ok(result) => result,
                     Err(_) => return Err((Some(index), expired(d))),
                 },
-                _ => call.await,
+                _ => sent.await,
             };
             // Retry only what cannot start a second job: idempotent methods after a
             // failure, anything when the request provably never reached a replica.
@@ -268,12 +288,12 @@ impl Proxy {
                 && backend.budget.withdraw()
             {
                 self.metrics.retries.with_label_values(&[plugin, method.name(), reason]).inc();
-                tracing::debug!(plugin = %plugin, method = method.name(), attempt, reason, "Retrying on another replica");
+                tracing::debug!(request_id = call.request_id(), plugin = %plugin, method = method.name(), attempt, reason, "Retrying on another replica");
                 attempt += 1;
                 continue;
             }
             let response = result.map_err(|e| (Some(index), unreachable_status(&backend.plugin, &e)))?;
-            return Ok(self.observe(response, index, method, started));
+            return Ok(self.observe(response, index, method, call));
         }
     }
 
@@ -284,11 +304,16 @@ impl Proxy {
         response: Response<Body>,
         index: usize,
         method: Method,
-        started: Instant,
+        call: &mut CallLog,
     ) -> Response<Body> {
-        let observation = Observation { metrics: self.by_plugin[index].clone(), method, started };
+        let call = CallLog {
+            request_id: call.request_id.clone(),
+            task_type: std::mem::take(&mut call.task_type),
+            started: call.started,
+        };
+        let observation = Observation { metrics: self.by_plugin[index].clone(), method, call };
         if let Some(code) = response.headers().get("grpc-status") {
-            observation.record(code.as_bytes());
+            observation.record(code.as_bytes(), response.headers().get("grpc-message"));
             return response;
         }
         response.map(|body| Body::new(Observed { inner: body, observation: Some(observation) }))
@@ -307,12 +332,85 @@ fn method_uri(method: Method) -> http::Uri {
     http::Uri::from_static(path)
 }
 
-fn request_id() -> HeaderValue {
-    use std::sync::atomic::{AtomicU64, Ordering};
+/// Longest caller-sent request id the gateway passes on; a longer one is replaced.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Whether a caller's `x-request-id` can be passed on and logged as it is:
+/// 1 to [`MAX_REQUEST_ID_LEN`] bytes of visible ASCII (no spaces or controls).
+pub fn valid_request_id(id: &[u8]) -> bool {
+    !id.is_empty() && id.len() <= MAX_REQUEST_ID_LEN && id.iter().all(|b| b.is_ascii_graphic())
+}
+
+/// A new request id, `gw-<process tag>-<sequence>` in hex: unique across
+/// gateway replicas (the tag is random per process; pids repeat in containers).
+fn new_request_id() -> HeaderValue {
+    use std::{
+        io::Write as _,
+        sync::{
+            OnceLock,
+            atomic::{AtomicU64, Ordering},
+        },
+    };
+    static TAG: OnceLock<u64> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
+    let tag = *TAG.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.finish() & 0xffff_ffff_ffff
+    });
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let pid = std::process::id();
-    HeaderValue::from_str(&format!("gw-{pid:x}-{n:x}")).expect("hex digits and dashes")
+    let mut buf = [0u8; 40];
+    let mut out = &mut buf[..];
+    let _ = write!(out, "gw-{tag:012x}-{n:x}"); // at most 3 + 12 + 1 + 16 bytes
+    let len = 40 - out.len();
+    HeaderValue::from_bytes(&buf[..len]).expect("hex digits and dashes")
+}
+
+/// What the log line of a call says about it, gathered as the call goes.
+struct CallLog {
+    request_id: HeaderValue,
+    /// The routing key's task type: a view into the request's bytes (no copy).
+    task_type: Bytes,
+    started: Instant,
+}
+
+impl CallLog {
+    fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or("")
+    }
+
+    fn task_type(&self) -> &str {
+        std::str::from_utf8(&self.task_type).unwrap_or("")
+    }
+}
+
+/// One line per finished call: `debug` when it succeeded, `info` when not.
+/// The plugin service logs the same `request_id` for the same call.
+fn log_call(call: &CallLog, method: Method, plugin: &str, code: usize, elapsed: Duration, message: &str) {
+    let code_text = code_name(tonic::Code::from_i32(code as i32));
+    if code == 0 {
+        tracing::debug!(
+            request_id = call.request_id(),
+            method = method.name(),
+            plugin,
+            task_type = call.task_type(),
+            code = code_text,
+            duration_us = elapsed.as_micros() as u64,
+            "Call forwarded"
+        );
+    } else {
+        tracing::info!(
+            request_id = call.request_id(),
+            method = method.name(),
+            plugin,
+            task_type = call.task_type(),
+            code = code_text,
+            duration_us = elapsed.as_micros() as u64,
+            message,
+            "Call failed"
+        );
+    }
 }
 
 /// A status for a call that could not reach the plugin.
@@ -402,12 +500,14 @@ fn concat(chunks: &[Bytes], len: usize) -> Bytes {
 struct Observation {
     metrics: Arc<PluginMetrics>,
     method: Method,
-    started: Instant,
+    call: CallLog,
 }
 
 impl Observation {
-    fn record(&self, grpc_status: &[u8]) {
-        self.metrics.record(self.method, tonic::Code::from_bytes(grpc_status) as i32, self.started);
+    /// Records the call with its `grpc-status` (and `grpc-message`, when there is one).
+    fn record(&self, grpc_status: &[u8], message: Option<&HeaderValue>) {
+        let message = message.and_then(|m| m.to_str().ok()).unwrap_or("");
+        self.metrics.record(self.method, tonic::Code::from_bytes(grpc_status) as i32, &self.call, message);
     }
 }
 
@@ -422,7 +522,7 @@ pin_project_lite::pin_project! {
     impl PinnedDrop for Observed {
         fn drop(this: Pin<&mut Self>) {
             if let Some(o) = this.project().observation.take() {
-                o.record(b"1"); // the caller went away before the end: CANCELLED
+                o.record(b"1", None); // the caller went away before the end: CANCELLED
             }
         }
     }
@@ -440,17 +540,18 @@ impl http_body::Body for Observed {
                 if let Some(trailers) = frame.trailers_ref()
                     && let Some(o) = this.observation.take()
                 {
-                    o.record(trailers.get("grpc-status").map_or(&b"2"[..], |v| v.as_bytes()));
+                    let code = trailers.get("grpc-status").map_or(&b"2"[..], |v| v.as_bytes());
+                    o.record(code, trailers.get("grpc-message"));
                 }
             }
             Poll::Ready(Some(Err(_))) => {
                 if let Some(o) = this.observation.take() {
-                    o.record(b"14");
+                    o.record(b"14", None);
                 }
             }
             Poll::Ready(None) => {
                 if let Some(o) = this.observation.take() {
-                    o.record(b"2");
+                    o.record(b"2", None);
                 }
             }
             Poll::Pending => {}
@@ -463,28 +564,9 @@ impl http_body::Body for Observed {
     }
 }
 
-/// The gRPC code's canonical name, for metric labels.
+/// The gRPC code's canonical name, for metric labels and logs.
 pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
+    flotilla_sdk::wire::code_name(code)
 }
 
 macro_rules! named_proxy {
@@ -520,3 +602,29 @@ macro_rules! named_proxy {
 
 named_proxy!(AsyncProxy, "flyteidl.service.AsyncAgentService");
 named_proxy!(SyncProxy, "flyteidl.service.SyncAgentService");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caller_request_ids_must_be_short_visible_ascii() {
+        assert!(valid_request_id(b"abc-123_X.Y:z/=+"));
+        assert!(valid_request_id("x".repeat(MAX_REQUEST_ID_LEN).as_bytes()));
+        assert!(!valid_request_id("x".repeat(MAX_REQUEST_ID_LEN + 1).as_bytes()));
+        assert!(!valid_request_id(b""));
+        assert!(!valid_request_id(b"has space"));
+        assert!(!valid_request_id(b"tab\there"));
+        assert!(!valid_request_id("caf\u{e9}".as_bytes()));
+    }
+
+    #[test]
+    fn generated_request_ids_are_valid_and_distinct() {
+        let (a, b) = (new_request_id(), new_request_id());
+        assert_ne!(a, b);
+        for id in [a, b] {
+            assert!(valid_request_id(id.as_bytes()), "{id:?}");
+            assert!(id.to_str().unwrap().starts_with("gw-"), "{id:?}");
+        }
+    }
+}

@@ -35,7 +35,7 @@ impl Drop for EchoProcess {
     }
 }
 
-fn echo_binary() -> PathBuf {
+pub(crate) fn echo_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps/<test>");
     let bin = dir.join("flotilla-echo");

@@ -101,11 +101,14 @@ impl<P: Plugin> Services<P> {
         Self { plugin, table: Arc::new(table), metrics }
     }
 
-    /// Resolves the agent, calls `f`, and records the outcome under `op`.
+    /// Resolves the agent, calls `f`, records the outcome under `op` (flytekit's
+    /// metrics, when the method has them), and logs one line per call: at `debug`
+    /// when it succeeded, at `info` when not, with the caller's request id.
     async fn instrumented<T, Fut>(
         &self,
-        op: Operation,
-        category: Category,
+        method: &'static str,
+        op: Option<Operation>,
+        category: Result<Category, Status>,
         want_sync: bool,
         metadata: &MetadataMap,
         f: impl FnOnce(Call) -> Fut,
@@ -114,6 +117,13 @@ impl<P: Plugin> Services<P> {
         Fut: Future<Output = Result<T, PluginError>>,
     {
         let started = Instant::now();
+        let category = match category {
+            Ok(c) => c,
+            Err(status) => {
+                log_call(request_id(metadata), method, None, Some(&status), started);
+                return Err(status);
+            }
+        };
         let result = match self.table.resolve(&category, want_sync) {
             Ok(_) => {
                 let call = call_for(category.clone(), metadata, started);
@@ -121,12 +131,49 @@ impl<P: Plugin> Services<P> {
             }
             Err(status) => Err(status),
         };
-        let code = result.as_ref().err().map(Status::code);
-        self.metrics.observe(&category.name, op, started.elapsed().as_secs_f64(), code);
-        if let Err(status) = &result {
-            tracing::debug!(task = %category, code = ?status.code(), message = status.message(), "Agent call failed");
+        if let Some(op) = op {
+            let code = result.as_ref().err().map(Status::code);
+            self.metrics.observe(&category.name, op, started.elapsed().as_secs_f64(), code);
         }
+        log_call(request_id(metadata), method, Some(&category), result.as_ref().err(), started);
         result
+    }
+}
+
+/// The caller's request id (`x-request-id`), if it sent a readable one.
+fn request_id(metadata: &MetadataMap) -> Option<&str> {
+    metadata.get(REQUEST_ID).and_then(|v| v.to_str().ok())
+}
+
+/// One line per finished call: `debug` when it succeeded, `info` when not.
+/// The fields match the gateway's line for the same call (same `request_id`).
+fn log_call(
+    request_id: Option<&str>,
+    method: &'static str,
+    category: Option<&Category>,
+    error: Option<&Status>,
+    started: Instant,
+) {
+    let request_id = request_id.unwrap_or("");
+    let task_type = category.map_or("", |c| c.name.as_str());
+    match error {
+        None => tracing::debug!(
+            request_id,
+            method,
+            task_type,
+            code = "OK",
+            duration_us = started.elapsed().as_micros() as u64,
+            "Call served"
+        ),
+        Some(status) => tracing::info!(
+            request_id,
+            method,
+            task_type,
+            code = crate::wire::code_name(status.code()),
+            duration_us = started.elapsed().as_micros() as u64,
+            message = status.message(),
+            "Call failed"
+        ),
     }
 }
 
@@ -135,7 +182,7 @@ fn call_for(category: Category, metadata: &MetadataMap, started: Instant) -> Cal
         .get("grpc-timeout")
         .and_then(|v| parse_grpc_timeout(v.as_bytes()))
         .and_then(|d| started.checked_add(d));
-    let request_id = metadata.get(REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let request_id = request_id(metadata).map(str::to_owned);
     Call { category, deadline, request_id }
 }
 
@@ -163,14 +210,19 @@ impl<P: Plugin> AsyncAgentService for Services<P> {
         request: Request<admin::CreateTaskRequest>,
     ) -> Result<Response<admin::CreateTaskResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
-        let category = template_category(req.template.as_ref())?;
-        if let Some(inputs) = &req.inputs {
+        let category = template_category(req.template.as_ref());
+        if let (Ok(category), Some(inputs)) = (&category, &req.inputs) {
             self.metrics.input_bytes(&category.name, inputs.encoded_len());
         }
         let plugin = self.plugin.clone();
-        self.instrumented(Operation::Create, category, false, &metadata, |call| async move {
-            plugin.create(&call, req).await
-        })
+        self.instrumented(
+            "CreateTask",
+            Some(Operation::Create),
+            category,
+            false,
+            &metadata,
+            |call| async move { plugin.create(&call, req).await },
+        )
         .await
         .map(Response::new)
     }
@@ -181,10 +233,10 @@ impl<P: Plugin> AsyncAgentService for Services<P> {
     ) -> Result<Response<admin::GetTaskResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
         #[allow(deprecated)]
-        let category = addressed(req.task_category.as_ref(), &req.task_type)?;
+        let category = addressed(req.task_category.as_ref(), &req.task_type);
         let plugin = self.plugin.clone();
         let resource = self
-            .instrumented(Operation::Get, category, false, &metadata, |call| async move {
+            .instrumented("GetTask", Some(Operation::Get), category, false, &metadata, |call| async move {
                 plugin.get(&call, req).await
             })
             .await?;
@@ -197,11 +249,16 @@ impl<P: Plugin> AsyncAgentService for Services<P> {
     ) -> Result<Response<admin::DeleteTaskResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
         #[allow(deprecated)]
-        let category = addressed(req.task_category.as_ref(), &req.task_type)?;
+        let category = addressed(req.task_category.as_ref(), &req.task_type);
         let plugin = self.plugin.clone();
-        self.instrumented(Operation::Delete, category, false, &metadata, |call| async move {
-            plugin.delete(&call, req).await
-        })
+        self.instrumented(
+            "DeleteTask",
+            Some(Operation::Delete),
+            category,
+            false,
+            &metadata,
+            |call| async move { plugin.delete(&call, req).await },
+        )
         .await?;
         Ok(Response::new(admin::DeleteTaskResponse {}))
     }
@@ -212,10 +269,13 @@ impl<P: Plugin> AsyncAgentService for Services<P> {
     ) -> Result<Response<admin::GetTaskMetricsResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
         #[allow(deprecated)]
-        let category = addressed(req.task_category.as_ref(), &req.task_type)?;
-        self.table.resolve(&category, false)?;
-        let call = call_for(category, &metadata, Instant::now());
-        Ok(Response::new(self.plugin.metrics(&call, req).await?))
+        let category = addressed(req.task_category.as_ref(), &req.task_type);
+        let plugin = self.plugin.clone();
+        self.instrumented("GetTaskMetrics", None, category, false, &metadata, |call| async move {
+            plugin.metrics(&call, req).await
+        })
+        .await
+        .map(Response::new)
     }
 
     type GetTaskLogsStream =
@@ -227,12 +287,47 @@ impl<P: Plugin> AsyncAgentService for Services<P> {
     ) -> Result<Response<Self::GetTaskLogsStream>, Status> {
         let (metadata, _, req) = request.into_parts();
         #[allow(deprecated)]
-        let category = addressed(req.task_category.as_ref(), &req.task_type)?;
-        self.table.resolve(&category, false)?;
-        let call = call_for(category, &metadata, Instant::now());
-        let parts = self.plugin.logs(&call, req).await?;
+        let category = addressed(req.task_category.as_ref(), &req.task_type);
+        let plugin = self.plugin.clone();
+        let parts = self
+            .instrumented("GetTaskLogs", None, category, false, &metadata, |call| async move {
+                plugin.logs(&call, req).await
+            })
+            .await?;
         Ok(Response::new(Box::pin(futures_util::stream::iter(parts.into_iter().map(Ok)))))
     }
+}
+
+/// Reads an ExecuteTaskSync request stream to its end: the header first, then
+/// at most one inputs message. Reading the whole stream before answering
+/// matters: a server that stops reading early makes HTTP/2 reset the stream,
+/// and loaded clients see errors.
+async fn read_sync_request(
+    mut stream: Streaming<admin::ExecuteTaskSyncRequest>,
+) -> Result<(admin::CreateRequestHeader, Option<flotilla_proto::core::LiteralMap>), Status> {
+    let header = match stream.message().await? {
+        Some(admin::ExecuteTaskSyncRequest { part: Some(Part::Header(h)) }) => h,
+        Some(_) => {
+            return Err(Status::invalid_argument(
+                "the first ExecuteTaskSync message must be the header (CreateRequestHeader)",
+            ));
+        }
+        None => return Err(Status::invalid_argument("ExecuteTaskSync stream ended before its header")),
+    };
+    let mut inputs = None;
+    while let Some(msg) = stream.message().await? {
+        match msg.part {
+            Some(Part::Inputs(i)) if inputs.is_none() => inputs = Some(i),
+            Some(Part::Inputs(_)) => {
+                return Err(Status::invalid_argument("ExecuteTaskSync carries more than one inputs message"));
+            }
+            Some(Part::Header(_)) => {
+                return Err(Status::invalid_argument("ExecuteTaskSync carries more than one header"));
+            }
+            None => {}
+        }
+    }
+    Ok((header, inputs))
 }
 
 #[tonic::async_trait]
@@ -244,42 +339,33 @@ impl<P: Plugin> SyncAgentService for Services<P> {
         &self,
         request: Request<Streaming<admin::ExecuteTaskSyncRequest>>,
     ) -> Result<Response<Self::ExecuteTaskSyncStream>, Status> {
-        let (metadata, _, mut stream) = request.into_parts();
-        let header = match stream.message().await? {
-            Some(admin::ExecuteTaskSyncRequest { part: Some(Part::Header(h)) }) => h,
-            Some(_) => {
-                return Err(Status::invalid_argument(
-                    "the first ExecuteTaskSync message must be the header (CreateRequestHeader)",
-                ));
+        let (metadata, _, stream) = request.into_parts();
+        let (header, category, inputs) = match read_sync_request(stream).await {
+            Ok((header, inputs)) => {
+                let category = template_category(header.template.as_ref());
+                (Some(header), category, inputs)
             }
-            None => return Err(Status::invalid_argument("ExecuteTaskSync stream ended before its header")),
+            Err(status) => (None, Err(status), None),
         };
-        let category = template_category(header.template.as_ref())?;
-        // Read the whole request stream before answering: a server that stops
-        // reading early makes HTTP/2 reset the stream, and loaded clients see errors.
-        let mut inputs = None;
-        while let Some(msg) = stream.message().await? {
-            match msg.part {
-                Some(Part::Inputs(i)) if inputs.is_none() => inputs = Some(i),
-                Some(Part::Inputs(_)) => {
-                    return Err(Status::invalid_argument(
-                        "ExecuteTaskSync carries more than one inputs message",
-                    ));
-                }
-                Some(Part::Header(_)) => {
-                    return Err(Status::invalid_argument("ExecuteTaskSync carries more than one header"));
-                }
-                None => {}
-            }
-        }
-        if let Some(i) = &inputs {
+        if let (Ok(category), Some(i)) = (&category, &inputs) {
             self.metrics.input_bytes(&category.name, i.encoded_len());
         }
         let plugin = self.plugin.clone();
         let resource = self
-            .instrumented(Operation::Do, category, true, &metadata, |call| async move {
-                plugin.execute(&call, header, inputs).await
-            })
+            .instrumented(
+                "ExecuteTaskSync",
+                Some(Operation::Do),
+                category,
+                true,
+                &metadata,
+                |call| async move {
+                    // The category came from the header, so there is one.
+                    let Some(header) = header else {
+                        return Err(PluginError::InvalidArgument("ExecuteTaskSync without a header".into()));
+                    };
+                    plugin.execute(&call, header, inputs).await
+                },
+            )
             .await?;
         let answer = admin::ExecuteTaskSyncResponse {
             res: Some(admin::execute_task_sync_response::Res::Header(admin::ExecuteTaskSyncResponseHeader {
