@@ -191,7 +191,7 @@ impl Service<http::Request<Body>> for Ejecting {
                     }
                 }
                 Err(e) => {
-                    let refused = never_reached(e.as_ref());
+                    let refused = e.downcast_ref::<EndpointError>().is_some_and(EndpointError::refused);
                     let why = flotilla_telemetry::error_chain(e.as_ref());
                     note_failure(&state, &plugin, &ejections, refused, &why);
                 }

@@ -1,22 +1,35 @@
 //! One replica's HTTP/2 client: a single multiplexed connection, made on
 //! first use (or by the warm-up), remade when it closes. Calls go straight to
-//! hyper's `SendRequest`; there is no queue or task of our own between the
-//! balancer and the connection.
+//! the `h2` crate's `SendRequest`: the request's headers and its one buffered
+//! body chunk are queued on the connection from the caller's own task, and the
+//! response is read from there too. There is no queue or task per call
+//! between the balancer and the connection (hyper's client adds a dispatch
+//! channel and spawns two tasks per request: one to pipe the body, one to
+//! deliver the response).
 
 use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
+use ::h2::client::{self, SendRequest};
 use arc_swap::ArcSwapOption;
-use hyper::client::conn::http2::{self, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::BodyExt;
 use tonic::body::Body;
 use tower::Service;
+
+/// How often an idle-or-not connection is pinged, and how long the answer may take.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a call to a replica failed.
 #[derive(Debug, thiserror::Error)]
@@ -29,22 +42,51 @@ pub enum EndpointError {
         /// What went wrong.
         reason: String,
     },
+    /// The connection turned the request away before any of it was sent (it
+    /// was closing): safe to send again, but not a refused connection.
+    #[error("the connection to {addr} closed before the call was sent")]
+    Unsent {
+        /// The replica.
+        addr: SocketAddr,
+        /// h2's error.
+        #[source]
+        source: ::h2::Error,
+    },
+    /// The request body could not be read (the caller's side failed).
+    #[error("reading the request for {addr} failed: {reason}")]
+    Request {
+        /// The replica.
+        addr: SocketAddr,
+        /// What went wrong.
+        reason: String,
+    },
     /// The call failed after it was handed to the connection.
     #[error("the call to {addr} failed")]
     Call {
         /// The replica.
         addr: SocketAddr,
-        /// hyper's error.
+        /// h2's error.
         #[source]
-        source: hyper::Error,
+        source: ::h2::Error,
     },
 }
 
 impl EndpointError {
     /// Whether the request provably never reached the replica.
     pub fn never_sent(&self) -> bool {
+        matches!(self, Self::Connect { .. } | Self::Unsent { .. })
+    }
+
+    /// Whether no connection could be made at all (the replica is down or refusing).
+    pub fn refused(&self) -> bool {
         matches!(self, Self::Connect { .. })
     }
+}
+
+/// A live connection: its request handle, and whether its driver has ended.
+struct Conn {
+    sender: SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
 }
 
 /// A lazily connected HTTP/2 client to one replica. Clones share the connection.
@@ -54,7 +96,7 @@ pub struct H2Endpoint {
     /// `addr` as the `:authority` every request carries.
     authority: http::uri::Authority,
     connect_timeout: Duration,
-    sender: Arc<ArcSwapOption<SendRequest<Body>>>,
+    conn: Arc<ArcSwapOption<Conn>>,
     connecting: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -71,17 +113,18 @@ impl H2Endpoint {
             addr,
             authority: addr.to_string().parse().expect("a socket address is a valid authority"),
             connect_timeout,
-            sender: Arc::default(),
+            conn: Arc::default(),
             connecting: Arc::default(),
         }
     }
 
-    fn live_sender(&self) -> Option<SendRequest<Body>> {
-        self.sender.load().as_deref().filter(|s| !s.is_closed()).cloned()
+    /// A request handle of its own (h2 allows one pending request per handle).
+    fn live_sender(&self) -> Option<SendRequest<Bytes>> {
+        self.conn.load().as_deref().filter(|c| !c.closed.load(Ordering::Acquire)).map(|c| c.sender.clone())
     }
 
     /// The current connection, or a new one (one connect at a time; others wait for it).
-    async fn connection(&self) -> Result<SendRequest<Body>, EndpointError> {
+    async fn connection(&self) -> Result<SendRequest<Bytes>, EndpointError> {
         if let Some(s) = self.live_sender() {
             return Ok(s);
         }
@@ -95,63 +138,153 @@ impl H2Endpoint {
             .map_err(|_| connect(format!("no connection within {:?}", self.connect_timeout)))?
             .map_err(|e| connect(e.to_string()))?;
         let _ = stream.set_nodelay(true);
-        let mut builder = http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(1 << 20)
-            .initial_connection_window_size(4 << 20)
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
-        let (sender, conn) =
-            tokio::time::timeout(self.connect_timeout, builder.handshake(TokioIo::new(stream)))
+        let mut builder = client::Builder::new();
+        builder.enable_push(false).initial_window_size(1 << 20).initial_connection_window_size(4 << 20);
+        let (sender, mut conn) =
+            tokio::time::timeout(self.connect_timeout, builder.handshake::<_, Bytes>(stream))
                 .await
                 .map_err(|_| connect("no HTTP/2 handshake in time".to_owned()))?
                 .map_err(|e| connect(format!("HTTP/2 handshake: {e}")))?;
-        let addr = self.addr;
+        let closed = Arc::new(AtomicBool::new(false));
+        let (addr, driver_closed) = (self.addr, closed.clone());
+        let pings = conn.ping_pong();
         tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(%addr, %error, "Replica connection ended");
+            tokio::select! {
+                result = &mut conn => {
+                    if let Err(error) = result {
+                        tracing::debug!(%addr, %error, "Replica connection ended");
+                    }
+                }
+                () = keepalive(pings) => {
+                    tracing::debug!(%addr, "Replica did not answer a keepalive ping; closing its connection");
+                }
             }
+            driver_closed.store(true, Ordering::Release);
         });
-        self.sender.store(Some(Arc::new(sender.clone())));
+        self.conn.store(Some(Arc::new(Conn { sender: sender.clone(), closed })));
         Ok(sender)
     }
 
-    /// Sends one call. A request the connection turns away unsent (it was
-    /// closing) is sent once more on a new connection.
+    /// Forgets the current connection (it is closing), so the next call makes a new one.
+    fn forget(&self) {
+        self.conn.store(None);
+    }
+
+    /// Sends one call. A connection found closed before the request is handed
+    /// to it is replaced once; a request it turns away unsent fails with
+    /// [`EndpointError::Unsent`], which callers may retry.
     ///
     /// # Errors
     /// [`EndpointError`].
     pub async fn send(&self, req: http::Request<Body>) -> Result<http::Response<Body>, EndpointError> {
-        let mut sender = self.connection().await?;
-        let mut req = req;
+        let (mut head, body) = req.into_parts();
+        // Requests are whole messages already (the gateway buffers them to
+        // route): one chunk, sent in the same step as the headers.
+        let body = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => return Err(EndpointError::Request { addr: self.addr, reason: e.to_string() }),
+        };
         // HTTP/2 requests carry :scheme and :authority; callers give only the path.
-        let mut uri = std::mem::take(req.uri_mut()).into_parts();
+        let mut uri = std::mem::take(&mut head.uri).into_parts();
         uri.scheme = Some(http::uri::Scheme::HTTP);
         uri.authority = Some(self.authority.clone());
         if uri.path_and_query.is_none() {
             uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
         }
-        *req.uri_mut() = http::Uri::from_parts(uri).expect("scheme, authority and path make a valid URI");
-        for attempt in 0..2 {
-            if sender.ready().await.is_err() {
-                self.sender.store(None);
-                sender = self.connection().await?;
-                continue;
-            }
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(resp.map(Body::new)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if attempt == 0 => {
-                        req = unsent;
-                        self.sender.store(None);
-                        sender = self.connection().await?;
-                    }
-                    _ => return Err(EndpointError::Call { addr: self.addr, source: e.into_error() }),
-                },
+        head.uri = http::Uri::from_parts(uri).expect("scheme, authority and path make a valid URI");
+
+        let mut sender = self.connection().await?;
+        let mut ready = None;
+        for _ in 0..2 {
+            match sender.ready().await {
+                Ok(s) => {
+                    ready = Some(s);
+                    break;
+                }
+                Err(_) => {
+                    self.forget();
+                    sender = self.connection().await?;
+                }
             }
         }
-        Err(EndpointError::Connect { addr: self.addr, reason: "the connection kept closing".to_owned() })
+        let Some(mut sender) = ready else {
+            return Err(EndpointError::Connect {
+                addr: self.addr,
+                reason: "the connection kept closing".to_owned(),
+            });
+        };
+        let end_stream = body.is_empty();
+        let (response, mut send) =
+            sender.send_request(http::Request::from_parts(head, ()), end_stream).map_err(|source| {
+                self.forget();
+                EndpointError::Unsent { addr: self.addr, source }
+            })?;
+        if !end_stream {
+            // Queued whole; the connection sends it as flow control allows.
+            send.send_data(body, true).map_err(|source| EndpointError::Call { addr: self.addr, source })?;
+        }
+        let response = response.await.map_err(|source| EndpointError::Call { addr: self.addr, source })?;
+        Ok(response.map(|recv| Body::new(ResponseBody { recv, data_done: false, done: false })))
+    }
+}
+
+/// Pings the replica every [`KEEPALIVE_INTERVAL`]; returns when an answer is
+/// late (the connection is then closed) or pings cannot be sent.
+async fn keepalive(pings: Option<::h2::PingPong>) {
+    let Some(mut pings) = pings else { return std::future::pending().await };
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(::h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return std::future::pending().await, // the connection is ending by itself
+            Err(_) => return,
+        }
+    }
+}
+
+/// A replica's response body: its DATA frames (flow-control capacity handed
+/// back as each is taken), then its trailers.
+struct ResponseBody {
+    recv: ::h2::RecvStream,
+    data_done: bool,
+    done: bool,
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = ::h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ::h2::Error>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => self.data_done = true,
+            }
+        }
+        let trailers = ready!(self.recv.poll_trailers(cx));
+        self.done = true;
+        match trailers {
+            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.recv.is_end_stream()
     }
 }
 

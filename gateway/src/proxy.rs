@@ -155,10 +155,13 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         // The caller's request id when it sent a usable one, else a new one;
         // the plugin service gets it too, and both log it.
-        let request_id = match parts.headers.get(REQUEST_ID) {
-            Some(v) if valid_request_id(v.as_bytes()) => v.clone(),
+        let request_id = match parts.headers.get_mut(REQUEST_ID) {
+            Some(v) if valid_request_id(v.as_bytes()) => {
+                v.set_sensitive(true); // unique per call: see `never_indexed`
+                v.clone()
+            }
             _ => {
-                let id = new_request_id();
+                let id = never_indexed(new_request_id());
                 parts.headers.insert(REQUEST_ID, id.clone());
                 id
             }
@@ -262,6 +265,7 @@ impl Proxy {
             *req.headers_mut() = headers.clone();
             if let Some(r) = remaining {
                 let value = HeaderValue::from_str(&format_grpc_timeout(r)).expect("digits and a unit letter");
+                let value = never_indexed(value);
                 req.headers_mut().insert("grpc-timeout", value);
             }
             let sent = backend.call(req);
@@ -330,6 +334,16 @@ fn method_uri(method: Method) -> http::Uri {
         Method::ExecuteTaskSync => paths::EXECUTE_TASK_SYNC,
     };
     http::Uri::from_static(path)
+}
+
+/// Marks a header value that differs on every call (request id, remaining
+/// deadline) as one HPACK must not index: entering it in the connection's
+/// header table costs the encoder a table search and an insert (with
+/// evictions) per call, and the replica's decoder the same, for an entry that
+/// is never used again.
+fn never_indexed(mut value: HeaderValue) -> HeaderValue {
+    value.set_sensitive(true);
+    value
 }
 
 /// Longest caller-sent request id the gateway passes on; a longer one is replaced.
