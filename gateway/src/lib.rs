@@ -8,7 +8,8 @@
 //!    message within `max_request_bytes`, take the routing key from its bytes
 //!    ([`route`]), look the category up in the route table that [`fleet`] learns
 //!    from each service's `ListAgents`, cap the deadline with the plugin's timeout;
-//! 3. [`backend`]: a buffered p2c balancer over peak-EWMA h2 endpoints, fed by [`discover`];
+//! 3. [`backend`]: a p2c balancer per worker thread over peak-EWMA endpoints, each one
+//!    HTTP/2 connection driven through the `h2` crate ([`crate::h2`]), fed by [`discover`];
 //! 4. the plugin service, which gets the original bytes untouched.
 
 #![warn(missing_docs)]
