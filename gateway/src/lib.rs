@@ -4,7 +4,8 @@
 //! Request path, outermost first:
 //! 1. tonic server (h2) with `grpc.health.v1` and the gateway's own
 //!    `AgentMetadataService` ([`fleet::FleetMetadata`], the union of the fleet);
-//! 2. [`proxy`] for `AsyncAgentService` and `SyncAgentService`: read the first
+//! 2. [`proxy`] for `AsyncAgentService` and `SyncAgentService`, as a layer in
+//!    front of tonic's router ([`proxy::ProxyLayer`]): read the first
 //!    message within `max_request_bytes`, take the routing key from its bytes
 //!    ([`route`]), look the category up in the route table that [`fleet`] learns
 //!    from each service's `ListAgents`, cap the deadline with the plugin's timeout;
@@ -38,7 +39,7 @@ use crate::{
     backend::Backend,
     fleet::{Fleet, FleetMetadata, poll_timeout},
     metrics::Metrics,
-    proxy::{AsyncProxy, Proxy, SyncProxy},
+    proxy::{Proxy, ProxyLayer},
 };
 
 /// Why the gateway stopped or could not start.
@@ -143,10 +144,9 @@ impl Gateway {
         let addr: Option<SocketAddr> = grpc.local_addr().ok();
         let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
         let server = tonic::transport::Server::builder()
+            .layer(ProxyLayer(proxy))
             .add_service(health_service)
-            .add_service(AgentMetadataServiceServer::new(FleetMetadata(fleet)))
-            .add_service(AsyncProxy(proxy.clone()))
-            .add_service(SyncProxy(proxy));
+            .add_service(AgentMetadataServiceServer::new(FleetMetadata(fleet)));
         let stopping = flotilla_sdk::stopping(&shutdown, readiness.clone(), health, addr);
         readiness.set(true);
         tracing::info!(?addr, plugins = config.plugins.len(), "Gateway serving");

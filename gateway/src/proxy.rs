@@ -16,7 +16,7 @@ use flotilla_sdk::wire::{FRAME_HEADER_LEN, FrameLimiter, format_grpc_timeout, pa
 use http::{HeaderValue, Request, Response};
 use http_body::Frame;
 use http_body_util::BodyExt;
-use tonic::{Code, Status, body::Body, server::NamedService};
+use tonic::{Code, Status, body::Body};
 use tower::{BoxError, Service, retry::budget::Budget as _};
 
 use crate::{
@@ -583,43 +583,72 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     flotilla_sdk::wire::code_name(code)
 }
 
-macro_rules! named_proxy {
-    ($ty:ident, $name:literal) => {
-        /// Serves this gRPC service by forwarding to the plugin services.
-        #[derive(Clone)]
-        pub struct $ty(pub Arc<Proxy>);
+/// Puts the proxy in front of tonic's router: calls to `AsyncAgentService`
+/// and `SyncAgentService` go straight to [`Proxy`], without the router's path
+/// matching and its wrappers; everything else (health, the gateway's own
+/// `AgentMetadataService`, unknown services) goes on to the router.
+#[derive(Clone)]
+pub struct ProxyLayer(pub Arc<Proxy>);
 
-        impl NamedService for $ty {
-            const NAME: &'static str = $name;
-        }
+impl<S> tower::Layer<S> for ProxyLayer {
+    type Service = ProxyFirst<S>;
 
-        impl Service<Request<Body>> for $ty {
-            type Response = Response<Body>;
-            type Error = std::convert::Infallible;
-            type Future = Pin<
-                Box<
-                    dyn std::future::Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send,
-                >,
-            >;
-
-            fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-                Poll::Ready(Ok(()))
-            }
-
-            fn call(&mut self, req: Request<Body>) -> Self::Future {
-                let proxy = self.0.clone();
-                Box::pin(async move { Ok(proxy.handle(req).await) })
-            }
-        }
-    };
+    fn layer(&self, inner: S) -> ProxyFirst<S> {
+        ProxyFirst { proxy: self.0.clone(), inner }
+    }
 }
 
-named_proxy!(AsyncProxy, "flyteidl.service.AsyncAgentService");
-named_proxy!(SyncProxy, "flyteidl.service.SyncAgentService");
+/// See [`ProxyLayer`].
+#[derive(Clone)]
+pub struct ProxyFirst<S> {
+    proxy: Arc<Proxy>,
+    inner: S,
+}
+
+/// Whether `path` names a method of a service the gateway forwards.
+fn proxied(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix("/flyteidl.service.") else { return false };
+    rest.starts_with("AsyncAgentService/") || rest.starts_with("SyncAgentService/")
+}
+
+impl<S> Service<Request<Body>> for ProxyFirst<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        if proxied(req.uri().path()) {
+            let proxy = self.proxy.clone();
+            Box::pin(async move { Ok(proxy.handle(req).await) })
+        } else {
+            let routed = self.inner.call(req);
+            Box::pin(async move { routed.await.map_err(Into::into) })
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_forwarded_services_bypass_the_router() {
+        assert!(proxied("/flyteidl.service.AsyncAgentService/GetTask"));
+        assert!(proxied("/flyteidl.service.SyncAgentService/ExecuteTaskSync"));
+        assert!(proxied("/flyteidl.service.AsyncAgentService/NoSuchMethod")); // UNIMPLEMENTED by the proxy
+        assert!(!proxied("/flyteidl.service.AgentMetadataService/ListAgents"));
+        assert!(!proxied("/grpc.health.v1.Health/Check"));
+        assert!(!proxied("/flyteidl.service.AsyncAgentServiceX/GetTask"));
+    }
 
     #[test]
     fn caller_request_ids_must_be_short_visible_ascii() {
