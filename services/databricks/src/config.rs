@@ -8,39 +8,28 @@
 //! base_url = "https://proxy.internal/{instance}"   # default https://{instance}
 //! allowed_instances = ["dbc-1234.cloud.databricks.com"]   # default: any
 //! service_credential_provider = "my-provider"   # serverless runs
-//! create_budget = "2.5s"
-//! get_budget = "2.5s"
-//! delete_budget = "2.5s"
-//! attempt_timeout = "2s"
+//! get_timeout = "2.5s"      # and the other flotilla_cloud::api::ApiSettings keys:
+//! create_timeout = "8s"     # attempt_timeout, connect_timeout, delete_timeout,
+//!                           # backoff_initial, backoff_max
 //! ```
 
-use std::time::Duration;
-
-use flotilla_sdk::telemetry::config::{Env, HumanDuration, override_from_env};
+use flotilla_cloud::api::{ApiSettings, parse_base_url};
+use flotilla_sdk::telemetry::config::Env;
+use reqwest::Url;
 use serde::Deserialize;
 
 /// Overrides `base_url`.
 pub const ENV_BASE_URL: &str = "FLOTILLA_DATABRICKS_BASE_URL";
-/// Overrides `create_budget`.
-pub const ENV_CREATE_BUDGET: &str = "FLOTILLA_DATABRICKS_CREATE_BUDGET";
-/// Overrides `get_budget`.
-pub const ENV_GET_BUDGET: &str = "FLOTILLA_DATABRICKS_GET_BUDGET";
-/// Overrides `delete_budget`.
-pub const ENV_DELETE_BUDGET: &str = "FLOTILLA_DATABRICKS_DELETE_BUDGET";
-/// Overrides `attempt_timeout`.
-pub const ENV_ATTEMPT_TIMEOUT: &str = "FLOTILLA_DATABRICKS_ATTEMPT_TIMEOUT";
+/// Prefix of the [`ApiSettings`] overrides (`FLOTILLA_DATABRICKS_GET_TIMEOUT`, ...).
+pub const ENV_PREFIX: &str = "FLOTILLA_DATABRICKS_";
 /// Upstream's variable naming the workspace when a task names none.
 pub const ENV_INSTANCE: &str = "FLYTE_DATABRICKS_INSTANCE";
 /// Upstream's variable naming the service credential provider of serverless runs.
 pub const ENV_CREDENTIAL_PROVIDER: &str = "FLYTE_DATABRICKS_SERVICE_CREDENTIAL_PROVIDER";
+/// The keys of the `[plugin]` table this module reads; the rest are [`ApiSettings`].
+const OWN_KEYS: [&str; 4] = ["base_url", "instance", "allowed_instances", "service_credential_provider"];
 
-/// Default time a call may spend on the Databricks API, retries included:
-/// within propeller's default 3 s deadline.
-pub const DEFAULT_BUDGET: Duration = Duration::from_millis(2500);
-/// Default bound of one HTTP attempt.
-pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The `[plugin]` table as written.
+/// The service's own keys of the `[plugin]` table as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DatabricksConfig {
@@ -48,14 +37,10 @@ struct DatabricksConfig {
     instance: Option<String>,
     allowed_instances: Option<Vec<String>>,
     service_credential_provider: Option<String>,
-    create_budget: Option<HumanDuration>,
-    get_budget: Option<HumanDuration>,
-    delete_budget: Option<HumanDuration>,
-    attempt_timeout: Option<HumanDuration>,
 }
 
 /// Validated settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Settings {
     /// Where the API is called: `https://{instance}` unless overridden; `{instance}` is substituted.
     pub base_url: Option<String>,
@@ -65,29 +50,8 @@ pub struct Settings {
     pub allowed_instances: Vec<String>,
     /// `--flyte-credential-provider` for serverless runs whose task names none.
     pub service_credential_provider: Option<String>,
-    /// Budget of CreateTask's API calls.
-    pub create_budget: Duration,
-    /// Budget of GetTask's API calls.
-    pub get_budget: Duration,
-    /// Budget of DeleteTask's API calls.
-    pub delete_budget: Duration,
-    /// Bound of one HTTP attempt.
-    pub attempt_timeout: Duration,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            base_url: None,
-            instance: None,
-            allowed_instances: Vec::new(),
-            service_credential_provider: None,
-            create_budget: DEFAULT_BUDGET,
-            get_budget: DEFAULT_BUDGET,
-            delete_budget: DEFAULT_BUDGET,
-            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
-        }
-    }
+    /// HTTP client settings and the budgets of CreateTask, GetTask and DeleteTask.
+    pub api: ApiSettings,
 }
 
 impl Settings {
@@ -96,33 +60,29 @@ impl Settings {
     /// # Errors
     /// Every problem, each naming its key or variable.
     pub fn load(table: &toml::Table, env: Env<'_>) -> Result<Self, String> {
-        let c: DatabricksConfig = table.clone().try_into().map_err(|e| format!("[plugin]: {e}"))?;
+        let mut own = toml::Table::new();
+        let mut rest = table.clone();
+        for key in OWN_KEYS {
+            if let Some(v) = rest.remove(key) {
+                own.insert(key.to_owned(), v);
+            }
+        }
+        let c: DatabricksConfig = own.try_into().map_err(|e| format!("[plugin]: {e}"))?;
+        let mut api: ApiSettings = rest.try_into().map_err(|e| format!("[plugin]: {e}"))?;
         let mut problems = Vec::new();
-        let d = Self::default();
-        let mut base_url = c.base_url;
-        let mut create = c.create_budget.unwrap_or(HumanDuration(d.create_budget));
-        let mut get = c.get_budget.unwrap_or(HumanDuration(d.get_budget));
-        let mut delete = c.delete_budget.unwrap_or(HumanDuration(d.delete_budget));
-        let mut attempt = c.attempt_timeout.unwrap_or(HumanDuration(d.attempt_timeout));
-        if let Some(v) = env(ENV_BASE_URL) {
-            base_url = Some(v);
-        }
-        override_from_env(env, ENV_CREATE_BUDGET, &mut create, &mut problems);
-        override_from_env(env, ENV_GET_BUDGET, &mut get, &mut problems);
-        override_from_env(env, ENV_DELETE_BUDGET, &mut delete, &mut problems);
-        override_from_env(env, ENV_ATTEMPT_TIMEOUT, &mut attempt, &mut problems);
+        api.override_from_env(env, ENV_PREFIX, &mut problems);
+        problems.extend(api.problems());
 
-        let base_url = base_url.map(|u| u.trim().trim_end_matches('/').to_owned()).filter(|u| !u.is_empty());
+        let base_url = env(ENV_BASE_URL)
+            .or(c.base_url)
+            .map(|u| u.trim().trim_end_matches('/').to_owned())
+            .filter(|u| !u.is_empty());
         if let Some(u) = &base_url
-            && !(u.starts_with("http://") || u.starts_with("https://"))
+            && let Err(e) = parse_base_url(&u.replace("{instance}", "example.cloud.databricks.com"))
         {
-            problems.push(format!("base_url: {u:?} must start with http:// or https://"));
+            problems.push(format!("base_url ({ENV_BASE_URL}): {e}"));
         }
-        let mut instance = c.instance;
-        if let Some(v) = env(ENV_INSTANCE) {
-            instance = Some(v);
-        }
-        let instance = match instance.map(|i| normalize_instance(&i)).transpose() {
+        let instance = match env(ENV_INSTANCE).or(c.instance).map(|i| normalize_instance(&i)).transpose() {
             Ok(i) => i.filter(|i| !i.is_empty()),
             Err(e) => {
                 problems.push(format!("instance ({ENV_INSTANCE}): {e}"));
@@ -132,40 +92,27 @@ impl Settings {
         let mut allowed_instances = Vec::new();
         for (n, i) in c.allowed_instances.unwrap_or_default().iter().enumerate() {
             match normalize_instance(i) {
-                Ok(i) => allowed_instances.push(i),
+                Ok(i) if !i.is_empty() => allowed_instances.push(i),
+                Ok(_) => problems.push(format!("allowed_instances[{n}]: empty")),
                 Err(e) => problems.push(format!("allowed_instances[{n}]: {e}")),
             }
         }
         let service_credential_provider =
             env(ENV_CREDENTIAL_PROVIDER).or(c.service_credential_provider).filter(|p| !p.is_empty());
-        for (name, value) in [("create_budget", &create), ("get_budget", &get), ("delete_budget", &delete)] {
-            if value.0.is_zero() {
-                problems.push(format!("{name}: must be more than zero"));
-            }
-        }
-        if attempt.0.is_zero() {
-            problems.push("attempt_timeout: must be more than zero".to_owned());
-        }
         if !problems.is_empty() {
             return Err(problems.join("; "));
         }
-        Ok(Self {
-            base_url,
-            instance,
-            allowed_instances,
-            service_credential_provider,
-            create_budget: create.0,
-            get_budget: get.0,
-            delete_budget: delete.0,
-            attempt_timeout: attempt.0,
-        })
+        Ok(Self { base_url, instance, allowed_instances, service_credential_provider, api })
     }
 
-    /// The API root for `instance` (no trailing slash).
-    pub fn api_root(&self, instance: &str) -> String {
+    /// The API root for `instance`, ending in `/`.
+    ///
+    /// # Errors
+    /// When `base_url` with the instance substituted is not a URL.
+    pub fn api_root(&self, instance: &str) -> Result<Url, String> {
         match &self.base_url {
-            Some(base) => base.replace("{instance}", instance),
-            None => format!("https://{instance}"),
+            Some(base) => parse_base_url(&base.replace("{instance}", instance)),
+            None => parse_base_url(&format!("https://{instance}")),
         }
     }
 
@@ -205,7 +152,7 @@ pub fn normalize_instance(raw: &str) -> Result<String, String> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
+    use std::{collections::HashMap, time::Duration};
 
     use super::*;
 
@@ -219,34 +166,40 @@ mod tests {
     fn defaults_fit_propellers_deadline() {
         let s = load("", &[]).unwrap();
         assert_eq!(s, Settings::default());
-        assert!(s.get_budget < Duration::from_secs(3));
-        assert_eq!(s.api_root("h.cloud.databricks.com"), "https://h.cloud.databricks.com");
+        assert!(s.api.get_timeout.0 < Duration::from_secs(3));
+        assert_eq!(s.api_root("h.cloud.databricks.com").unwrap().as_str(), "https://h.cloud.databricks.com/");
     }
 
     #[test]
     fn file_then_environment() {
         let s = load(
-            "base_url = \"http://127.0.0.1:1/\"\ninstance = \"file\"\nget_budget = \"1s\"\n\
+            "base_url = \"http://127.0.0.1:1/\"\ninstance = \"file\"\nget_timeout = \"1s\"\n\
              allowed_instances = [\"https://a.b/\"]\nservice_credential_provider = \"p\"",
-            &[(ENV_GET_BUDGET, "700ms"), (ENV_INSTANCE, "https://env.cloud.databricks.com/")],
+            &[
+                ("FLOTILLA_DATABRICKS_GET_TIMEOUT", "700ms"),
+                (ENV_INSTANCE, "https://env.cloud.databricks.com/"),
+            ],
         )
         .unwrap();
         assert_eq!(s.base_url.as_deref(), Some("http://127.0.0.1:1"));
         assert_eq!(s.instance.as_deref(), Some("env.cloud.databricks.com"));
-        assert_eq!(s.get_budget, Duration::from_millis(700));
+        assert_eq!(s.api.get_timeout.0, Duration::from_millis(700));
         assert_eq!(s.allowed_instances, vec!["a.b".to_owned()]);
         assert_eq!(s.service_credential_provider.as_deref(), Some("p"));
         let s =
             load("", &[(ENV_BASE_URL, "https://proxy/{instance}"), (ENV_CREDENTIAL_PROVIDER, "q")]).unwrap();
-        assert_eq!(s.api_root("w.x"), "https://proxy/w.x");
+        assert_eq!(s.api_root("w.x").unwrap().as_str(), "https://proxy/w.x/");
         assert_eq!(s.service_credential_provider.as_deref(), Some("q"));
     }
 
     #[test]
     fn problems_are_named() {
-        let e =
-            load("base_url = \"ftp://x\"\nget_budget = \"0s\"", &[(ENV_DELETE_BUDGET, "soon")]).unwrap_err();
-        assert!(e.contains("base_url") && e.contains("get_budget") && e.contains(ENV_DELETE_BUDGET), "{e}");
+        let e = load(
+            "base_url = \"ftp://x\"\nget_timeout = \"0s\"",
+            &[("FLOTILLA_DATABRICKS_DELETE_TIMEOUT", "soon")],
+        )
+        .unwrap_err();
+        assert!(e.contains("base_url") && e.contains("get_timeout") && e.contains("DELETE_TIMEOUT"), "{e}");
         assert!(load("nope = 1", &[]).unwrap_err().contains("nope"));
         assert!(load("", &[(ENV_INSTANCE, "evil.com/x?y")]).unwrap_err().contains(ENV_INSTANCE));
     }

@@ -18,9 +18,21 @@ pub mod meta;
 pub mod spec;
 pub mod state;
 
-use flotilla_sdk::{AgentSpec, Plugin, ServiceConfig};
+use flotilla_cloud::{
+    api::{self, Api, ApiError, Request},
+    secret::{Secret, SecretStore},
+    template,
+};
+use flotilla_sdk::{
+    AgentSpec, Call, Plugin, PluginError, ServiceConfig,
+    proto::{admin, core},
+    resource,
+};
+use prost::Message as _;
+use serde_json::{Value, json};
 
 pub use config::Settings;
+use meta::Meta;
 
 /// The `spark` task type (upstream's `DatabricksAgent`).
 pub const SPARK: &str = "spark";
@@ -28,17 +40,29 @@ pub const SPARK: &str = "spark";
 pub const DATABRICKS: &str = "databricks";
 /// The agents' name in ListAgents, as upstream's (v1.15.3) agent server answers.
 pub const AGENT_NAME: &str = "Databricks Agent";
+/// The secret holding the personal access token, where upstream reads it.
+pub const TOKEN_KEY: &str = "FLYTE_DATABRICKS_ACCESS_TOKEN";
+/// The log link's name, as upstream's.
+pub const LOG_LINK_NAME: &str = "Databricks Console";
+/// The API's name in errors.
+const API: &str = "Databricks";
 
 /// The Databricks plugin.
 #[derive(Clone, Debug)]
 pub struct Databricks {
     settings: Settings,
+    api: Api,
+    secrets: SecretStore,
 }
 
 impl Databricks {
-    /// A plugin with these settings.
-    pub fn new(settings: Settings) -> Self {
-        Self { settings }
+    /// A plugin with these settings, reading its token from `secrets`.
+    ///
+    /// # Errors
+    /// When the HTTP client cannot be built.
+    pub fn new(settings: Settings, secrets: SecretStore) -> Result<Self, String> {
+        let api = Api::new(API, &settings.api)?;
+        Ok(Self { settings, api, secrets })
     }
 
     /// The settings in force.
@@ -51,12 +75,176 @@ impl Databricks {
     /// # Errors
     /// Names every invalid setting.
     pub fn from_config(config: &ServiceConfig) -> Result<Self, String> {
-        Settings::load(&config.plugin, &flotilla_sdk::telemetry::config::process_env).map(Self::new)
+        let settings = Settings::load(&config.plugin, &flotilla_sdk::telemetry::config::process_env)?;
+        Self::new(settings, SecretStore::from_process())
     }
+
+    fn token(&self) -> Result<Secret, PluginError> {
+        self.secrets.get(TOKEN_KEY).map_err(|e| e.for_purpose("the Databricks access token").into())
+    }
+
+    /// The workspace a task runs in: `custom.databricksInstance`, else the service's.
+    fn instance(&self, custom: &serde_json::Map<String, Value>) -> Result<String, PluginError> {
+        let from_task = match custom.get("databricksInstance") {
+            Some(Value::String(s)) => config::normalize_instance(s)
+                .map_err(|e| PluginError::InvalidArgument(format!("custom.databricksInstance: {e}")))?,
+            None | Some(Value::Null) => String::new(),
+            Some(_) => {
+                return Err(PluginError::InvalidArgument(
+                    "custom.databricksInstance must be a string (the workspace host)".to_owned(),
+                ));
+            }
+        };
+        let instance = if from_task.is_empty() { self.settings.instance.clone() } else { Some(from_task) };
+        let instance = instance.ok_or_else(|| {
+            PluginError::Unconfigured(format!(
+                "no Databricks instance: the task sets none (custom.databricksInstance, from the task's \
+                 databricks_instance) and the service has none ({} or [plugin] instance)",
+                config::ENV_INSTANCE
+            ))
+        })?;
+        self.settings.check_allowed(&instance).map_err(PluginError::InvalidArgument)?;
+        Ok(instance)
+    }
+
+    fn url(&self, instance: &str, path: &str) -> Result<reqwest::Url, PluginError> {
+        let root = self.settings.api_root(instance).map_err(PluginError::InvalidArgument)?;
+        root.join(path).map_err(|e| PluginError::Internal(format!("building the {path} URL: {e}")))
+    }
+}
+
+/// What the spec needs from the template's container (empty when there is none).
+fn container_of(template: &core::TaskTemplate) -> spec::Container {
+    let Some(core::task_template::Target::Container(c)) = &template.target else {
+        return spec::Container::default();
+    };
+    spec::Container {
+        image: c.image.clone(),
+        args: c.args.clone(),
+        env: c.env.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect(),
+    }
+}
+
+/// The `idempotency_token` of a submit: derived from the task execution (one
+/// per attempt), so a create that is repeated for the same attempt (by the
+/// gateway, or by propeller after a lost answer) finds the run it started;
+/// random when the request carries no execution id.
+fn idempotency_token(request: &admin::CreateTaskRequest) -> String {
+    let id = request.task_execution_metadata.as_ref().and_then(|m| m.task_execution_id.as_ref());
+    match id {
+        Some(id) => {
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            ctx.update(b"flotilla-databricks/1\n");
+            ctx.update(&id.encode_to_vec());
+            // 64 hex characters: the API's longest token.
+            ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect()
+        }
+        None => template::random_id(),
+    }
+}
+
+/// A run id from an answer: Databricks sends a number; a string of digits is taken too.
+fn run_id_of(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::Number(n) => n.as_u64().map(|n| n.to_string()),
+        Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// The run's page in the workspace console, as upstream links it.
+pub fn console_url(instance: &str, job_id: &str, run_id: &str) -> String {
+    format!("https://{instance}/#job/{job_id}/run/{run_id}")
 }
 
 impl Plugin for Databricks {
     fn agents(&self) -> Vec<AgentSpec> {
         vec![AgentSpec::asynchronous(AGENT_NAME, SPARK), AgentSpec::asynchronous(AGENT_NAME, DATABRICKS)]
+    }
+
+    async fn create(
+        &self,
+        call: &Call,
+        request: admin::CreateTaskRequest,
+    ) -> Result<admin::CreateTaskResponse, PluginError> {
+        let deadline = api::deadline(call, self.settings.api.create_timeout.0);
+        let template = request
+            .template
+            .as_ref()
+            .ok_or_else(|| PluginError::InvalidArgument("CreateTask without a template".to_owned()))?;
+        let token = self.token()?;
+        let custom = template::custom_json(template);
+        let instance = self.instance(&custom)?;
+        let mut body = spec::build(
+            &custom,
+            &container_of(template),
+            self.settings.service_credential_provider.as_deref(),
+        )
+        .map_err(PluginError::InvalidArgument)?;
+        body.insert("idempotency_token".to_owned(), Value::String(idempotency_token(&request)));
+        let url = self.url(&instance, "api/2.1/jobs/runs/submit")?;
+        let answer = self
+            .api
+            .send(Request::post_json("runs/submit", url, Value::Object(body)).bearer(&token), deadline)
+            .await?;
+        let run_id = run_id_of(answer.body.get("run_id")).ok_or_else(|| {
+            ApiError::malformed(
+                API,
+                "runs/submit",
+                format!("no run_id in {}", api::excerpt(answer.body.to_string().as_bytes())),
+            )
+        })?;
+        tracing::info!(instance = %instance, run_id = %run_id, task = %call.category, "Submitted a Databricks run");
+        Ok(admin::CreateTaskResponse {
+            resource_meta: Meta { databricks_instance: instance, run_id }.encode(),
+        })
+    }
+
+    async fn get(&self, call: &Call, request: admin::GetTaskRequest) -> Result<admin::Resource, PluginError> {
+        let deadline = api::deadline(call, self.settings.api.get_timeout.0);
+        let meta = Meta::decode(&request.resource_meta).map_err(PluginError::InvalidArgument)?;
+        self.settings.check_allowed(&meta.databricks_instance).map_err(PluginError::InvalidArgument)?;
+        let token = self.token()?;
+        let mut url = self.url(&meta.databricks_instance, "api/2.1/jobs/runs/get")?;
+        url.query_pairs_mut().append_pair("run_id", &meta.run_id);
+        let answer = self.api.send(Request::get("runs/get", url).bearer(&token), deadline).await?;
+        let run = &answer.body;
+        let phase = state::phase_of(run).ok_or_else(|| {
+            ApiError::malformed(
+                API,
+                "runs/get",
+                format!("no state for run {}: {}", meta.run_id, api::excerpt(run.to_string().as_bytes())),
+            )
+        })?;
+        tracing::debug!(run_id = %meta.run_id, phase = ?phase.phase, "Polled a Databricks run");
+        let mut resource = resource::with_phase(phase.phase, phase.message);
+        let job_id = match run.get("job_id") {
+            Some(Value::Number(n)) => Some(n.to_string()),
+            Some(Value::String(s)) => Some(s.clone()),
+            _ => None,
+        };
+        if let Some(job_id) = job_id {
+            let uri = console_url(&meta.databricks_instance, &job_id, &meta.run_id);
+            resource.log_links.push(template::log_link(LOG_LINK_NAME, uri));
+        }
+        Ok(resource)
+    }
+
+    async fn delete(&self, call: &Call, request: admin::DeleteTaskRequest) -> Result<(), PluginError> {
+        let deadline = api::deadline(call, self.settings.api.delete_timeout.0);
+        let meta = Meta::decode(&request.resource_meta).map_err(PluginError::InvalidArgument)?;
+        self.settings.check_allowed(&meta.databricks_instance).map_err(PluginError::InvalidArgument)?;
+        let token = self.token()?;
+        let url = self.url(&meta.databricks_instance, "api/2.1/jobs/runs/cancel")?;
+        let run_id: u64 = meta.run_id.parse().map_err(|_| {
+            PluginError::InvalidArgument("resource_meta.run_id is not a decimal run id".to_owned())
+        })?;
+        // Cancelling is idempotent on Databricks' side; a run that no longer exists is cancelled enough.
+        let request = Request::post_json("runs/cancel", url, json!({ "run_id": run_id }))
+            .bearer(&token)
+            .accept_status(404);
+        let answer = self.api.send(request, deadline).await?;
+        tracing::info!(run_id = %meta.run_id, status = answer.status, "Cancelled a Databricks run");
+        Ok(())
     }
 }
