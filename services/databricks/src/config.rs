@@ -8,6 +8,9 @@
 //! base_url = "https://proxy.internal/{instance}"   # default https://{instance}
 //! allowed_instances = ["dbc-1234.cloud.databricks.com"]   # default: any
 //! service_credential_provider = "my-provider"   # serverless runs
+//! auth_type = "pat"         # or "oauth_m2m" (FLYTE_DATABRICKS_AUTH_TYPE); a task's databricksAuthType wins
+//! client_id = "…"           # OAuth service principal (DATABRICKS_CLIENT_ID); its secret is the
+//!                           # secret DATABRICKS_CLIENT_SECRET
 //! get_timeout = "2.5s"      # and the other flotilla_cloud::api::ApiSettings keys:
 //! create_timeout = "8s"     # attempt_timeout, connect_timeout, delete_timeout,
 //!                           # backoff_initial, backoff_max
@@ -26,8 +29,15 @@ pub const ENV_PREFIX: &str = "FLOTILLA_DATABRICKS_";
 pub const ENV_INSTANCE: &str = "FLYTE_DATABRICKS_INSTANCE";
 /// Upstream's variable naming the service credential provider of serverless runs.
 pub const ENV_CREDENTIAL_PROVIDER: &str = "FLYTE_DATABRICKS_SERVICE_CREDENTIAL_PROVIDER";
+/// Upstream's variable choosing the authentication (`pat`, `oauth_m2m`, `oidc_federation`).
+pub const ENV_AUTH_TYPE: &str = "FLYTE_DATABRICKS_AUTH_TYPE";
+/// Upstream's variable naming the OAuth service principal.
+pub const ENV_CLIENT_ID: &str = "DATABRICKS_CLIENT_ID";
+/// The authentication types upstream knows.
+pub const AUTH_TYPES: [&str; 3] = ["pat", "oauth_m2m", "oidc_federation"];
 /// The keys of the `[plugin]` table this module reads; the rest are [`ApiSettings`].
-const OWN_KEYS: [&str; 4] = ["base_url", "instance", "allowed_instances", "service_credential_provider"];
+const OWN_KEYS: [&str; 6] =
+    ["base_url", "instance", "allowed_instances", "service_credential_provider", "auth_type", "client_id"];
 
 /// The service's own keys of the `[plugin]` table as written.
 #[derive(Debug, Default, Deserialize)]
@@ -37,6 +47,8 @@ struct DatabricksConfig {
     instance: Option<String>,
     allowed_instances: Option<Vec<String>>,
     service_credential_provider: Option<String>,
+    auth_type: Option<String>,
+    client_id: Option<String>,
 }
 
 /// Validated settings.
@@ -50,6 +62,10 @@ pub struct Settings {
     pub allowed_instances: Vec<String>,
     /// `--flyte-credential-provider` for serverless runs whose task names none.
     pub service_credential_provider: Option<String>,
+    /// The service's authentication when a task names none (`pat` when unset).
+    pub auth_type: Option<String>,
+    /// The OAuth service principal when a task names none.
+    pub client_id: Option<String>,
     /// HTTP client settings and the budgets of CreateTask, GetTask and DeleteTask.
     pub api: ApiSettings,
 }
@@ -99,10 +115,26 @@ impl Settings {
         }
         let service_credential_provider =
             env(ENV_CREDENTIAL_PROVIDER).or(c.service_credential_provider).filter(|p| !p.is_empty());
+        let auth_type = env(ENV_AUTH_TYPE).or(c.auth_type).filter(|a| !a.is_empty());
+        if let Some(a) = &auth_type
+            && !AUTH_TYPES.contains(&a.as_str())
+        {
+            problems
+                .push(format!("auth_type ({ENV_AUTH_TYPE}): {a:?} is not one of {}", AUTH_TYPES.join(", ")));
+        }
+        let client_id = env(ENV_CLIENT_ID).or(c.client_id).filter(|c| !c.is_empty());
         if !problems.is_empty() {
             return Err(problems.join("; "));
         }
-        Ok(Self { base_url, instance, allowed_instances, service_credential_provider, api })
+        Ok(Self {
+            base_url,
+            instance,
+            allowed_instances,
+            service_credential_provider,
+            auth_type,
+            client_id,
+            api,
+        })
     }
 
     /// The API root for `instance`, ending in `/`.
@@ -202,6 +234,9 @@ mod tests {
         assert!(e.contains("base_url") && e.contains("get_timeout") && e.contains("DELETE_TIMEOUT"), "{e}");
         assert!(load("nope = 1", &[]).unwrap_err().contains("nope"));
         assert!(load("", &[(ENV_INSTANCE, "evil.com/x?y")]).unwrap_err().contains(ENV_INSTANCE));
+        assert!(load("", &[(ENV_AUTH_TYPE, "kerberos")]).unwrap_err().contains("kerberos"));
+        let s = load("auth_type = \"pat\"", &[(ENV_AUTH_TYPE, "oauth_m2m"), (ENV_CLIENT_ID, "sp")]).unwrap();
+        assert_eq!((s.auth_type.as_deref(), s.client_id.as_deref()), (Some("oauth_m2m"), Some("sp")));
     }
 
     #[test]

@@ -10,13 +10,24 @@
 //!   the log link is the run's page in the workspace console.
 //! - DeleteTask: `POST {api}/api/2.1/jobs/runs/cancel` with `{"run_id": …}`.
 //!
-//! The bearer token is read on every call from the secret upstream operators
-//! mount (`FLYTE_DATABRICKS_ACCESS_TOKEN`), never stored in `resource_meta`.
+//! Authentication as upstream's connector: a personal access token read on
+//! every call from the secret upstream operators mount
+//! (`FLYTE_DATABRICKS_ACCESS_TOKEN`), or, opted into with
+//! `databricksAuthType`/`FLYTE_DATABRICKS_AUTH_TYPE = oauth_m2m`, a service
+//! principal's OAuth token from the workspace's `/oidc/v1/token` endpoint
+//! (client-credentials grant, cached until a minute before it expires). No
+//! token is ever stored in `resource_meta`.
 
 pub mod config;
 pub mod meta;
 pub mod spec;
 pub mod state;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use flotilla_cloud::{
     api::{self, Api, ApiError, Request},
@@ -44,8 +55,24 @@ pub const AGENT_NAME: &str = "Databricks Agent";
 pub const TOKEN_KEY: &str = "FLYTE_DATABRICKS_ACCESS_TOKEN";
 /// The log link's name, as upstream's.
 pub const LOG_LINK_NAME: &str = "Databricks Console";
+/// The secret holding an OAuth service principal's secret, where upstream reads it.
+pub const CLIENT_SECRET_KEY: &str = "DATABRICKS_CLIENT_SECRET";
 /// The API's name in errors.
 const API: &str = "Databricks";
+/// An OAuth token is renewed this long before it expires.
+const REFRESH_MARGIN: Duration = Duration::from_secs(60);
+
+/// How a task's calls are authorized.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Auth {
+    /// The service's personal access token.
+    Pat,
+    /// A service principal's OAuth token (client-credentials grant).
+    OAuth { client_id: String },
+}
+
+/// OAuth access tokens by (workspace, client id), with when to renew them.
+type TokenCache = Arc<Mutex<HashMap<(String, String), (Secret, Instant)>>>;
 
 /// The Databricks plugin.
 #[derive(Clone, Debug)]
@@ -53,6 +80,7 @@ pub struct Databricks {
     settings: Settings,
     api: Api,
     secrets: SecretStore,
+    oauth_tokens: TokenCache,
 }
 
 impl Databricks {
@@ -62,7 +90,7 @@ impl Databricks {
     /// When the HTTP client cannot be built.
     pub fn new(settings: Settings, secrets: SecretStore) -> Result<Self, String> {
         let api = Api::new(API, &settings.api)?;
-        Ok(Self { settings, api, secrets })
+        Ok(Self { settings, api, secrets, oauth_tokens: TokenCache::default() })
     }
 
     /// The settings in force.
@@ -81,6 +109,106 @@ impl Databricks {
 
     fn token(&self) -> Result<Secret, PluginError> {
         self.secrets.get(TOKEN_KEY).map_err(|e| e.for_purpose("the Databricks access token").into())
+    }
+
+    /// The task's authentication: `custom.databricksAuthType`, else the service's, else PAT.
+    fn auth_for_task(&self, custom: &serde_json::Map<String, Value>) -> Result<Auth, PluginError> {
+        let text = |key: &str| custom.get(key).and_then(Value::as_str).filter(|s| !s.is_empty());
+        let kind = text("databricksAuthType").or(self.settings.auth_type.as_deref()).unwrap_or("pat");
+        match kind {
+            "pat" => Ok(Auth::Pat),
+            "oauth_m2m" => {
+                let client_id =
+                    text("databricksClientId").or(self.settings.client_id.as_deref()).ok_or_else(|| {
+                        PluginError::Unconfigured(format!(
+                            "OAuth M2M needs a service principal: set custom.databricksClientId (the task's \
+                         databricks_client_id) or {} / [plugin] client_id on the service",
+                            config::ENV_CLIENT_ID
+                        ))
+                    })?;
+                Ok(Auth::OAuth { client_id: client_id.to_owned() })
+            }
+            "oidc_federation" => Err(PluginError::Unconfigured(
+                "Databricks auth type oidc_federation is not supported by flotilla-databricks; use pat or \
+                 oauth_m2m"
+                    .to_owned(),
+            )),
+            other => Err(PluginError::InvalidArgument(format!(
+                "custom.databricksAuthType {other:?} is not one of {}",
+                config::AUTH_TYPES.join(", ")
+            ))),
+        }
+    }
+
+    /// A stored task's authentication.
+    fn auth_of(meta: &Meta) -> Result<Auth, PluginError> {
+        match (meta.auth_type.as_deref(), &meta.client_id) {
+            (None | Some("pat"), _) => Ok(Auth::Pat),
+            (Some("oauth_m2m"), Some(id)) if !id.is_empty() => Ok(Auth::OAuth { client_id: id.clone() }),
+            (Some(other), _) => Err(PluginError::InvalidArgument(format!(
+                "resource_meta.auth_type {other:?} needs what this service does not have (a client_id, or \
+                 support for it)"
+            ))),
+        }
+    }
+
+    /// The bearer token for a call to `instance`.
+    async fn bearer(&self, instance: &str, auth: &Auth, deadline: Instant) -> Result<Secret, PluginError> {
+        let Auth::OAuth { client_id } = auth else { return self.token() };
+        let key = (instance.to_owned(), client_id.clone());
+        if let Some((token, renew_at)) = self.oauth_tokens.lock().expect("not poisoned").get(&key)
+            && Instant::now() < *renew_at
+        {
+            return Ok(token.clone());
+        }
+        let secret = self
+            .secrets
+            .get(CLIENT_SECRET_KEY)
+            .map_err(|e| e.for_purpose("the Databricks OAuth service principal's secret"))?;
+        let form = vec![
+            ("grant_type".to_owned(), "client_credentials".to_owned()),
+            ("scope".to_owned(), "all-apis".to_owned()),
+            ("client_id".to_owned(), client_id.clone()),
+            ("client_secret".to_owned(), secret.expose().to_owned()),
+        ];
+        let url = self.url(instance, "oidc/v1/token")?;
+        let answer = self.api.send(Request::post_form("oidc/v1/token", url, form), deadline).await?;
+        let token = answer.body.get("access_token").and_then(Value::as_str).filter(|t| !t.is_empty());
+        let token = Secret::new(
+            token
+                .ok_or_else(|| ApiError::malformed(API, "oidc/v1/token", "no access_token in the answer"))?,
+        );
+        let lifetime =
+            Duration::from_secs(answer.body.get("expires_in").and_then(Value::as_u64).unwrap_or(3600));
+        let renew_at = Instant::now() + lifetime.saturating_sub(REFRESH_MARGIN);
+        self.oauth_tokens.lock().expect("not poisoned").insert(key, (token.clone(), renew_at));
+        tracing::debug!(instance = %instance, client_id = %client_id, "Got a Databricks OAuth token");
+        Ok(token)
+    }
+
+    /// Sends a request built around the bearer token. An OAuth token the API
+    /// refuses is dropped from the cache and replaced once, within the deadline.
+    async fn send(
+        &self,
+        instance: &str,
+        auth: &Auth,
+        deadline: Instant,
+        request: impl Fn(&Secret) -> Request,
+    ) -> Result<api::Response, PluginError> {
+        let token = self.bearer(instance, auth, deadline).await?;
+        match self.api.send(request(&token), deadline).await {
+            Err(e) if e.status() == Some(401) && matches!(auth, Auth::OAuth { .. }) => {
+                if let Auth::OAuth { client_id } = auth {
+                    self.oauth_tokens
+                        .lock()
+                        .expect("not poisoned")
+                        .remove(&(instance.to_owned(), client_id.clone()));
+                }
+                let token = self.bearer(instance, auth, deadline).await?;
+                Ok(self.api.send(request(&token), deadline).await?)
+            }
+            other => Ok(other?),
+        }
     }
 
     /// The workspace a task runs in: `custom.databricksInstance`, else the service's.
@@ -172,8 +300,12 @@ impl Plugin for Databricks {
             .template
             .as_ref()
             .ok_or_else(|| PluginError::InvalidArgument("CreateTask without a template".to_owned()))?;
-        let token = self.token()?;
         let custom = template::custom_json(template);
+        let auth = self.auth_for_task(&custom)?;
+        if auth == Auth::Pat {
+            // Checked first: without credentials, this is the error to give.
+            self.token()?;
+        }
         let instance = self.instance(&custom)?;
         let mut body = spec::build(
             &custom,
@@ -183,10 +315,9 @@ impl Plugin for Databricks {
         .map_err(PluginError::InvalidArgument)?;
         body.insert("idempotency_token".to_owned(), Value::String(idempotency_token(&request)));
         let url = self.url(&instance, "api/2.1/jobs/runs/submit")?;
-        let answer = self
-            .api
-            .send(Request::post_json("runs/submit", url, Value::Object(body)).bearer(&token), deadline)
-            .await?;
+        let body = Value::Object(body);
+        let submit = |t: &Secret| Request::post_json("runs/submit", url.clone(), body.clone()).bearer(t);
+        let answer = self.send(&instance, &auth, deadline, submit).await?;
         let run_id = run_id_of(answer.body.get("run_id")).ok_or_else(|| {
             ApiError::malformed(
                 API,
@@ -195,19 +326,26 @@ impl Plugin for Databricks {
             )
         })?;
         tracing::info!(instance = %instance, run_id = %run_id, task = %call.category, "Submitted a Databricks run");
-        Ok(admin::CreateTaskResponse {
-            resource_meta: Meta { databricks_instance: instance, run_id }.encode(),
-        })
+        let (auth_type, client_id) = match auth {
+            Auth::Pat => (None, None),
+            Auth::OAuth { client_id } => (Some("oauth_m2m".to_owned()), Some(client_id)),
+        };
+        let meta = Meta { databricks_instance: instance, run_id, auth_type, client_id };
+        Ok(admin::CreateTaskResponse { resource_meta: meta.encode() })
     }
 
     async fn get(&self, call: &Call, request: admin::GetTaskRequest) -> Result<admin::Resource, PluginError> {
         let deadline = api::deadline(call, self.settings.api.get_timeout.0);
         let meta = Meta::decode(&request.resource_meta).map_err(PluginError::InvalidArgument)?;
         self.settings.check_allowed(&meta.databricks_instance).map_err(PluginError::InvalidArgument)?;
-        let token = self.token()?;
+        let auth = Self::auth_of(&meta)?;
         let mut url = self.url(&meta.databricks_instance, "api/2.1/jobs/runs/get")?;
         url.query_pairs_mut().append_pair("run_id", &meta.run_id);
-        let answer = self.api.send(Request::get("runs/get", url).bearer(&token), deadline).await?;
+        let answer = self
+            .send(&meta.databricks_instance, &auth, deadline, |t| {
+                Request::get("runs/get", url.clone()).bearer(t)
+            })
+            .await?;
         let run = &answer.body;
         let phase = state::phase_of(run).ok_or_else(|| {
             ApiError::malformed(
@@ -234,16 +372,18 @@ impl Plugin for Databricks {
         let deadline = api::deadline(call, self.settings.api.delete_timeout.0);
         let meta = Meta::decode(&request.resource_meta).map_err(PluginError::InvalidArgument)?;
         self.settings.check_allowed(&meta.databricks_instance).map_err(PluginError::InvalidArgument)?;
-        let token = self.token()?;
+        let auth = Self::auth_of(&meta)?;
         let url = self.url(&meta.databricks_instance, "api/2.1/jobs/runs/cancel")?;
         let run_id: u64 = meta.run_id.parse().map_err(|_| {
             PluginError::InvalidArgument("resource_meta.run_id is not a decimal run id".to_owned())
         })?;
         // Cancelling is idempotent on Databricks' side; a run that no longer exists is cancelled enough.
-        let request = Request::post_json("runs/cancel", url, json!({ "run_id": run_id }))
-            .bearer(&token)
-            .accept_status(404);
-        let answer = self.api.send(request, deadline).await?;
+        let request = |t: &Secret| {
+            Request::post_json("runs/cancel", url.clone(), json!({ "run_id": run_id }))
+                .bearer(t)
+                .accept_status(404)
+        };
+        let answer = self.send(&meta.databricks_instance, &auth, deadline, request).await?;
         tracing::info!(run_id = %meta.run_id, status = answer.status, "Cancelled a Databricks run");
         Ok(())
     }

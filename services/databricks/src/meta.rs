@@ -7,13 +7,20 @@
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// What `get` and `delete` need to find a run.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meta {
     /// The workspace host (no scheme), as upstream stores it.
     pub databricks_instance: String,
     /// The run id, as a decimal string (upstream's type); a number is accepted too.
     #[serde(deserialize_with = "string_or_number")]
     pub run_id: String,
+    /// How the run was authorized when not with the personal access token
+    /// (`oauth_m2m`), so `get` and `delete` authenticate the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_type: Option<String>,
+    /// The OAuth service principal, with `auth_type = oauth_m2m` (an id, not a secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
 }
 
 fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -32,7 +39,7 @@ fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error>
 impl Meta {
     /// The bytes stored by propeller.
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("two strings always serialize")
+        serde_json::to_vec(self).expect("strings always serialize")
     }
 
     /// Reads `resource_meta`. The error never quotes the bytes (upstream's
@@ -69,7 +76,11 @@ mod tests {
 
     #[test]
     fn round_trips_with_upstream_field_names() {
-        let m = Meta { databricks_instance: "a.cloud.databricks.com".into(), run_id: "42".into() };
+        let m = Meta {
+            databricks_instance: "a.cloud.databricks.com".into(),
+            run_id: "42".into(),
+            ..Meta::default()
+        };
         let bytes = m.encode();
         assert_eq!(
             serde_json::from_slice::<serde_json::Value>(&bytes).unwrap(),
@@ -82,7 +93,7 @@ mod tests {
     fn reads_upstream_metas_and_drops_their_token() {
         let upstream = br#"{"databricks_instance": "h", "run_id": "7", "auth_token": "dapi-secret"}"#;
         let m = Meta::decode(upstream).unwrap();
-        assert_eq!(m, Meta { databricks_instance: "h".into(), run_id: "7".into() });
+        assert_eq!(m, Meta { databricks_instance: "h".into(), run_id: "7".into(), ..Meta::default() });
         assert!(!String::from_utf8(m.encode()).unwrap().contains("dapi"));
         assert_eq!(Meta::decode(br#"{"databricks_instance":"h","run_id":8}"#).unwrap().run_id, "8");
     }

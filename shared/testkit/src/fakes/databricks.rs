@@ -35,6 +35,8 @@ pub const SUBMIT: &str = "/api/2.1/jobs/runs/submit";
 pub const GET: &str = "/api/2.1/jobs/runs/get";
 /// Path of runs/cancel.
 pub const CANCEL: &str = "/api/2.1/jobs/runs/cancel";
+/// Path of the workspace's OAuth token endpoint (machine-to-machine client credentials).
+pub const TOKEN: &str = "/oidc/v1/token";
 /// The longest `idempotency_token` the API accepts.
 pub const MAX_IDEMPOTENCY_TOKEN: usize = 64;
 
@@ -108,6 +110,10 @@ struct State {
     script: Vec<Step>,
     runs: BTreeMap<u64, Run>,
     tokens: BTreeMap<String, u64>,
+    /// The service principal's (client_id, client_secret), when OAuth is on.
+    oauth_client: Option<(String, String)>,
+    /// Access tokens issued by the token endpoint.
+    issued: Vec<String>,
 }
 
 /// The model: runs by id, the accepted token, and the script new runs follow.
@@ -131,12 +137,32 @@ impl FakeDatabricks {
                 script: vec![Step::life_cycle("RUNNING"), Step::terminated("SUCCESS", "")],
                 runs: BTreeMap::new(),
                 tokens: BTreeMap::new(),
+                oauth_client: None,
+                issued: Vec::new(),
             })),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("not poisoned")
+    }
+
+    /// Lets a service principal get access tokens from [`TOKEN`] with the
+    /// client-credentials grant (scope `all-apis`); those tokens are accepted beside the PAT.
+    pub fn oauth_client(&self, client_id: &str, client_secret: &str) {
+        self.lock().oauth_client = Some((client_id.to_owned(), client_secret.to_owned()));
+    }
+
+    /// The access tokens the token endpoint issued, in order.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.lock().issued.clone()
+    }
+
+    /// Revokes every issued access token (they answer 401 from now on).
+    pub fn revoke_issued_tokens(&self) {
+        let mut state = self.lock();
+        let n = state.issued.len();
+        state.issued = (0..n).map(|i| format!("revoked-{i}")).collect();
     }
 
     /// The states runs submitted from now on walk through (one per `runs/get`; the last repeats).
@@ -163,22 +189,55 @@ impl FakeDatabricks {
 
     /// Answers one request (the [`FakeHttp`] handler).
     pub fn answer(&self, r: &Recorded) -> Reply {
+        if r.method == Method::POST && r.path == TOKEN {
+            return self.token(r);
+        }
         let route = (r.method.clone(), r.path.as_str());
         let known = matches!(route, (Method::POST, SUBMIT) | (Method::GET, GET) | (Method::POST, CANCEL));
         if !known {
             return error(404, "ENDPOINT_NOT_FOUND", &format!("No API found for '{} {}'", r.method, r.path));
         }
-        let token = self.lock().token.clone();
-        match r.bearer() {
+        let accepted = {
+            let state = self.lock();
+            r.bearer().map(|t| t == state.token || state.issued.iter().any(|i| i == t))
+        };
+        match accepted {
             None => return error(401, "UNAUTHENTICATED", "Missing Authorization header"),
-            Some(t) if t != token => return error(401, "UNAUTHENTICATED", "Invalid access token."),
-            Some(_) => {}
+            Some(false) => return error(401, "UNAUTHENTICATED", "Invalid access token."),
+            Some(true) => {}
         }
         match route.0 {
             Method::GET => self.get(r),
             _ if r.path == SUBMIT => self.submit(r),
             _ => self.cancel(r),
         }
+    }
+
+    fn token(&self, r: &Recorded) -> Reply {
+        let oauth = |status: u16, code: &str, description: &str| {
+            Reply::json(status, json!({ "error": code, "error_description": description }))
+        };
+        let form: BTreeMap<String, String> = r.form().into_iter().collect();
+        let field = |k: &str| form.get(k).map(String::as_str);
+        if field("grant_type") != Some("client_credentials") {
+            return oauth(400, "unsupported_grant_type", "grant_type must be client_credentials");
+        }
+        if field("scope") != Some("all-apis") {
+            return oauth(400, "invalid_scope", "scope must be all-apis");
+        }
+        let mut state = self.lock();
+        let valid = state.oauth_client.as_ref().is_some_and(|(id, secret)| {
+            field("client_id") == Some(id) && field("client_secret") == Some(secret)
+        });
+        if !valid {
+            return oauth(401, "invalid_client", "Client authentication failed");
+        }
+        let access_token = format!("oauth-access-{}", state.issued.len() + 1);
+        state.issued.push(access_token.clone());
+        Reply::json(
+            200,
+            json!({ "access_token": access_token, "token_type": "Bearer", "expires_in": 3600, "scope": "all-apis" }),
+        )
     }
 
     fn submit(&self, r: &Recorded) -> Reply {
