@@ -22,6 +22,8 @@ use flotilla_testkit::{
 use serde_json::json;
 use support::*;
 
+const CLIENT_SECRET: &str = "client-secret-for-the-leak-test";
+
 /// The child process; killed on drop.
 struct Service {
     child: Child,
@@ -90,6 +92,8 @@ async fn no_secret_reaches_logs_errors_or_resource_meta() {
     let fake = model.start().await;
     let secrets = tempfile::tempdir().unwrap();
     std::fs::write(secrets.path().join("flyte_databricks_access_token"), format!("{TOKEN}\n")).unwrap();
+    std::fs::write(secrets.path().join("databricks_client_secret"), CLIENT_SECRET).unwrap();
+    model.oauth_client("sp-1", CLIENT_SECRET);
     let svc = spawn(&[
         ("FLOTILLA_SECRETS_DIR", secrets.path().display().to_string()),
         ("FLOTILLA_DATABRICKS_BASE_URL", fake.url()),
@@ -133,12 +137,28 @@ async fn no_secret_reaches_logs_errors_or_resource_meta() {
     assert!(requests.len() >= 7, "{}", requests.len());
     assert!(requests.iter().all(|r| r.bearer() == Some(TOKEN)));
 
+    // OAuth: the client secret and the access token it buys are secrets too.
+    let mut oauth = classic_custom();
+    oauth["databricksAuthType"] = json!("oauth_m2m");
+    oauth["databricksClientId"] = json!("sp-1");
+    let mut request = create_request("spark", oauth);
+    request.task_execution_metadata = Some(execution_metadata(7));
+    let meta = client.create_task(request).await.unwrap().into_inner().resource_meta;
+    seen.push(String::from_utf8_lossy(&meta).into_owned());
+    let r = client.get_task(get_request("spark", &meta)).await.unwrap().into_inner().resource.unwrap();
+    seen.push(format!("{r:?}"));
+    assert_eq!(model.issued_tokens(), ["oauth-access-1"]);
+
     let lines = svc.stop();
     assert!(lines.iter().any(|l| l.contains("DEBUG")), "debug logging was on: {lines:#?}");
     assert!(lines.iter().any(|l| l.contains("Submitted a Databricks run")), "{lines:#?}");
     for text in lines.iter().chain(&seen) {
         assert!(!text.contains(TOKEN), "the token leaked: {text}");
         assert!(!text.contains("0123456789abcdef"), "part of the token leaked: {text}");
+        assert!(
+            !text.contains(CLIENT_SECRET) && !text.contains("oauth-access-"),
+            "an OAuth secret leaked: {text}"
+        );
     }
 }
 

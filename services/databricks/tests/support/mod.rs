@@ -171,10 +171,11 @@ pub fn quick_api() -> ApiSettings {
     }
 }
 
-/// A secret store holding `token` (or nothing) in its environment, and an empty directory.
-pub fn secrets(token: Option<&str>, dir: &std::path::Path) -> SecretStore {
-    let token = token.map(str::to_owned);
-    SecretStore::new(dir, move |k| (k == "FLYTE_DATABRICKS_ACCESS_TOKEN").then(|| token.clone()).flatten())
+/// A secret store with these environment variables, and an empty directory.
+pub fn secrets(vars: &[(&str, &str)], dir: &std::path::Path) -> SecretStore {
+    let vars: std::collections::HashMap<String, String> =
+        vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    SecretStore::new(dir, move |k| vars.get(k).cloned())
 }
 
 /// The plugin in front of a fake workspace.
@@ -193,12 +194,18 @@ impl Rig {
     }
 
     pub async fn with(token: Option<&str>, tweak: impl FnOnce(&mut Settings)) -> Self {
+        let vars: Vec<(&str, &str)> =
+            token.map(|t| ("FLYTE_DATABRICKS_ACCESS_TOKEN", t)).into_iter().collect();
+        Self::with_secrets(&vars, tweak).await
+    }
+
+    pub async fn with_secrets(vars: &[(&str, &str)], tweak: impl FnOnce(&mut Settings)) -> Self {
         let model = FakeDatabricks::new(TOKEN);
         let fake = model.start().await;
         let mut settings = Settings { base_url: Some(fake.url()), api: quick_api(), ..Settings::default() };
         tweak(&mut settings);
         let dir = tempfile::tempdir().expect("temp dir");
-        let plugin = Databricks::new(settings, secrets(token, dir.path())).expect("plugin builds");
+        let plugin = Databricks::new(settings, secrets(vars, dir.path())).expect("plugin builds");
         let svc = spawn_plugin(plugin).await;
         let client = AsyncAgentServiceClient::new(channel(svc.addr));
         let meta_client = AgentMetadataServiceClient::new(channel(svc.addr));
