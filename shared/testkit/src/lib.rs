@@ -7,6 +7,7 @@
 pub mod dns;
 pub mod fake_http;
 pub mod fakes;
+pub mod jwt;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
