@@ -183,7 +183,7 @@ fn token(m: &mut Model, public_key_der: &[u8], r: &Recorded) -> Reply {
         }
     };
     let present = |k: &str| claims[k].as_str().is_some_and(|v| !v.is_empty());
-    if !(present("iss") && present("scope") && present("aud")) || !claims["exp"].is_u64() {
+    if !(present("iss") && present("scope") && present("aud") && claims["exp"].is_u64()) {
         return Reply::json(
             400,
             json!({"error": "invalid_grant", "error_description": "Invalid JWT: iss, scope, aud and exp are required"}),
