@@ -29,6 +29,8 @@ use tokio::sync::Mutex;
 const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
 /// Google's token endpoint, for key files that do not name one.
 const DEFAULT_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
+/// How long to wait for the metadata server before concluding there is none.
+const METADATA_PATIENCE: Duration = Duration::from_secs(1);
 /// Fetch a new token this long before the cached one expires.
 const REFRESH_EARLY: Duration = Duration::from_secs(300);
 
@@ -152,6 +154,8 @@ impl Credentials {
             .join("computeMetadata/v1/instance/service-accounts/default/token")
             .expect("a relative path joins any base URL");
         let request = Request::get("metadata token", url).header("metadata-flavor", "Google");
+        // Off GCP there is no metadata server; say so quickly rather than retrying for the whole budget.
+        let deadline = deadline.min(Instant::now() + METADATA_PATIENCE);
         let answer = self.api.send(request, deadline).await.map_err(|e| {
             PluginError::Unconfigured(format!(
                 "no Google credentials: GOOGLE_APPLICATION_CREDENTIALS (or [plugin] credentials_file) names no \

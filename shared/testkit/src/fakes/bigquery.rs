@@ -54,7 +54,10 @@ struct Job {
 
 #[derive(Default)]
 struct Model {
+    /// Tokens the API accepts.
     tokens: Vec<String>,
+    /// Every token handed out, revoked or not.
+    issued: Vec<String>,
     jobs: HashMap<String, Job>,
     next_script: Option<Vec<JobStep>>,
 }
@@ -106,9 +109,9 @@ impl FakeBigQuery {
         self.model.lock().expect("not poisoned").jobs.get(job_id).is_some_and(|j| j.cancelled)
     }
 
-    /// Every access token handed out.
+    /// Every access token handed out, revoked or not.
     pub fn issued_tokens(&self) -> Vec<String> {
-        self.model.lock().expect("not poisoned").tokens.clone()
+        self.model.lock().expect("not poisoned").issued.clone()
     }
 
     /// Forgets every issued token, as if they had expired or been revoked.
@@ -193,8 +196,9 @@ fn token(m: &mut Model, public_key_der: &[u8], r: &Recorded) -> Reply {
 }
 
 fn issue(m: &mut Model) -> Reply {
-    let token = format!("ya29.fake-{}", m.tokens.len() + 1);
+    let token = format!("ya29.fake-{}", m.issued.len() + 1);
     m.tokens.push(token.clone());
+    m.issued.push(token.clone());
     Reply::json(200, json!({"access_token": token, "expires_in": 3599, "token_type": "Bearer"}))
 }
 
