@@ -153,6 +153,23 @@ fn native(literal: &Literal) -> Result<Native, &'static str> {
     }
 }
 
+/// The template's SQL statement (`TaskTemplate.sql.statement`), trimmed; `None` when there is
+/// none or it is blank.
+pub fn sql_statement(template: &TaskTemplate) -> Option<&str> {
+    match &template.target {
+        Some(core::task_template::Target::Sql(sql)) => Some(sql.statement.trim()).filter(|s| !s.is_empty()),
+        _ => None,
+    }
+}
+
+/// The template's container, if its target is one.
+pub fn container(template: &TaskTemplate) -> Option<&core::Container> {
+    match &template.target {
+        Some(core::task_template::Target::Container(c)) => Some(c),
+        _ => None,
+    }
+}
+
 /// Whether the template's interface declares the output `name`.
 pub fn has_output(template: &TaskTemplate, name: &str) -> bool {
     template
