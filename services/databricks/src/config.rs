@@ -11,8 +11,10 @@
 //! auth_type = "pat"         # or "oauth_m2m" (FLYTE_DATABRICKS_AUTH_TYPE); a task's databricksAuthType wins
 //! client_id = "…"           # OAuth service principal (DATABRICKS_CLIENT_ID); its secret is the
 //!                           # secret DATABRICKS_CLIENT_SECRET
-//! get_timeout = "2.5s"      # and the other flotilla_cloud::api::ApiSettings keys:
-//! create_timeout = "8s"     # attempt_timeout, connect_timeout, delete_timeout,
+//!
+//! [plugin.http]             # flotilla_cloud::api::ApiSettings, as every cloud service
+//! get_timeout = "2.5s"      # FLOTILLA_DATABRICKS_GET_TIMEOUT; also create_timeout,
+//! create_timeout = "8s"     # delete_timeout, attempt_timeout, connect_timeout,
 //!                           # backoff_initial, backoff_max
 //! ```
 
@@ -35,9 +37,6 @@ pub const ENV_AUTH_TYPE: &str = "FLYTE_DATABRICKS_AUTH_TYPE";
 pub const ENV_CLIENT_ID: &str = "DATABRICKS_CLIENT_ID";
 /// The authentication types upstream knows.
 pub const AUTH_TYPES: [&str; 3] = ["pat", "oauth_m2m", "oidc_federation"];
-/// The keys of the `[plugin]` table this module reads; the rest are [`ApiSettings`].
-const OWN_KEYS: [&str; 6] =
-    ["base_url", "instance", "allowed_instances", "service_credential_provider", "auth_type", "client_id"];
 
 /// The service's own keys of the `[plugin]` table as written.
 #[derive(Debug, Default, Deserialize)]
@@ -49,6 +48,8 @@ struct DatabricksConfig {
     service_credential_provider: Option<String>,
     auth_type: Option<String>,
     client_id: Option<String>,
+    #[serde(default)]
+    http: ApiSettings,
 }
 
 /// Validated settings.
@@ -66,7 +67,7 @@ pub struct Settings {
     pub auth_type: Option<String>,
     /// The OAuth service principal when a task names none.
     pub client_id: Option<String>,
-    /// HTTP client settings and the budgets of CreateTask, GetTask and DeleteTask.
+    /// HTTP client settings and the budgets of CreateTask, GetTask and DeleteTask (`[plugin.http]`).
     pub api: ApiSettings,
 }
 
@@ -76,15 +77,8 @@ impl Settings {
     /// # Errors
     /// Every problem, each naming its key or variable.
     pub fn load(table: &toml::Table, env: Env<'_>) -> Result<Self, String> {
-        let mut own = toml::Table::new();
-        let mut rest = table.clone();
-        for key in OWN_KEYS {
-            if let Some(v) = rest.remove(key) {
-                own.insert(key.to_owned(), v);
-            }
-        }
-        let c: DatabricksConfig = own.try_into().map_err(|e| format!("[plugin]: {e}"))?;
-        let mut api: ApiSettings = rest.try_into().map_err(|e| format!("[plugin]: {e}"))?;
+        let c: DatabricksConfig = table.clone().try_into().map_err(|e| format!("[plugin]: {e}"))?;
+        let mut api = c.http;
         let mut problems = Vec::new();
         api.override_from_env(env, ENV_PREFIX, &mut problems);
         problems.extend(api.problems());
@@ -205,8 +199,9 @@ mod tests {
     #[test]
     fn file_then_environment() {
         let s = load(
-            "base_url = \"http://127.0.0.1:1/\"\ninstance = \"file\"\nget_timeout = \"1s\"\n\
-             allowed_instances = [\"https://a.b/\"]\nservice_credential_provider = \"p\"",
+            "base_url = \"http://127.0.0.1:1/\"\ninstance = \"file\"\n\
+             allowed_instances = [\"https://a.b/\"]\nservice_credential_provider = \"p\"\n\
+             [http]\nget_timeout = \"1s\"\ncreate_timeout = \"2s\"",
             &[
                 ("FLOTILLA_DATABRICKS_GET_TIMEOUT", "700ms"),
                 (ENV_INSTANCE, "https://env.cloud.databricks.com/"),
@@ -216,6 +211,7 @@ mod tests {
         assert_eq!(s.base_url.as_deref(), Some("http://127.0.0.1:1"));
         assert_eq!(s.instance.as_deref(), Some("env.cloud.databricks.com"));
         assert_eq!(s.api.get_timeout.0, Duration::from_millis(700));
+        assert_eq!(s.api.create_timeout.0, Duration::from_secs(2));
         assert_eq!(s.allowed_instances, vec!["a.b".to_owned()]);
         assert_eq!(s.service_credential_provider.as_deref(), Some("p"));
         let s =
@@ -227,7 +223,7 @@ mod tests {
     #[test]
     fn problems_are_named() {
         let e = load(
-            "base_url = \"ftp://x\"\nget_timeout = \"0s\"",
+            "base_url = \"ftp://x\"\n[http]\nget_timeout = \"0s\"",
             &[("FLOTILLA_DATABRICKS_DELETE_TIMEOUT", "soon")],
         )
         .unwrap_err();

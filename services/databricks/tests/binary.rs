@@ -184,3 +184,36 @@ async fn without_credentials_the_binary_starts_and_names_what_is_missing() {
     assert!(e.message().contains(&file.display().to_string()), "{}", e.message());
     assert!(e.message().contains("FLYTE_DATABRICKS_ACCESS_TOKEN"), "{}", e.message());
 }
+
+#[test]
+fn check_config_accepts_the_documented_file_and_names_bad_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[plugin]\ninstance = \"dbc-1.cloud.databricks.com\"\nbase_url = \"https://proxy.internal/{instance}\"\n\
+         allowed_instances = [\"dbc-1.cloud.databricks.com\"]\nauth_type = \"pat\"\n\
+         [plugin.http]\nget_timeout = \"2s\"\ncreate_timeout = \"5s\"\n",
+    )
+    .unwrap();
+    let run = |path: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_flotilla-databricks"))
+            .args(["--check-config", "--config"])
+            .arg(path)
+            .env_remove("FLYTE_DATABRICKS_AUTH_TYPE")
+            .env_remove("FLOTILLA_DATABRICKS_BASE_URL")
+            .output()
+            .expect("runs")
+    };
+    let out = run(&good);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("spark") && stdout.contains("databricks"), "{stdout}");
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[plugin]\nauth_type = \"kerberos\"\n[plugin.http]\nget_timout = \"2s\"\n").unwrap();
+    let out = run(&bad);
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("get_timout"), "{stderr}");
+}
