@@ -253,17 +253,22 @@ fn container_of(template: &core::TaskTemplate) -> spec::Container {
     }
 }
 
-/// The `idempotency_token` of a submit: derived from the task execution (one
-/// per attempt), so a create that is repeated for the same attempt (by the
-/// gateway, or by propeller after a lost answer) finds the run it started;
-/// random when the request carries no execution id.
-fn idempotency_token(request: &admin::CreateTaskRequest) -> String {
+/// The `idempotency_token` of a submit: a digest of the task execution (one
+/// per attempt), its output prefix and the run spec, so the same create
+/// repeated (by the gateway, or by propeller after a lost answer) finds the
+/// run it started, while anything different starts its own; random when the
+/// request carries no execution id.
+fn idempotency_token(request: &admin::CreateTaskRequest, body: &serde_json::Map<String, Value>) -> String {
     let id = request.task_execution_metadata.as_ref().and_then(|m| m.task_execution_id.as_ref());
     match id {
         Some(id) => {
             let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
             ctx.update(b"flotilla-databricks/1\n");
             ctx.update(&id.encode_to_vec());
+            ctx.update(b"\n");
+            ctx.update(request.output_prefix.as_bytes());
+            ctx.update(b"\n");
+            ctx.update(Value::Object(body.clone()).to_string().as_bytes());
             // 64 hex characters: the API's longest token.
             ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect()
         }
@@ -313,7 +318,8 @@ impl Plugin for Databricks {
             self.settings.service_credential_provider.as_deref(),
         )
         .map_err(PluginError::InvalidArgument)?;
-        body.insert("idempotency_token".to_owned(), Value::String(idempotency_token(&request)));
+        let token = idempotency_token(&request, &body);
+        body.insert("idempotency_token".to_owned(), Value::String(token));
         let url = self.url(&instance, "api/2.1/jobs/runs/submit")?;
         let body = Value::Object(body);
         let submit = |t: &Secret| Request::post_json("runs/submit", url.clone(), body.clone()).bearer(t);

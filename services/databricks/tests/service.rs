@@ -241,11 +241,15 @@ async fn retried_creates_start_one_run() {
     let again = rig.create("spark", classic_custom()).await.unwrap();
     assert_eq!(again, meta);
     assert_eq!(rig.model.runs().len(), 1);
-    // The next attempt is a new run.
+    // The next attempt is a new run, and so is the same attempt asking for something else.
     let mut next = create_request("spark", classic_custom());
     next.task_execution_metadata = Some(execution_metadata(1));
     let next = rig.client.create_task(next).await.unwrap().into_inner().resource_meta;
     assert_eq!(meta_json(&next)["run_id"], json!("1002"));
+    let mut other = classic_custom();
+    other["databricksConf"]["run_name"] = json!("another run");
+    let other = rig.create("spark", other).await.unwrap();
+    assert_eq!(meta_json(&other)["run_id"], json!("1003"));
 }
 
 #[tokio::test]
