@@ -380,3 +380,35 @@ async fn runs_created_by_upstream_are_polled_without_their_stored_token() {
     assert_eq!(last.bearer(), Some(TOKEN));
     assert!(!String::from_utf8_lossy(&meta).contains("token"));
 }
+
+#[tokio::test]
+async fn api_refusals_keep_databricks_message_and_code() {
+    let mut rig = Rig::new().await;
+    rig.fake.inject(
+        SUBMIT,
+        Reply::json(
+            400,
+            json!({ "error_code": "INVALID_PARAMETER_VALUE", "message": "Cluster spark version 1.0 is not supported" }),
+        ),
+    );
+    let e = rig.create("spark", classic_custom()).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("INVALID_PARAMETER_VALUE: Cluster spark version 1.0"), "{}", e.message());
+    assert_eq!(rig.fake.requests_to(SUBMIT).len(), 1, "a 400 is not retried");
+
+    let meta = rig.create("spark", classic_custom()).await.unwrap();
+    rig.fake.inject(
+        GET,
+        Reply::json(
+            403,
+            json!({ "error_code": "PERMISSION_DENIED", "message": "User cannot view run 1001" }),
+        ),
+    );
+    let e = rig.get(&meta).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("User cannot view run 1001"), "{}", e.message());
+    let missing = json!({ "databricks_instance": INSTANCE, "run_id": "4242" }).to_string();
+    let e = rig.get(missing.as_bytes()).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(e.message().contains("Run 4242 does not exist"), "{}", e.message());
+}
