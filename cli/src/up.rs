@@ -41,9 +41,12 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let config = flotilla_sdk::ServiceConfig::default();
     let bigquery = flotilla_bigquery::BigQuery::from_config(&config)
         .map_err(|e| anyhow::anyhow!("bigquery: invalid configuration: {e}"))?;
+    let databricks = flotilla_databricks::Databricks::from_config(&config)
+        .map_err(|e| anyhow::anyhow!("databricks: invalid configuration: {e}"))?;
     let services = vec![
         start("echo", flotilla_echo::Echo::default(), &shutdown).await?,
         start("bigquery", bigquery, &shutdown).await?,
+        start("databricks", databricks, &shutdown).await?,
     ];
     let (grpc, admin) =
         flotilla_sdk::bind_pair(args.listen, args.admin_listen).await.map_err(anyhow::Error::msg)?;
@@ -70,9 +73,9 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     })?;
     let gateway = Gateway::start(config).await.context("starting the gateway")?;
 
-    println!("gateway  grpc={gateway_addr}  admin={gateway_admin_addr}");
+    println!("{:<10} grpc={gateway_addr}  admin={gateway_admin_addr}", "gateway");
     for s in &services {
-        println!("{:<8} grpc={}  admin={}", s.name, s.grpc, s.admin);
+        println!("{:<10} grpc={}  admin={}", s.name, s.grpc, s.admin);
     }
     println!(
         "flotilla is up: point propeller's agent-service at {gateway_addr} (Ctrl-C to stop; started in {} ms)",

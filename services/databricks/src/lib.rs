@@ -35,7 +35,7 @@ use flotilla_cloud::{
     template,
 };
 use flotilla_sdk::{
-    AgentSpec, Call, Plugin, PluginError, ServiceConfig,
+    AgentSpec, Call, Category, Plugin, PluginError, ServiceConfig,
     proto::{admin, core},
     resource,
 };
@@ -292,7 +292,11 @@ pub fn console_url(instance: &str, job_id: &str, run_id: &str) -> String {
 
 impl Plugin for Databricks {
     fn agents(&self) -> Vec<AgentSpec> {
-        vec![AgentSpec::asynchronous(AGENT_NAME, SPARK), AgentSpec::asynchronous(AGENT_NAME, DATABRICKS)]
+        // Upstream registers two agents of the same name, one per task type; one agent serving
+        // both says the same to propeller and keeps GetAgent by name unambiguous.
+        let mut agent = AgentSpec::asynchronous(AGENT_NAME, SPARK);
+        agent.categories.push(Category::new(DATABRICKS, 0));
+        vec![agent]
     }
 
     async fn create(

@@ -176,7 +176,7 @@ async fn without_credentials_the_binary_starts_and_names_what_is_missing() {
         .unwrap()
         .into_inner()
         .agents;
-    assert_eq!(agents.len(), 2);
+    assert_eq!(agents.len(), 1);
     let mut client = AsyncAgentServiceClient::new(channel(svc.addr));
     let e = client.create_task(create_request("spark", classic_custom())).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);

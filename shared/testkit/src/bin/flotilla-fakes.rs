@@ -3,9 +3,14 @@
 //! e.g. `{"bigquery": "http://127.0.0.1:41234", ...}`, then serves until stdin closes or
 //! SIGINT/SIGTERM. Each fake lists the requests it received at `GET /_fake/requests`.
 //!
-//! The fakes accept credentials made from the test-only key in shared/testkit/keys.
+//! The fakes accept credentials made from the test-only key in shared/testkit/keys; the
+//! Databricks fake accepts the personal access token `dapi-test-token` and the OAuth service
+//! principal `test-client-id` / `test-client-secret`.
 
-use flotilla_testkit::{fakes::bigquery::FakeBigQuery, jwt::TEST_PUBLIC_KEY_DER};
+use flotilla_testkit::{
+    fakes::{bigquery::FakeBigQuery, databricks::FakeDatabricks},
+    jwt::TEST_PUBLIC_KEY_DER,
+};
 use tokio::io::AsyncReadExt as _;
 
 #[tokio::main(flavor = "current_thread")]
@@ -19,7 +24,10 @@ async fn main() {
         return;
     }
     let bigquery = FakeBigQuery::start(TEST_PUBLIC_KEY_DER.to_vec()).await;
-    let urls = serde_json::json!({ "bigquery": bigquery.url() });
+    let databricks_model = FakeDatabricks::new("dapi-test-token");
+    databricks_model.oauth_client("test-client-id", "test-client-secret");
+    let databricks = databricks_model.start().await;
+    let urls = serde_json::json!({ "bigquery": bigquery.url(), "databricks": databricks.url() });
     println!("{urls}");
 
     let mut stdin = tokio::io::stdin();
