@@ -1,0 +1,5 @@
+//! The Snowflake plugin.
+
+pub mod meta;
+pub mod sql;
+pub mod status;
