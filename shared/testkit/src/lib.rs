@@ -5,6 +5,8 @@
 #![warn(missing_docs)]
 
 pub mod dns;
+pub mod fake_http;
+pub mod fakes;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
