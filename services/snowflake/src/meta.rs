@@ -171,6 +171,12 @@ impl Meta {
     }
 }
 
+/// Whether `s` looks like a Snowflake query id (a statement handle): letters, digits and `-`,
+/// so it is safe in a URL path.
+pub fn is_query_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
 /// The log link's name, as upstream.
 pub const LOG_NAME: &str = "Snowflake Query Details";
 
