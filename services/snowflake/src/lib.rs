@@ -87,10 +87,10 @@ impl Snowflake {
         secrets: SecretStore,
     ) -> Result<Self, String> {
         let mut problems = settings.problems();
-        if let Some(url) = &base_url {
-            if let Err(e) = api::parse_base_url(&url.replace(ACCOUNT_PLACEHOLDER, "account")) {
-                problems.push(format!("base_url: {e}"));
-            }
+        if let Some(url) = &base_url
+            && let Err(e) = api::parse_base_url(&url.replace(ACCOUNT_PLACEHOLDER, "account"))
+        {
+            problems.push(format!("base_url: {e}"));
         }
         if !problems.is_empty() {
             return Err(problems.join("; "));

@@ -59,10 +59,16 @@ async fn harness() -> Harness {
 }
 
 fn config(user: &str) -> HashMap<String, String> {
-    [("user", user), ("account", ACCOUNT), ("database", "ANALYTICS"), ("schema", "PUBLIC"), ("warehouse", "COMPUTE_WH")]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+    [
+        ("user", user),
+        ("account", ACCOUNT),
+        ("database", "ANALYTICS"),
+        ("schema", "PUBLIC"),
+        ("warehouse", "COMPUTE_WH"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
 }
 
 fn template_for(statement: &str, user: &str, with_output: bool) -> core::TaskTemplate {
@@ -71,7 +77,9 @@ fn template_for(statement: &str, user: &str, with_output: bool) -> core::TaskTem
             "results".to_owned(),
             core::Variable {
                 r#type: Some(core::LiteralType {
-                    r#type: Some(core::literal_type::Type::StructuredDatasetType(core::StructuredDatasetType::default())),
+                    r#type: Some(core::literal_type::Type::StructuredDatasetType(
+                        core::StructuredDatasetType::default(),
+                    )),
                     ..Default::default()
                 }),
                 description: "results".into(),
@@ -108,7 +116,11 @@ fn category() -> admin::TaskCategory {
 }
 
 impl Harness {
-    async fn create(&mut self, template: core::TaskTemplate, inputs: Option<core::LiteralMap>) -> Result<Vec<u8>, tonic::Status> {
+    async fn create(
+        &mut self,
+        template: core::TaskTemplate,
+        inputs: Option<core::LiteralMap>,
+    ) -> Result<Vec<u8>, tonic::Status> {
         self.create_with(admin::CreateTaskRequest {
             template: Some(template),
             inputs,
@@ -204,17 +216,28 @@ async fn the_submission_is_what_the_sql_api_documents_field_by_field() {
         false,
     );
     template.config.insert("role".into(), "ANALYST".into());
-    template.metadata =
-        Some(core::TaskMetadata { timeout: Some(prost_types::Duration { seconds: 600, nanos: 0 }), ..Default::default() });
+    template.metadata = Some(core::TaskMetadata {
+        timeout: Some(prost_types::Duration { seconds: 600, nanos: 0 }),
+        ..Default::default()
+    });
     let names = core::Literal {
         value: Some(literal::Value::Collection(core::LiteralCollection {
-            literals: vec![primitive(primitive::Value::StringValue("a".into())), primitive(primitive::Value::StringValue("b'; DROP TABLE t; --".into()))],
+            literals: vec![
+                primitive(primitive::Value::StringValue("a".into())),
+                primitive(primitive::Value::StringValue("b'; DROP TABLE t; --".into())),
+            ],
         })),
         ..Default::default()
     };
     let values = inputs(vec![
         ("id", primitive(primitive::Value::Integer(42))),
-        ("day", primitive(primitive::Value::Datetime(prost_types::Timestamp { seconds: 1_704_153_600, nanos: 0 }))),
+        (
+            "day",
+            primitive(primitive::Value::Datetime(prost_types::Timestamp {
+                seconds: 1_704_153_600,
+                nanos: 0,
+            })),
+        ),
         ("ok", primitive(primitive::Value::Boolean(false))),
         ("x", primitive(primitive::Value::FloatValue(2.5))),
         ("names", names),
@@ -276,7 +299,14 @@ async fn the_same_attempt_submitted_twice_runs_one_statement() {
     assert_eq!(first, again);
     assert_eq!(h.fake.statements().len(), 1);
     let mut next_attempt = request;
-    next_attempt.task_execution_metadata.as_mut().unwrap().task_execution_id.as_mut().unwrap().retry_attempt = 3;
+    next_attempt
+        .task_execution_metadata
+        .as_mut()
+        .unwrap()
+        .task_execution_id
+        .as_mut()
+        .unwrap()
+        .retry_attempt = 3;
     let other = h.create_with(next_attempt).await.unwrap();
     assert_ne!(meta_json(&first)["query_id"], meta_json(&other)["query_id"]);
     assert_eq!(h.fake.statements().len(), 2);
@@ -285,7 +315,12 @@ async fn the_same_attempt_submitted_twice_runs_one_statement() {
 #[tokio::test]
 async fn a_failed_statement_is_failed_with_snowflakes_message() {
     let mut h = harness().await;
-    let meta = h.started(vec![Step::InProgress(None), Step::failed("100038", "22018", "Numeric value 'abc' is not recognized")]).await;
+    let meta = h
+        .started(vec![
+            Step::InProgress(None),
+            Step::failed("100038", "22018", "Numeric value 'abc' is not recognized"),
+        ])
+        .await;
     assert_eq!(phase(&h.get(&meta).await.unwrap()), Phase::Running);
     let failed = h.get(&meta).await.unwrap();
     assert_eq!(phase(&failed), Phase::Failed);
@@ -297,7 +332,13 @@ async fn a_failed_statement_is_failed_with_snowflakes_message() {
 #[tokio::test]
 async fn a_compilation_error_at_submission_fails_the_task_not_the_call() {
     let mut h = harness().await;
-    let meta = h.started(vec![Step::failed("001003", "42000", "SQL compilation error: syntax error line 1 at position 0 unexpected 'SELEC'.")]).await;
+    let meta = h
+        .started(vec![Step::failed(
+            "001003",
+            "42000",
+            "SQL compilation error: syntax error line 1 at position 0 unexpected 'SELEC'.",
+        )])
+        .await;
     let failed = h.get(&meta).await.unwrap();
     assert_eq!(phase(&failed), Phase::Failed);
     assert!(failed.message.starts_with("SQL compilation error"), "{}", failed.message);
@@ -323,13 +364,32 @@ async fn every_state_maps_to_its_phase_over_the_wire() {
         let r = h.get(&meta).await.unwrap();
         assert_eq!(phase(&r), expected, "{step:?}: {}", r.message);
         if let Step::InProgress(Some(name)) = step {
-            assert!(r.message.contains(&name) || r.message.to_lowercase().contains(&name.to_lowercase().replace('_', " ")) || expected == Phase::Running, "{name}: {}", r.message);
+            assert!(
+                r.message.contains(&name)
+                    || r.message.to_lowercase().contains(&name.to_lowercase().replace('_', " "))
+                    || expected == Phase::Running,
+                "{name}: {}",
+                r.message
+            );
         }
     }
     for (script, expected) in [
         (vec![Step::TimedOut], Phase::Failed),
-        (vec![Step::InProgress(None), Step::failed("000603", "XX000", "SQL execution internal error: Processing aborted due to error 300002:2523161652; incident 4457542.")], Phase::RetryableFailed),
-        (vec![Step::InProgress(None), Step::failed("000604", "57014", "SQL execution canceled")], Phase::Aborted),
+        (
+            vec![
+                Step::InProgress(None),
+                Step::failed(
+                    "000603",
+                    "XX000",
+                    "SQL execution internal error: Processing aborted due to error 300002:2523161652; incident 4457542.",
+                ),
+            ],
+            Phase::RetryableFailed,
+        ),
+        (
+            vec![Step::InProgress(None), Step::failed("000604", "57014", "SQL execution canceled")],
+            Phase::Aborted,
+        ),
     ] {
         let meta = h.started(script.clone()).await;
         let mut r = h.get(&meta).await.unwrap();
@@ -382,7 +442,11 @@ async fn a_rejected_key_is_unauthenticated_and_says_so_without_the_token() {
     let mut h = harness().await;
     let e = h.create(template_for("SELECT 1", "someone_else", false), None).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
-    assert!(e.message().contains("Snowflake") && e.message().contains("JWT token is invalid"), "{}", e.message());
+    assert!(
+        e.message().contains("Snowflake") && e.message().contains("JWT token is invalid"),
+        "{}",
+        e.message()
+    );
     let failures = h.fake.auth_failures();
     assert!(failures.iter().any(|f| f.contains("iss is")), "{failures:?}");
     let token = h.fake.http.requests()[0].bearer().unwrap().to_owned();
@@ -393,7 +457,11 @@ async fn a_rejected_key_is_unauthenticated_and_says_so_without_the_token() {
 #[tokio::test]
 async fn rate_limits_and_server_errors_are_retried_inside_the_deadline() {
     let mut h = harness().await;
-    h.fake.http.inject("/api/v2/statements", Reply::json(429, json!({"code": "390400", "message": "Too many requests"})).header("retry-after", "0"));
+    h.fake.http.inject(
+        "/api/v2/statements",
+        Reply::json(429, json!({"code": "390400", "message": "Too many requests"}))
+            .header("retry-after", "0"),
+    );
     let meta = h.create(template_for("SELECT 1", USER, false), None).await.unwrap();
     let submits = h.fake.http.requests_to("/api/v2/statements");
     assert_eq!(submits.len(), 2);
@@ -418,9 +486,16 @@ async fn a_malformed_answer_is_an_internal_error_naming_the_operation() {
     h.fake.http.inject(&format!("/api/v2/statements/{handle}"), Reply::text(200, "<html>maintenance</html>"));
     let e = h.get(&meta).await.unwrap_err();
     assert_eq!(e.code(), Code::Internal, "{e:?}");
-    assert!(e.message().contains("Snowflake") && e.message().contains("get statement status"), "{}", e.message());
+    assert!(
+        e.message().contains("Snowflake") && e.message().contains("get statement status"),
+        "{}",
+        e.message()
+    );
 
-    h.fake.http.inject("/api/v2/statements", Reply::json(202, json!({"code": "333334", "message": "no handle here"})));
+    h.fake.http.inject(
+        "/api/v2/statements",
+        Reply::json(202, json!({"code": "333334", "message": "no handle here"})),
+    );
     let e = h.create(template_for("SELECT 1", USER, false), None).await.unwrap_err();
     assert_eq!(e.code(), Code::Internal, "{e:?}");
     assert!(e.message().contains("statementHandle"), "{}", e.message());
@@ -431,7 +506,10 @@ async fn a_slow_api_still_gets_an_answer_within_the_get_budget() {
     let mut h = harness_with("get_timeout = \"1s\"").await;
     let meta = h.started(vec![Step::InProgress(None)]).await;
     let handle = h.fake.statements()[0].handle.clone();
-    h.fake.http.inject(&format!("/api/v2/statements/{handle}"), Reply::json(202, json!({})).delay(Duration::from_secs(10)));
+    h.fake.http.inject(
+        &format!("/api/v2/statements/{handle}"),
+        Reply::json(202, json!({})).delay(Duration::from_secs(10)),
+    );
     let started = Instant::now();
     let e = h.get(&meta).await.unwrap_err();
     let took = started.elapsed();
@@ -461,7 +539,9 @@ async fn bad_templates_are_invalid_arguments_and_reach_no_api() {
 async fn without_the_key_the_service_advertises_and_names_the_missing_secret() {
     flotilla_cloud::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let plugin = Snowflake::from_parts(&toml::Table::new(), &|_| None, SecretStore::new(dir.path(), |_| None)).unwrap();
+    let plugin =
+        Snowflake::from_parts(&toml::Table::new(), &|_| None, SecretStore::new(dir.path(), |_| None))
+            .unwrap();
     let svc = spawn_plugin(plugin).await;
     let agents = AgentMetadataServiceClient::new(channel(svc.addr))
         .list_agents(admin::ListAgentsRequest {})
@@ -476,7 +556,10 @@ async fn without_the_key_the_service_advertises_and_names_the_missing_secret() {
 
     let mut client = AsyncAgentServiceClient::new(channel(svc.addr));
     let e = client
-        .create_task(admin::CreateTaskRequest { template: Some(template_for("SELECT 1", USER, false)), ..Default::default() })
+        .create_task(admin::CreateTaskRequest {
+            template: Some(template_for("SELECT 1", USER, false)),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
@@ -488,11 +571,18 @@ async fn without_the_key_the_service_advertises_and_names_the_missing_secret() {
     // A mounted file that is not a key: named, never quoted.
     std::fs::write(&file, "not-a-key-but-secret-text").unwrap();
     let e = client
-        .create_task(admin::CreateTaskRequest { template: Some(template_for("SELECT 1", USER, false)), ..Default::default() })
+        .create_task(admin::CreateTaskRequest {
+            template: Some(template_for("SELECT 1", USER, false)),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
-    assert!(e.message().contains("snowflake_private_key") && !e.message().contains("not-a-key-but-secret-text"), "{}", e.message());
+    assert!(
+        e.message().contains("snowflake_private_key") && !e.message().contains("not-a-key-but-secret-text"),
+        "{}",
+        e.message()
+    );
 }
 
 fn openssl(args: &[&str], input: Option<&[u8]>) -> Vec<u8> {
@@ -523,7 +613,11 @@ async fn the_fake_checks_the_signature_and_fingerprint_as_snowflake_would() {
 
     // A fake that holds another user's key refuses our signature.
     flotilla_cloud::install_crypto_provider();
-    let other_key = String::from_utf8(openssl(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"], None)).unwrap();
+    let other_key = String::from_utf8(openssl(
+        &["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+        None,
+    ))
+    .unwrap();
     let fake = SnowflakeFake::start(Identity::from_private_pem(&other_key, ACCOUNT, USER)).await;
     let table: toml::Table = toml::from_str(&format!("base_url = \"{}\"", fake.url())).unwrap();
     let secrets = SecretStore::new("/nonexistent-flotilla-secrets", |name| {
@@ -531,9 +625,16 @@ async fn the_fake_checks_the_signature_and_fingerprint_as_snowflake_would() {
     });
     let svc = spawn_plugin(Snowflake::from_parts(&table, &|_| None, secrets).unwrap()).await;
     let e = AsyncAgentServiceClient::new(channel(svc.addr))
-        .create_task(admin::CreateTaskRequest { template: Some(template_for("SELECT 1", USER, false)), ..Default::default() })
+        .create_task(admin::CreateTaskRequest {
+            template: Some(template_for("SELECT 1", USER, false)),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
-    assert!(fake.auth_failures().iter().any(|f| f.contains("signature does not verify")), "{:?}", fake.auth_failures());
+    assert!(
+        fake.auth_failures().iter().any(|f| f.contains("signature does not verify")),
+        "{:?}",
+        fake.auth_failures()
+    );
 }

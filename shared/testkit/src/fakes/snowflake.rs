@@ -309,14 +309,14 @@ fn submit(state: &mut State, r: &Recorded) -> Reply {
         return error(400, "391902", "requestId must be a UUID.");
     }
     let body = r.json();
-    if !body["statement"].as_str().is_some_and(|s| !s.trim().is_empty()) {
+    if body["statement"].as_str().is_none_or(|s| s.trim().is_empty()) {
         return error(400, "391903", "The request body must have a statement.");
     }
-    if !request_id.is_empty() && r.query_param("retry") == Some("true") {
-        if let Some(i) = state.statements.iter().position(|s| s.request_id == request_id) {
-            let s = &state.statements[i];
-            return submitted(s);
-        }
+    if !request_id.is_empty()
+        && r.query_param("retry") == Some("true")
+        && let Some(s) = state.statements.iter().find(|s| s.request_id == request_id)
+    {
+        return submitted(s);
     }
     let script =
         state.next_scripts.pop_front().unwrap_or_else(|| vec![Step::InProgress(None), Step::Succeeded]);
