@@ -178,3 +178,27 @@ async fn no_secret_reaches_logs_metrics_errors_or_resource_meta() {
         }
     }
 }
+
+#[test]
+fn a_bad_setting_is_named_and_exits_64() {
+    let out = Command::new(env!("CARGO_BIN_EXE_flotilla-snowflake"))
+        .args(["--check-config"])
+        .env("FLOTILLA_SNOWFLAKE_GET_TIMEOUT", "soon")
+        .env("FLOTILLA_SNOWFLAKE_BASE_URL", "ftp://nowhere")
+        .output()
+        .expect("flotilla-snowflake runs");
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("FLOTILLA_SNOWFLAKE_GET_TIMEOUT"), "{stderr}");
+    let ok = Command::new(env!("CARGO_BIN_EXE_flotilla-snowflake"))
+        .args(["--check-config"])
+        .env_remove("_FSEC_SNOWFLAKE_PRIVATE_KEY")
+        .env("FLOTILLA_SECRETS_DIR", "/nonexistent-flotilla-secrets")
+        .output()
+        .expect("flotilla-snowflake runs");
+    assert!(
+        ok.status.success(),
+        "no credentials is not a configuration error: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}

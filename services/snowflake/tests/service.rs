@@ -468,6 +468,19 @@ async fn rate_limits_and_server_errors_are_retried_inside_the_deadline() {
     assert_eq!(submits[0].query_param("requestId"), submits[1].query_param("requestId"));
     assert_eq!(h.fake.statements().len(), 1);
 
+    // A server error on submission may hide a statement that started: the retry carries the
+    // same requestId with retry=true, so Snowflake answers the statement instead of a second one.
+    h.fake.http.inject(
+        "/api/v2/statements",
+        Reply::json(500, json!({"code": "390500", "message": "Internal error"})),
+    );
+    let second = h.create(template_for("SELECT 2", USER, false), None).await.unwrap();
+    let submits = h.fake.http.requests_to("/api/v2/statements");
+    assert_eq!(submits.len(), 4);
+    assert_eq!(submits[2].query_param("requestId"), submits[3].query_param("requestId"));
+    assert_eq!(h.fake.statements().len(), 2);
+    assert_ne!(second, meta);
+
     let handle = h.fake.statements()[0].handle.clone();
     let path = format!("/api/v2/statements/{handle}");
     h.fake.http.inject(&path, Reply::json(503, json!({"code": "390503", "message": "Service unavailable"})));

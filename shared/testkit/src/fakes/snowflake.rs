@@ -175,11 +175,16 @@ pub struct SnowflakeFake {
 }
 
 impl SnowflakeFake {
-    /// Starts the fake on 127.0.0.1, accepting JWTs of `identity`.
+    /// Starts the fake on a free 127.0.0.1 port, accepting JWTs of `identity`.
     pub async fn start(identity: Identity) -> Self {
+        Self::start_at("127.0.0.1:0".parse().expect("valid address"), identity).await
+    }
+
+    /// Starts the fake on `addr` (for `flotilla-fakes`), accepting JWTs of `identity`.
+    pub async fn start_at(addr: std::net::SocketAddr, identity: Identity) -> Self {
         let state = Arc::new(Mutex::new(State::default()));
         let model = Arc::clone(&state);
-        let http = FakeHttp::start(move |r| handle(&identity, &model, r)).await;
+        let http = FakeHttp::start_at(addr, move |r| handle(&identity, &model, r)).await;
         Self { http, state }
     }
 
