@@ -319,9 +319,7 @@ impl Plugin for Snowflake {
             )
             .into());
         };
-        tracing::info!(account = %connection.account, query_id = %query_id, request_id = %id, "Submitted statement");
-        let meta = Meta::new(&connection, query_id, has_outputs(template));
-        if !meta::is_query_id(&meta.query_id) {
+        if !meta::is_query_id(&query_id) {
             return Err(ApiError::malformed(
                 API_NAME,
                 "submit statement",
@@ -329,6 +327,8 @@ impl Plugin for Snowflake {
             )
             .into());
         }
+        tracing::info!(account = %connection.account, query_id = %query_id, request_id = %id, "Submitted statement");
+        let meta = Meta::new(&connection, query_id, has_outputs(template));
         Ok(admin::CreateTaskResponse { resource_meta: meta.encode() })
     }
 

@@ -512,6 +512,19 @@ async fn a_malformed_answer_is_an_internal_error_naming_the_operation() {
     let e = h.create(template_for("SELECT 1", USER, false), None).await.unwrap_err();
     assert_eq!(e.code(), Code::Internal, "{e:?}");
     assert!(e.message().contains("statementHandle"), "{}", e.message());
+
+    h.fake.http.inject("/api/v2/statements", Reply::json(202, json!({"statementHandle": "../../admin"})));
+    let e = h.create(template_for("SELECT 1", USER, false), None).await.unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+
+    // A refusal without a statement handle has nothing to poll: the call fails with Snowflake's words.
+    h.fake.http.inject(
+        "/api/v2/statements",
+        Reply::json(422, json!({"code": "002043", "sqlState": "02000", "message": "SQL compilation error: Object does not exist"})),
+    );
+    let e = h.create(template_for("SELECT 1", USER, false), None).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("Object does not exist (code 002043"), "{}", e.message());
 }
 
 #[tokio::test]
