@@ -2,13 +2,7 @@
 //! delete and a rejected key against the fake SQL API: no secret (the private key or any JWT
 //! signed with it) appears in its logs, its metrics, its errors or any `resource_meta`.
 
-use std::{
-    io::{BufRead as _, BufReader},
-    net::SocketAddr,
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use flotilla_proto::{
     admin,
@@ -16,78 +10,28 @@ use flotilla_proto::{
     service::async_agent_service_client::AsyncAgentServiceClient,
 };
 use flotilla_testkit::{
-    channel,
+    channel, eventually,
     fakes::snowflake::{Identity, SnowflakeFake, Step},
     http_get,
+    process::ServiceProcess,
 };
 
 const KEY_PEM: &str = include_str!("../../../shared/testkit/keys/test_rsa_pkcs8.pem");
 const ACCOUNT: &str = "myorg-my_account";
 const USER: &str = "flyte_user";
 
-struct Service {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-    grpc: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Service {
-    /// Stops the process and returns everything it logged.
-    fn stop(mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(r) = self.reader.take() {
-            r.join().expect("log reader ends at EOF");
-        }
-        self.log.lock().unwrap().clone()
-    }
-}
-
-fn spawn(base_url: &str) -> Service {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla-snowflake"))
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log", "debug"])
-        .env("NO_COLOR", "1")
-        .env("_FSEC_SNOWFLAKE_PRIVATE_KEY", KEY_PEM)
-        .env("FLOTILLA_SNOWFLAKE_BASE_URL", base_url)
-        .env("FLOTILLA_SECRETS_DIR", "/nonexistent-flotilla-secrets")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("flotilla-snowflake starts");
-    let stderr = child.stderr.take().expect("piped");
-    let log = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let sink = Arc::clone(&log);
-    let reader = std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent && let (Some(g), Some(a)) = (line.split("grpc=").nth(1), line.split("admin=").nth(1)) {
-                let first = |s: &str| s.split_whitespace().next().unwrap_or_default().to_owned();
-                sent = tx.send((first(g), first(a))).is_ok();
-            }
-            let mut log = sink.lock().unwrap();
-            log.push_str(&line);
-            log.push('\n');
-        }
-    });
-    let (grpc, admin) =
-        rx.recv_timeout(Duration::from_secs(10)).expect("flotilla-snowflake logs its addresses within 10 s");
-    Service {
-        child,
-        log,
-        reader: Some(reader),
-        grpc: grpc.parse().expect("gRPC address in the log"),
-        admin: admin.parse().expect("admin address in the log"),
-    }
+async fn spawn(base_url: &str) -> ServiceProcess {
+    ServiceProcess::start(
+        env!("CARGO_BIN_EXE_flotilla-snowflake"),
+        &["--log", "debug"],
+        &[
+            ("NO_COLOR", "1"),
+            ("_FSEC_SNOWFLAKE_PRIVATE_KEY", KEY_PEM),
+            ("FLOTILLA_SNOWFLAKE_BASE_URL", base_url),
+            ("FLOTILLA_SECRETS_DIR", "/nonexistent-flotilla-secrets"),
+        ],
+    )
+    .await
 }
 
 fn template(user: &str) -> core::TaskTemplate {
@@ -115,8 +59,8 @@ fn template(user: &str) -> core::TaskTemplate {
 async fn no_secret_reaches_logs_metrics_errors_or_resource_meta() {
     let fake = SnowflakeFake::start(Identity::from_private_pem(KEY_PEM, ACCOUNT, USER)).await;
     fake.script_next(vec![Step::InProgress(None)]);
-    let svc = spawn(&fake.url());
-    let mut client = AsyncAgentServiceClient::new(channel(svc.grpc));
+    let svc = spawn(&fake.url()).await;
+    let mut client = AsyncAgentServiceClient::new(channel(svc.addr));
     let category = admin::TaskCategory { name: "snowflake".into(), version: 0 };
 
     let mut seen = Vec::new();
@@ -159,7 +103,13 @@ async fn no_secret_reaches_logs_metrics_errors_or_resource_meta() {
     assert!(metrics.contains("flyte_agent_requests_success_total"), "{metrics}");
     seen.push(metrics);
 
-    let log = svc.stop();
+    // Each step is logged before it answers; wait until the reader has the last one (the
+    // rejected create's).
+    let log = eventually("the rejected create's log line", Duration::from_secs(5), || {
+        let log = svc.stderr();
+        std::future::ready(log.contains("code=Unauthenticated").then_some(log))
+    })
+    .await;
     assert!(log.contains("Submitted statement"), "the debug log has the service's own lines:\n{log}");
     let tokens: Vec<String> =
         fake.http.requests().iter().filter_map(|r| r.bearer().map(str::to_owned)).collect();
