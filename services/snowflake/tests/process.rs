@@ -16,7 +16,7 @@ use flotilla_testkit::{
     process::ServiceProcess,
 };
 
-const KEY_PEM: &str = include_str!("../../../shared/testkit/keys/test_rsa_pkcs8.pem");
+use flotilla_testkit::jwt::TEST_KEY_PKCS8_PEM as KEY_PEM;
 const ACCOUNT: &str = "myorg-my_account";
 const USER: &str = "flyte_user";
 
@@ -57,7 +57,7 @@ fn template(user: &str) -> core::TaskTemplate {
 
 #[tokio::test]
 async fn no_secret_reaches_logs_metrics_errors_or_resource_meta() {
-    let fake = SnowflakeFake::start(Identity::from_private_pem(KEY_PEM, ACCOUNT, USER)).await;
+    let fake = SnowflakeFake::start(Identity::test_key(ACCOUNT, USER)).await;
     fake.script_next(vec![Step::InProgress(None)]);
     let svc = spawn(&fake.url()).await;
     let mut client = AsyncAgentServiceClient::new(channel(svc.addr));

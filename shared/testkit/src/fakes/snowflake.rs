@@ -30,14 +30,8 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use base64::{
-    Engine as _,
-    engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
-};
-use ring::{
-    digest,
-    signature::{self, KeyPair as _, RsaKeyPair},
-};
+use base64::{Engine as _, engine::general_purpose::STANDARD};
+use ring::digest;
 use serde_json::{Value, json};
 
 use crate::fake_http::{FakeHttp, Recorded, Reply};
@@ -85,57 +79,27 @@ pub struct Identity {
     pub account: String,
     /// User as the JWT names it (upper case).
     pub user: String,
-    /// The public key, PKCS#1 `RSAPublicKey` DER.
+    /// The user's public key, SubjectPublicKeyInfo DER (what `openssl pkey -pubout -outform DER` writes).
     pub public_key: Vec<u8>,
 }
 
 impl Identity {
-    /// The identity of the holder of a PEM private key (PKCS#8 `PRIVATE KEY`).
-    ///
-    /// # Panics
-    /// If the PEM is not an unencrypted PKCS#8 RSA key (a broken test fixture).
-    pub fn from_private_pem(pem: &str, account: &str, user: &str) -> Self {
-        let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-        let der = STANDARD.decode(b64.trim()).expect("test key PEM is base64");
-        let pair = RsaKeyPair::from_pkcs8(&der).expect("test key is an unencrypted PKCS#8 RSA key");
-        Self {
-            account: account.to_ascii_uppercase(),
-            user: user.to_ascii_uppercase(),
-            public_key: pair.public_key().as_ref().to_vec(),
-        }
+    /// `user` of `account` holding the key whose public half is `public_key` (SPKI DER).
+    pub fn new(account: &str, user: &str, public_key: Vec<u8>) -> Self {
+        Self { account: account.to_ascii_uppercase(), user: user.to_ascii_uppercase(), public_key }
     }
 
-    /// `SHA256:<base64 of the SHA-256 of the SubjectPublicKeyInfo DER>`, as Snowflake's
+    /// `user` of `account` holding the test key pair ([`crate::jwt::TEST_KEY_PKCS8_PEM`]).
+    pub fn test_key(account: &str, user: &str) -> Self {
+        Self::new(account, user, crate::jwt::TEST_PUBLIC_KEY_DER.to_vec())
+    }
+
+    /// `SHA256:<base64 of the SHA-256 of the public key's DER>`, as Snowflake's
     /// `RSA_PUBLIC_KEY_FP`.
     pub fn fingerprint(&self) -> String {
-        let digest = digest::digest(&digest::SHA256, &spki_der(&self.public_key));
+        let digest = digest::digest(&digest::SHA256, &self.public_key);
         format!("SHA256:{}", STANDARD.encode(digest.as_ref()))
     }
-}
-
-/// Wraps a PKCS#1 RSA public key in a SubjectPublicKeyInfo (rsaEncryption, NULL parameters).
-fn spki_der(pkcs1: &[u8]) -> Vec<u8> {
-    const RSA_ALGORITHM: [u8; 15] =
-        [0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00];
-    let mut bit_string = vec![0x00];
-    bit_string.extend_from_slice(pkcs1);
-    let mut inner = RSA_ALGORITHM.to_vec();
-    inner.extend(der_tlv(0x03, &bit_string));
-    der_tlv(0x30, &inner)
-}
-
-fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    let len = content.len();
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let bytes: Vec<u8> = len.to_be_bytes().into_iter().skip_while(|b| *b == 0).collect();
-        out.push(0x80 | bytes.len() as u8);
-        out.extend(bytes);
-    }
-    out.extend_from_slice(content);
-    out
 }
 
 /// One submitted statement.
@@ -253,24 +217,8 @@ fn check_auth(identity: &Identity, r: &Recorded) -> Result<(), String> {
         None | Some("KEYPAIR_JWT") => {}
         Some(other) => return Err(format!("token type {other:?} is not KEYPAIR_JWT")),
     }
-    let mut parts = token.split('.');
-    let (Some(header), Some(claims), Some(sig), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err("the token is not a compact JWT".to_owned());
-    };
-    let decode = |part: &str| URL_SAFE_NO_PAD.decode(part).map_err(|e| format!("bad base64url: {e}"));
-    let header: Value =
-        serde_json::from_slice(&decode(header)?).map_err(|e| format!("bad JWT header: {e}"))?;
-    if header["alg"] != "RS256" {
-        return Err(format!("JWT alg is {}, not RS256", header["alg"]));
-    }
-    let signed = &token[..token.rfind('.').expect("three parts")];
-    signature::UnparsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, &identity.public_key)
-        .verify(signed.as_bytes(), &decode(sig)?)
-        .map_err(|_| "the JWT signature does not verify with the user's public key".to_owned())?;
-    let claims: Value =
-        serde_json::from_slice(&decode(claims)?).map_err(|e| format!("bad JWT claims: {e}"))?;
+    let claims = crate::jwt::verify_rs256(token, &identity.public_key)
+        .map_err(|e| format!("the JWT does not verify with the user's public key: {e}"))?;
     let subject = format!("{}.{}", identity.account, identity.user);
     let issuer = format!("{subject}.{}", identity.fingerprint());
     if claims["iss"] != issuer.as_str() {
