@@ -1,7 +1,6 @@
 //! `flotilla-snowflake`: the Snowflake plugin as its own service.
 
 fn main() -> std::process::ExitCode {
-    flotilla_cloud::install_crypto_provider();
     flotilla_sdk::main(
         "flotilla-snowflake",
         "The Snowflake plugin service: task type `snowflake` (SQL API v2, key-pair JWT from the secret \

@@ -38,7 +38,6 @@ struct Harness {
 
 /// The fake accepting the test key for ACCOUNT/USER, and the service pointed at it.
 async fn harness_with(settings: &str) -> Harness {
-    flotilla_cloud::install_crypto_provider();
     let fake = SnowflakeFake::start(Identity::test_key(ACCOUNT, USER)).await;
     let table: toml::Table = toml::from_str(&format!(
         "base_url = \"{}\"\nbackoff_initial = \"10ms\"\nbackoff_max = \"50ms\"\n{settings}",
@@ -448,7 +447,7 @@ async fn a_rejected_key_is_unauthenticated_and_says_so_without_the_token() {
         e.message()
     );
     let failures = h.fake.auth_failures();
-    assert!(failures.iter().any(|f| f.contains("iss is")), "{failures:?}");
+    assert!(failures.iter().any(|f| f.contains("sub is \"MYORG-MY_ACCOUNT.SOMEONE_ELSE\"")), "{failures:?}");
     let token = h.fake.http.requests()[0].bearer().unwrap().to_owned();
     assert!(!e.message().contains(&token));
     assert_eq!(h.fake.statements().len(), 0);
@@ -563,7 +562,6 @@ async fn bad_templates_are_invalid_arguments_and_reach_no_api() {
 
 #[tokio::test]
 async fn without_the_key_the_service_advertises_and_names_the_missing_secret() {
-    flotilla_cloud::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let plugin =
         Snowflake::from_parts(&toml::Table::new(), &|_| None, SecretStore::new(dir.path(), |_| None))
@@ -639,7 +637,6 @@ async fn the_fake_checks_the_signature_and_fingerprint_as_snowflake_would() {
     assert_eq!(identity.fingerprint(), format!("SHA256:{}", b64.trim()));
 
     // A fake that holds another user's key refuses our signature.
-    flotilla_cloud::install_crypto_provider();
     let other_key = String::from_utf8(openssl(
         &["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
         None,
@@ -661,4 +658,26 @@ async fn the_fake_checks_the_signature_and_fingerprint_as_snowflake_would() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     assert!(fake.auth_failures().iter().any(|f| f.contains("does not verify")), "{:?}", fake.auth_failures());
+}
+
+#[tokio::test]
+async fn the_fakes_binarys_identity_takes_any_user_of_the_test_key() {
+    let fake = SnowflakeFake::start(Identity::any_user_of_test_key()).await;
+    let table: toml::Table = toml::from_str(&format!("base_url = \"{}\"", fake.url())).unwrap();
+    let secrets = SecretStore::new("/nonexistent-flotilla-secrets", |name| {
+        (name == "_FSEC_SNOWFLAKE_PRIVATE_KEY").then(|| KEY_PEM.to_owned())
+    });
+    let svc = spawn_plugin(Snowflake::from_parts(&table, &|_| None, secrets).unwrap()).await;
+    let mut client = AsyncAgentServiceClient::new(channel(svc.addr));
+    for user in ["someone", "else"] {
+        client
+            .create_task(admin::CreateTaskRequest {
+                template: Some(template_for("SELECT 1", user, false)),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    assert!(fake.auth_failures().is_empty(), "{:?}", fake.auth_failures());
+    assert_eq!(fake.statements().len(), 2);
 }

@@ -72,13 +72,13 @@ impl Step {
     }
 }
 
-/// Who the fake accepts: the account and user of the JWT and the public key it must verify with.
+/// Who the fake accepts: the public key the JWT must verify with, and the `ACCOUNT.USER` it
+/// must name (or any, for `flotilla-fakes`, whose callers pick their own accounts).
 #[derive(Clone, Debug)]
 pub struct Identity {
-    /// Account as the JWT names it (upper case), e.g. `MYORG-MYACCOUNT`.
-    pub account: String,
-    /// User as the JWT names it (upper case).
-    pub user: String,
+    /// `ACCOUNT.USER` (upper case) the JWT's `sub` must be; `None` accepts any upper-case
+    /// `ACCOUNT.USER`.
+    pub subject: Option<String>,
     /// The user's public key, SubjectPublicKeyInfo DER (what `openssl pkey -pubout -outform DER` writes).
     pub public_key: Vec<u8>,
 }
@@ -86,12 +86,18 @@ pub struct Identity {
 impl Identity {
     /// `user` of `account` holding the key whose public half is `public_key` (SPKI DER).
     pub fn new(account: &str, user: &str, public_key: Vec<u8>) -> Self {
-        Self { account: account.to_ascii_uppercase(), user: user.to_ascii_uppercase(), public_key }
+        let subject = format!("{account}.{user}").to_ascii_uppercase();
+        Self { subject: Some(subject), public_key }
     }
 
     /// `user` of `account` holding the test key pair ([`crate::jwt::TEST_KEY_PKCS8_PEM`]).
     pub fn test_key(account: &str, user: &str) -> Self {
         Self::new(account, user, crate::jwt::TEST_PUBLIC_KEY_DER.to_vec())
+    }
+
+    /// Any user of any account holding the test key pair.
+    pub fn any_user_of_test_key() -> Self {
+        Self { subject: None, public_key: crate::jwt::TEST_PUBLIC_KEY_DER.to_vec() }
     }
 
     /// `SHA256:<base64 of the SHA-256 of the public key's DER>`, as Snowflake's
@@ -219,13 +225,19 @@ fn check_auth(identity: &Identity, r: &Recorded) -> Result<(), String> {
     }
     let claims = crate::jwt::verify_rs256(token, &identity.public_key)
         .map_err(|e| format!("the JWT does not verify with the user's public key: {e}"))?;
-    let subject = format!("{}.{}", identity.account, identity.user);
+    let subject = claims["sub"].as_str().unwrap_or_default().to_owned();
+    match &identity.subject {
+        Some(expected) if *expected != subject => {
+            return Err(format!("sub is {subject:?}, expected {expected}"));
+        }
+        None if subject.split('.').count() != 2 || subject != subject.to_ascii_uppercase() => {
+            return Err(format!("sub is {subject:?}, not ACCOUNT.USER in upper case"));
+        }
+        _ => {}
+    }
     let issuer = format!("{subject}.{}", identity.fingerprint());
     if claims["iss"] != issuer.as_str() {
         return Err(format!("iss is {}, expected {issuer}", claims["iss"]));
-    }
-    if claims["sub"] != subject.as_str() {
-        return Err(format!("sub is {}, expected {subject}", claims["sub"]));
     }
     let (Some(iat), Some(exp)) = (claims["iat"].as_i64(), claims["exp"].as_i64()) else {
         return Err("iat and exp must be integers".to_owned());
