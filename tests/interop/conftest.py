@@ -223,7 +223,8 @@ def fakes() -> Iterator[Fakes]:
     proc = subprocess.Popen(
         [str(_fakes_binary())], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    out = LinePump(proc.stdout, "fakes-stdout", forward=False, tail_lines=OUTPUT_TAIL_LINES)
+    out = LinePump(proc.stdout, "fakes-stdout", forward=True, tail_lines=OUTPUT_TAIL_LINES)
+    LinePump(proc.stderr, "fakes-stderr", forward=False, tail_lines=OUTPUT_TAIL_LINES)
     try:
         line = out.next_line(timeout=STARTUP_TIMEOUT_S)
     except queue.Empty:
