@@ -73,9 +73,9 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     })?;
     let gateway = Gateway::start(config).await.context("starting the gateway")?;
 
-    println!("gateway  grpc={gateway_addr}  admin={gateway_admin_addr}");
+    println!("{:<10} grpc={gateway_addr}  admin={gateway_admin_addr}", "gateway");
     for s in &services {
-        println!("{:<8} grpc={}  admin={}", s.name, s.grpc, s.admin);
+        println!("{:<10} grpc={}  admin={}", s.name, s.grpc, s.admin);
     }
     println!(
         "flotilla is up: point propeller's agent-service at {gateway_addr} (Ctrl-C to stop; started in {} ms)",
