@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import time
+from pathlib import Path
 from typing import Callable, List, Optional
 
 import grpc
@@ -30,6 +31,8 @@ from flyteidl.core import (
     types_pb2,
 )
 from flyteidl.service import agent_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 RPC_TIMEOUT = 10.0  # seconds; every RPC carries a deadline so nothing can hang
 
@@ -547,7 +550,8 @@ def test_admin_probes_answer_200(fleet, http_get, target, path):
 
 def _promtool() -> str:
     configured = os.environ.get("FLOTILLA_PROMTOOL")
-    found = configured or shutil.which("promtool")
+    unpacked = REPO_ROOT / "target" / "images" / "prometheus" / "usr" / "bin" / "promtool"
+    found = configured or shutil.which("promtool") or (str(unpacked) if unpacked.is_file() else None)
     if not found or not os.access(found, os.X_OK):
         pytest.fail(
             f"promtool not found ({'FLOTILLA_PROMTOOL=' + configured if configured else 'not on PATH'}): "
