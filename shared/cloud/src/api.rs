@@ -333,7 +333,9 @@ pub struct Response {
 #[derive(Clone, Debug)]
 pub struct Api {
     name: &'static str,
-    http: reqwest::Client,
+    /// Built on first use: loading the system's TLS roots takes tens of milliseconds, which a
+    /// service that may never call its API (no credentials yet, `flotilla up`) should not pay at start.
+    http: std::sync::Arc<std::sync::OnceLock<Result<reqwest::Client, String>>>,
     settings: ApiSettings,
 }
 
@@ -350,13 +352,21 @@ impl Api {
     /// When the HTTP client cannot be built (for example no TLS roots).
     pub fn new(name: &'static str, settings: &ApiSettings) -> Result<Self, String> {
         crate::install_crypto_provider();
-        let http = reqwest::Client::builder()
-            .connect_timeout(settings.connect_timeout.0)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("flotilla/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("building the {name} HTTP client: {e}"))?;
-        Ok(Self { name, http, settings: settings.clone() })
+        Ok(Self { name, http: Default::default(), settings: settings.clone() })
+    }
+
+    fn client(&self) -> Result<&reqwest::Client, String> {
+        self.http
+            .get_or_init(|| {
+                reqwest::Client::builder()
+                    .connect_timeout(self.settings.connect_timeout.0)
+                    .pool_idle_timeout(Duration::from_secs(60))
+                    .user_agent(concat!("flotilla/", env!("CARGO_PKG_VERSION")))
+                    .build()
+                    .map_err(|e| format!("building the {} HTTP client: {}", self.name, error_chain(&e)))
+            })
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     /// The API's name, as errors say it.
@@ -404,8 +414,15 @@ impl Api {
 
     async fn attempt(&self, request: &Request, limit: Duration) -> Attempt {
         let (api, op) = (self.name, request.op);
-        let mut builder = self
-            .http
+        let client = match self.client() {
+            Ok(c) => c,
+            Err(detail) => {
+                let host = request.url.host_str().unwrap_or_default().to_owned();
+                let error = ApiError::Unreachable { api, op, host, detail };
+                return Attempt::Failed { error, retry: false, retry_after: None };
+            }
+        };
+        let mut builder = client
             .request(request.method.clone(), request.url.clone())
             .headers(request.headers.clone())
             .timeout(limit);
