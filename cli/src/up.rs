@@ -41,9 +41,12 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let config = flotilla_sdk::ServiceConfig::default();
     let bigquery = flotilla_bigquery::BigQuery::from_config(&config)
         .map_err(|e| anyhow::anyhow!("bigquery: invalid configuration: {e}"))?;
+    let snowflake = flotilla_snowflake::Snowflake::from_config(&config)
+        .map_err(|e| anyhow::anyhow!("snowflake: invalid configuration: {e}"))?;
     let services = vec![
         start("echo", flotilla_echo::Echo::default(), &shutdown).await?,
         start("bigquery", bigquery, &shutdown).await?,
+        start("snowflake", snowflake, &shutdown).await?,
     ];
     let (grpc, admin) =
         flotilla_sdk::bind_pair(args.listen, args.admin_listen).await.map_err(anyhow::Error::msg)?;

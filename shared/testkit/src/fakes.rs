@@ -2,3 +2,4 @@
 //! documents (paths, bodies, auth headers, response and error shapes) served by
 //! [`crate::fake_http::FakeHttp`].
 pub mod bigquery;
+pub mod snowflake;

@@ -5,7 +5,13 @@
 //!
 //! The fakes accept credentials made from the test-only key in shared/testkit/keys.
 
-use flotilla_testkit::{fakes::bigquery::FakeBigQuery, jwt::TEST_PUBLIC_KEY_DER};
+use flotilla_testkit::{
+    fakes::{
+        bigquery::FakeBigQuery,
+        snowflake::{Identity, SnowflakeFake},
+    },
+    jwt::TEST_PUBLIC_KEY_DER,
+};
 use tokio::io::AsyncReadExt as _;
 
 #[tokio::main(flavor = "current_thread")]
@@ -19,7 +25,8 @@ async fn main() {
         return;
     }
     let bigquery = FakeBigQuery::start(TEST_PUBLIC_KEY_DER.to_vec()).await;
-    let urls = serde_json::json!({ "bigquery": bigquery.url() });
+    let snowflake = SnowflakeFake::start(Identity::any_user_of_test_key()).await;
+    let urls = serde_json::json!({ "bigquery": bigquery.url(), "snowflake": snowflake.url() });
     println!("{urls}");
 
     let mut stdin = tokio::io::stdin();
