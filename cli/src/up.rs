@@ -43,10 +43,13 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("bigquery: invalid configuration: {e}"))?;
     let databricks = flotilla_databricks::Databricks::from_config(&config)
         .map_err(|e| anyhow::anyhow!("databricks: invalid configuration: {e}"))?;
+    let snowflake = flotilla_snowflake::Snowflake::from_config(&config)
+        .map_err(|e| anyhow::anyhow!("snowflake: invalid configuration: {e}"))?;
     let services = vec![
         start("echo", flotilla_echo::Echo::default(), &shutdown).await?,
         start("bigquery", bigquery, &shutdown).await?,
         start("databricks", databricks, &shutdown).await?,
+        start("snowflake", snowflake, &shutdown).await?,
     ];
     let (grpc, admin) =
         flotilla_sdk::bind_pair(args.listen, args.admin_listen).await.map_err(anyhow::Error::msg)?;

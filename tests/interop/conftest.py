@@ -6,6 +6,12 @@ ports, and shut down with SIGINT at the end; the shutdown must be graceful
 the standard gRPC health stubs and plain HTTP on the admin ports.
 
 The binary is `$FLOTILLA_BIN` when set, else `<repo>/target/debug/flotilla`.
+
+An already running fleet (the compose stack, a cluster) is tested instead when
+all four of FLOTILLA_GATEWAY, FLOTILLA_GATEWAY_ADMIN, FLOTILLA_ECHO and
+FLOTILLA_ECHO_ADMIN are set (host:port each; ECHO is one echo replica, reached
+directly). Nothing is started or stopped then; the fixture waits (bounded) for
+both admin ports to answer /readyz 200.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional
 
 import json
 
@@ -58,12 +64,21 @@ class ServiceAddrs:
     admin: str
 
 
+# A running fleet to test instead of starting `flotilla up` (see the module docstring).
+EXTERNAL_FLEET_ENV = {
+    "FLOTILLA_GATEWAY": ("gateway", "grpc"),
+    "FLOTILLA_GATEWAY_ADMIN": ("gateway", "admin"),
+    "FLOTILLA_ECHO": ("echo", "grpc"),
+    "FLOTILLA_ECHO_ADMIN": ("echo", "admin"),
+}
+
+
 @dataclass
 class Fleet:
-    process: subprocess.Popen
+    process: Optional[subprocess.Popen]
     services: Dict[str, ServiceAddrs]
-    stdout: LinePump
-    stderr: LinePump
+    stdout: Optional[LinePump] = None
+    stderr: Optional[LinePump] = None
     argv: List[str] = field(default_factory=list)
 
     @property
@@ -75,6 +90,10 @@ class Fleet:
         return self.services["echo"]
 
     def describe(self) -> str:
+        if self.process is None:
+            return "external fleet: " + ", ".join(
+                f"{name} grpc={a.grpc} admin={a.admin}" for name, a in self.services.items()
+            )
         rc = self.process.poll()
         state = "running" if rc is None else f"exited with code {rc}"
         return (
@@ -106,6 +125,28 @@ def _http_get(url: str, timeout: float = HTTP_TIMEOUT_S):
     except urllib.error.HTTPError as err:
         body = err.read().decode("utf-8", "replace")
         return err.code, err.headers.get("Content-Type", ""), body
+
+
+def _external_fleet() -> Optional[Fleet]:
+    """The fleet named by FLOTILLA_GATEWAY & co., or None when none of them is set."""
+    given = {k: os.environ[k] for k in EXTERNAL_FLEET_ENV if os.environ.get(k)}
+    if not given:
+        return None
+    missing = [k for k in EXTERNAL_FLEET_ENV if k not in given]
+    if missing:
+        pytest.fail(
+            f"an external fleet needs all of {', '.join(EXTERNAL_FLEET_ENV)} (host:port each); "
+            f"missing: {', '.join(missing)}",
+            pytrace=False,
+        )
+    addrs: Dict[str, Dict[str, str]] = {}
+    for key, (service, kind) in EXTERNAL_FLEET_ENV.items():
+        value = given[key]
+        if not re.fullmatch(r"\S+:\d+", value):
+            pytest.fail(f"{key}={value!r} is not host:port", pytrace=False)
+        addrs.setdefault(service, {})[kind] = value
+    services = {name: ServiceAddrs(a["grpc"], a["admin"]) for name, a in addrs.items()}
+    return Fleet(process=None, services=services)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -174,7 +215,7 @@ def _wait_until_ready(fleet: Fleet, deadline: float) -> None:
         url = f"http://{fleet.services[name].admin}/readyz"
         last = "no answer yet"
         while True:
-            if fleet.process.poll() is not None:
+            if fleet.process is not None and fleet.process.poll() is not None:
                 pytest.fail(f"`flotilla up` exited while waiting for {url}\n{fleet.describe()}", pytrace=False)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -273,9 +314,15 @@ def cloud_env(fakes: Fakes, secrets_dir: Path) -> Dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def fleet(fakes: Fakes, tmp_path_factory) -> Iterator[Fleet]:
+def fleet(request, tmp_path_factory) -> Iterator[Fleet]:
     """The running `flotilla up` fleet (gateway + built-in plugin services), its cloud
-    services pointed at `flotilla-fakes`."""
+    services pointed at `flotilla-fakes`; or the external fleet FLOTILLA_GATEWAY & co. name."""
+    external = _external_fleet()
+    if external is not None:
+        _wait_until_ready(external, time.monotonic() + STARTUP_TIMEOUT_S)
+        yield external
+        return
+    fakes = request.getfixturevalue("fakes")
     binary = _flotilla_binary()
     argv = [str(binary), "up", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
     env = dict(os.environ)

@@ -165,3 +165,109 @@ def test_bigquery_without_project_is_invalid_argument(async_stub):
         async_stub.CreateTask(agent_pb2.CreateTaskRequest(template=template), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "custom.ProjectID" in err.value.details()
+
+
+# --------------------------------------------------------------- Snowflake
+
+
+def _snowflake_task(name: str, query: str, inputs=None, outputs: bool = True):
+    from flytekitplugins.snowflake import SnowflakeConfig, SnowflakeTask
+
+    return SnowflakeTask(
+        name=name,
+        inputs=inputs,
+        output_schema_type=StructuredDataset if outputs else None,
+        task_config=SnowflakeConfig(
+            user="FLYTE", account="myorg-myacct", database="DB", schema="PUBLIC", warehouse="WH"
+        ),
+        query_template=query,
+    )
+
+
+def test_snowflake_task_from_flytekitplugins_runs_through_the_gateway(async_stub, fakes):
+    task = _snowflake_task(
+        "flotilla.interop.snowflake",
+        "SELECT * FROM t WHERE id = %(id)s AND name = %(name)s",
+        inputs=kwtypes(id=int, name=str),
+    )
+    template = serialize(task)
+    assert template.type == "snowflake"
+    seen = len(fakes.requests("snowflake"))
+
+    created = async_stub.CreateTask(
+        agent_pb2.CreateTaskRequest(
+            inputs=inputs(task, id=7, name="x'); DROP TABLE t; --"),
+            template=template,
+            output_prefix="s3://bucket/out",
+        ),
+        timeout=10,
+    )
+    meta = json.loads(created.resource_meta)
+    query_id = meta["query_id"]
+    # upstream's fields, in upstream's spelling
+    assert meta == {
+        "user": "FLYTE",
+        "account": "myorg-myacct",
+        "database": "DB",
+        "schema": "PUBLIC",
+        "warehouse": "WH",
+        "query_id": query_id,
+        "has_output": True,
+    }
+
+    submits = [
+        r
+        for r in new_requests(fakes, "snowflake", seen)
+        if r["method"] == "POST" and r["path"] == "/api/v2/statements"
+    ]
+    assert len(submits) == 1
+    query = dict(submits[0]["query"])
+    assert query["async"] == "true" and query["retry"] == "true" and len(query["requestId"]) == 36
+    headers = dict((k.lower(), v) for k, v in submits[0]["headers"])
+    assert headers["x-snowflake-authorization-token-type"] == "KEYPAIR_JWT"
+    assert headers["authorization"].startswith("Bearer ")
+    body = json.loads(submits[0]["body"])
+    assert body["statement"] == "SELECT * FROM t WHERE id = ? AND name = ?"
+    assert body["bindings"] == {
+        "1": {"type": "FIXED", "value": "7"},
+        "2": {"type": "TEXT", "value": "x'); DROP TABLE t; --"},
+    }
+    assert (body["database"], body["schema"], body["warehouse"]) == ("DB", "PUBLIC", "WH")
+
+    phases, final = poll(async_stub, "snowflake", created.resource_meta)
+    assert phases[-1] == Phase.SUCCEEDED and Phase.RUNNING in phases, phases
+    dataset = final.outputs.literals["results"].scalar.structured_dataset
+    assert dataset.uri == f"snowflake://FLYTE:myorg-myacct/WH/DB/PUBLIC/{query_id}"
+    assert [l.name for l in final.log_links] == ["Snowflake Query Details"]
+    assert query_id in final.log_links[0].uri
+
+
+def test_snowflake_delete_cancels_and_upstream_meta_is_read(async_stub, fakes):
+    task = _snowflake_task("flotilla.interop.snowflake_cancel", "SELECT 1", outputs=False)
+    created = async_stub.CreateTask(agent_pb2.CreateTaskRequest(template=serialize(task)), timeout=10)
+    meta = json.loads(created.resource_meta)
+    assert meta["has_output"] is False
+    seen = len(fakes.requests("snowflake"))
+    async_stub.DeleteTask(
+        agent_pb2.DeleteTaskRequest(
+            task_type="snowflake", task_category=category("snowflake"), resource_meta=created.resource_meta
+        ),
+        timeout=10,
+    )
+    cancels = [r for r in new_requests(fakes, "snowflake", seen) if r["path"].endswith("/cancel")]
+    assert [c["path"] for c in cancels] == [f"/api/v2/statements/{meta['query_id']}/cancel"]
+
+    # The meta upstream's connector writes for the same statement is polled as is.
+    from flytekitplugins.snowflake.connector import SnowflakeJobMetadata
+
+    upstream = SnowflakeJobMetadata(
+        user="FLYTE",
+        account="myorg-myacct",
+        database="DB",
+        schema="PUBLIC",
+        warehouse="WH",
+        query_id=meta["query_id"],
+        has_output=False,
+    ).encode()
+    _, final = poll(async_stub, "snowflake", upstream)
+    assert final.phase in (Phase.ABORTED, Phase.FAILED), final

@@ -151,7 +151,7 @@ impl BigQuery {
 
 impl Plugin for BigQuery {
     fn agents(&self) -> Vec<AgentSpec> {
-        vec![AgentSpec::asynchronous("Bigquery Agent", TASK_TYPE)]
+        vec![AgentSpec::asynchronous("Bigquery Connector", TASK_TYPE)]
     }
 
     async fn create(

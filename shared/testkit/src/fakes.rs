@@ -4,3 +4,4 @@
 
 pub mod bigquery;
 pub mod databricks;
+pub mod snowflake;

@@ -8,7 +8,11 @@
 //! principal `test-client-id` / `test-client-secret`.
 
 use flotilla_testkit::{
-    fakes::{bigquery::FakeBigQuery, databricks::FakeDatabricks},
+    fakes::{
+        bigquery::FakeBigQuery,
+        databricks::FakeDatabricks,
+        snowflake::{Identity, SnowflakeFake},
+    },
     jwt::TEST_PUBLIC_KEY_DER,
 };
 use tokio::io::AsyncReadExt as _;
@@ -27,7 +31,12 @@ async fn main() {
     let databricks_model = FakeDatabricks::new("dapi-test-token");
     databricks_model.oauth_client("test-client-id", "test-client-secret");
     let databricks = databricks_model.start().await;
-    let urls = serde_json::json!({ "bigquery": bigquery.url(), "databricks": databricks.url() });
+    let snowflake = SnowflakeFake::start(Identity::any_user_of_test_key()).await;
+    let urls = serde_json::json!({
+        "bigquery": bigquery.url(),
+        "databricks": databricks.url(),
+        "snowflake": snowflake.url(),
+    });
     println!("{urls}");
 
     let mut stdin = tokio::io::stdin();
