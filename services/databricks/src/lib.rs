@@ -49,8 +49,8 @@ use meta::Meta;
 pub const SPARK: &str = "spark";
 /// The `databricks` task type (upstream's `DatabricksAgentV2`).
 pub const DATABRICKS: &str = "databricks";
-/// The agents' name in ListAgents, as upstream's (v1.15.3) agent server answers.
-pub const AGENT_NAME: &str = "Databricks Agent";
+/// The agent's name in ListAgents, as flytekitplugins-spark 1.16 names it.
+pub const AGENT_NAME: &str = "Databricks Connector";
 /// The secret holding the personal access token, where upstream reads it.
 pub const TOKEN_KEY: &str = "FLYTE_DATABRICKS_ACCESS_TOKEN";
 /// The log link's name, as upstream's.

@@ -27,7 +27,7 @@ async fn advertises_both_task_types() {
         agents.iter().flat_map(|a| a.supported_task_categories.iter().map(|c| c.name.clone())).collect();
     types.sort();
     assert_eq!(types, ["databricks", "spark"]);
-    assert!(agents.iter().all(|a| a.name == "Databricks Agent" && !a.is_sync));
+    assert!(agents.iter().all(|a| a.name == "Databricks Connector" && !a.is_sync));
 }
 
 #[tokio::test]
