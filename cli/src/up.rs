@@ -35,19 +35,22 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     flotilla_telemetry::init_tracing(args.log_format, &args.log);
     let shutdown = Shutdown::new();
 
-    // Plugin services first, so the gateway learns their routes on its first poll.
-    let (echo_grpc, echo_admin) =
-        flotilla_sdk::bind_pair(ANY_LOOPBACK, ANY_LOOPBACK).await.map_err(anyhow::Error::msg)?;
-    let echo_addr = echo_grpc.local_addr()?;
-    let echo_admin_addr = echo_admin.local_addr()?;
-    let echo = tokio::spawn(flotilla_sdk::serve(
-        flotilla_echo::Echo::default(),
-        echo_grpc,
-        echo_admin,
-        ServeOptions::default(),
-        shutdown.clone(),
-    ));
-
+    // Plugin services first, so the gateway learns their routes on its first poll. The cloud
+    // services read their settings and credentials from the environment (FLOTILLA_<PLUGIN>_*,
+    // GOOGLE_APPLICATION_CREDENTIALS, ...); without credentials they still serve and say so at create.
+    let config = flotilla_sdk::ServiceConfig::default();
+    let bigquery = flotilla_bigquery::BigQuery::from_config(&config)
+        .map_err(|e| anyhow::anyhow!("bigquery: invalid configuration: {e}"))?;
+    let databricks = flotilla_databricks::Databricks::from_config(&config)
+        .map_err(|e| anyhow::anyhow!("databricks: invalid configuration: {e}"))?;
+    let snowflake = flotilla_snowflake::Snowflake::from_config(&config)
+        .map_err(|e| anyhow::anyhow!("snowflake: invalid configuration: {e}"))?;
+    let services = vec![
+        start("echo", flotilla_echo::Echo::default(), &shutdown).await?,
+        start("bigquery", bigquery, &shutdown).await?,
+        start("databricks", databricks, &shutdown).await?,
+        start("snowflake", snowflake, &shutdown).await?,
+    ];
     let (grpc, admin) =
         flotilla_sdk::bind_pair(args.listen, args.admin_listen).await.map_err(anyhow::Error::msg)?;
     let gateway_addr = grpc.local_addr()?;
@@ -55,14 +58,17 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let raw = GatewayConfig {
         listen: gateway_addr,
         admin_listen: gateway_admin_addr,
-        plugins: vec![PluginConfig {
-            name: "echo".to_owned(),
-            discovery: format!("static://{echo_addr}"),
-            nameserver: None,
-            timeout: None,
-            timeouts: Default::default(),
-            categories: Vec::new(),
-        }],
+        plugins: services
+            .iter()
+            .map(|s| PluginConfig {
+                name: s.name.to_owned(),
+                discovery: format!("static://{}", s.grpc),
+                nameserver: None,
+                timeout: None,
+                timeouts: Default::default(),
+                categories: Vec::new(),
+            })
+            .collect(),
         ..GatewayConfig::default()
     };
     let config = Config::validate(raw, Vec::new()).map_err(|problems| {
@@ -70,8 +76,10 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     })?;
     let gateway = Gateway::start(config).await.context("starting the gateway")?;
 
-    println!("gateway  grpc={gateway_addr}  admin={gateway_admin_addr}");
-    println!("echo     grpc={echo_addr}  admin={echo_admin_addr}");
+    println!("{:<10} grpc={gateway_addr}  admin={gateway_admin_addr}", "gateway");
+    for s in &services {
+        println!("{:<10} grpc={}  admin={}", s.name, s.grpc, s.admin);
+    }
     println!(
         "flotilla is up: point propeller's agent-service at {gateway_addr} (Ctrl-C to stop; started in {} ms)",
         started.elapsed().as_millis()
@@ -85,8 +93,35 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     });
     let served = gateway.serve(grpc, admin, shutdown.clone()).await;
     shutdown.trigger();
-    let echo_result = echo.await.context("the echo service task failed")?;
+    let mut results = Vec::new();
+    for s in services {
+        let result = s.task.await.with_context(|| format!("the {} service task failed", s.name))?;
+        results.push((s.name, result));
+    }
     served.context("the gateway failed")?;
-    echo_result.context("the echo service failed")?;
+    for (name, result) in results {
+        result.with_context(|| format!("the {name} service failed"))?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A built-in plugin service running in this process.
+struct Service {
+    name: &'static str,
+    grpc: SocketAddr,
+    admin: SocketAddr,
+    task: tokio::task::JoinHandle<Result<(), flotilla_sdk::ServeError>>,
+}
+
+async fn start<P: flotilla_sdk::Plugin>(
+    name: &'static str,
+    plugin: P,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Service> {
+    let (grpc, admin) =
+        flotilla_sdk::bind_pair(ANY_LOOPBACK, ANY_LOOPBACK).await.map_err(anyhow::Error::msg)?;
+    let (grpc_addr, admin_addr) = (grpc.local_addr()?, admin.local_addr()?);
+    let task =
+        tokio::spawn(flotilla_sdk::serve(plugin, grpc, admin, ServeOptions::default(), shutdown.clone()));
+    Ok(Service { name, grpc: grpc_addr, admin: admin_addr, task })
 }

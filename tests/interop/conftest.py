@@ -6,6 +6,12 @@ ports, and shut down with SIGINT at the end; the shutdown must be graceful
 the standard gRPC health stubs and plain HTTP on the admin ports.
 
 The binary is `$FLOTILLA_BIN` when set, else `<repo>/target/debug/flotilla`.
+
+An already running fleet (the compose stack, a cluster) is tested instead when
+all four of FLOTILLA_GATEWAY, FLOTILLA_GATEWAY_ADMIN, FLOTILLA_ECHO and
+FLOTILLA_ECHO_ADMIN are set (host:port each; ECHO is one echo replica, reached
+directly). Nothing is started or stopped then; the fixture waits (bounded) for
+both admin ports to answer /readyz 200.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional
+
+import json
 
 import grpc
 import pytest
@@ -56,12 +64,21 @@ class ServiceAddrs:
     admin: str
 
 
+# A running fleet to test instead of starting `flotilla up` (see the module docstring).
+EXTERNAL_FLEET_ENV = {
+    "FLOTILLA_GATEWAY": ("gateway", "grpc"),
+    "FLOTILLA_GATEWAY_ADMIN": ("gateway", "admin"),
+    "FLOTILLA_ECHO": ("echo", "grpc"),
+    "FLOTILLA_ECHO_ADMIN": ("echo", "admin"),
+}
+
+
 @dataclass
 class Fleet:
-    process: subprocess.Popen
+    process: Optional[subprocess.Popen]
     services: Dict[str, ServiceAddrs]
-    stdout: LinePump
-    stderr: LinePump
+    stdout: Optional[LinePump] = None
+    stderr: Optional[LinePump] = None
     argv: List[str] = field(default_factory=list)
 
     @property
@@ -73,6 +90,10 @@ class Fleet:
         return self.services["echo"]
 
     def describe(self) -> str:
+        if self.process is None:
+            return "external fleet: " + ", ".join(
+                f"{name} grpc={a.grpc} admin={a.admin}" for name, a in self.services.items()
+            )
         rc = self.process.poll()
         state = "running" if rc is None else f"exited with code {rc}"
         return (
@@ -104,6 +125,28 @@ def _http_get(url: str, timeout: float = HTTP_TIMEOUT_S):
     except urllib.error.HTTPError as err:
         body = err.read().decode("utf-8", "replace")
         return err.code, err.headers.get("Content-Type", ""), body
+
+
+def _external_fleet() -> Optional[Fleet]:
+    """The fleet named by FLOTILLA_GATEWAY & co., or None when none of them is set."""
+    given = {k: os.environ[k] for k in EXTERNAL_FLEET_ENV if os.environ.get(k)}
+    if not given:
+        return None
+    missing = [k for k in EXTERNAL_FLEET_ENV if k not in given]
+    if missing:
+        pytest.fail(
+            f"an external fleet needs all of {', '.join(EXTERNAL_FLEET_ENV)} (host:port each); "
+            f"missing: {', '.join(missing)}",
+            pytrace=False,
+        )
+    addrs: Dict[str, Dict[str, str]] = {}
+    for key, (service, kind) in EXTERNAL_FLEET_ENV.items():
+        value = given[key]
+        if not re.fullmatch(r"\S+:\d+", value):
+            pytest.fail(f"{key}={value!r} is not host:port", pytrace=False)
+        addrs.setdefault(service, {})[kind] = value
+    services = {name: ServiceAddrs(a["grpc"], a["admin"]) for name, a in addrs.items()}
+    return Fleet(process=None, services=services)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -172,7 +215,7 @@ def _wait_until_ready(fleet: Fleet, deadline: float) -> None:
         url = f"http://{fleet.services[name].admin}/readyz"
         last = "no answer yet"
         while True:
-            if fleet.process.poll() is not None:
+            if fleet.process is not None and fleet.process.poll() is not None:
                 pytest.fail(f"`flotilla up` exited while waiting for {url}\n{fleet.describe()}", pytrace=False)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -191,12 +234,99 @@ def _wait_until_ready(fleet: Fleet, deadline: float) -> None:
             time.sleep(min(READY_POLL_INTERVAL_S, max(deadline - time.monotonic(), 0)))
 
 
+TEST_KEY = REPO_ROOT / "shared" / "testkit" / "keys" / "test_rsa_pkcs8.pem"
+
+
+@dataclass
+class Fakes:
+    """`flotilla-fakes`: fake BigQuery, Databricks and Snowflake APIs on loopback."""
+
+    process: subprocess.Popen
+    urls: Dict[str, str]
+
+    def requests(self, name: str) -> List[dict]:
+        """Every request the fake `name` received, oldest first."""
+        status, _, body = _http_get(f"{self.urls[name]}/_fake/requests")
+        assert status == 200, body
+        return json.loads(body)
+
+
+def _fakes_binary() -> Path:
+    configured = os.environ.get("FLOTILLA_FAKES_BIN")
+    path = Path(configured) if configured else _flotilla_binary().with_name("flotilla-fakes")
+    if not path.is_file():
+        pytest.fail(f"flotilla-fakes not found at {path}; build it with `cargo build --bins`", pytrace=False)
+    return path
+
+
 @pytest.fixture(scope="session")
-def fleet() -> Iterator[Fleet]:
-    """The running `flotilla up` fleet (gateway + built-in plugin services)."""
+def fakes() -> Iterator[Fakes]:
+    proc = subprocess.Popen(
+        [str(_fakes_binary())], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out = LinePump(proc.stdout, "fakes-stdout", forward=True, tail_lines=OUTPUT_TAIL_LINES)
+    LinePump(proc.stderr, "fakes-stderr", forward=False, tail_lines=OUTPUT_TAIL_LINES)
+    try:
+        line = out.next_line(timeout=STARTUP_TIMEOUT_S)
+    except queue.Empty:
+        _stop(proc)
+        pytest.fail("flotilla-fakes printed no URLs in time", pytrace=False)
+    if not line:
+        _stop(proc)
+        pytest.fail(f"flotilla-fakes exited with code {proc.wait()}", pytrace=False)
+    yield Fakes(proc, json.loads(line))
+    proc.stdin.close()
+    try:
+        proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _stop(proc)
+
+
+def cloud_env(fakes: Fakes, secrets_dir: Path) -> Dict[str, str]:
+    """Environment pointing the cloud plugin services at the fakes, with test credentials
+    placed where upstream operators put them."""
+    key = TEST_KEY.read_text()
+    service_account = secrets_dir / "service-account.json"
+    service_account.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "project_id": "flyte-project",
+                "private_key_id": "test",
+                "private_key": key,
+                "client_email": "flyte@flyte-project.iam.gserviceaccount.com",
+                "token_uri": f"{fakes.urls['bigquery']}/token",
+            }
+        )
+    )
+    env = {
+        "FLOTILLA_BIGQUERY_BASE_URL": fakes.urls["bigquery"],
+        "GOOGLE_APPLICATION_CREDENTIALS": str(service_account),
+        "FLOTILLA_SECRETS_DIR": str(secrets_dir),
+    }
+    if "databricks" in fakes.urls:
+        (secrets_dir / "flyte_databricks_access_token").write_text("dapi-test-token\n")
+        env["FLOTILLA_DATABRICKS_BASE_URL"] = fakes.urls["databricks"]
+    if "snowflake" in fakes.urls:
+        (secrets_dir / "snowflake_private_key").write_text(key)
+        env["FLOTILLA_SNOWFLAKE_BASE_URL"] = fakes.urls["snowflake"]
+    return env
+
+
+@pytest.fixture(scope="session")
+def fleet(request, tmp_path_factory) -> Iterator[Fleet]:
+    """The running `flotilla up` fleet (gateway + built-in plugin services), its cloud
+    services pointed at `flotilla-fakes`; or the external fleet FLOTILLA_GATEWAY & co. name."""
+    external = _external_fleet()
+    if external is not None:
+        _wait_until_ready(external, time.monotonic() + STARTUP_TIMEOUT_S)
+        yield external
+        return
+    fakes = request.getfixturevalue("fakes")
     binary = _flotilla_binary()
     argv = [str(binary), "up", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
     env = dict(os.environ)
+    env.update(cloud_env(fakes, tmp_path_factory.mktemp("secrets")))
     env.setdefault("NO_COLOR", "1")
     env.setdefault("RUST_BACKTRACE", "1")
     proc = subprocess.Popen(

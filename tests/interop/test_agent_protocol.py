@@ -9,8 +9,12 @@ and metrics.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 import time
+from pathlib import Path
 from typing import Callable, List, Optional
 
 import grpc
@@ -27,6 +31,8 @@ from flyteidl.core import (
     types_pb2,
 )
 from flyteidl.service import agent_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 RPC_TIMEOUT = 10.0  # seconds; every RPC carries a deadline so nothing can hang
 
@@ -537,3 +543,36 @@ def test_admin_probes_answer_200(fleet, http_get, target, path):
     admin = fleet.services[target].admin
     status, _, body = http_get(f"http://{admin}{path}")
     assert status == 200, f"{target} {path}: HTTP {status} {body[:200]!r}"
+
+
+# --------------------------------------------------------- promtool lint
+
+
+def _promtool() -> str:
+    configured = os.environ.get("FLOTILLA_PROMTOOL")
+    unpacked = REPO_ROOT / "target" / "images" / "prometheus" / "usr" / "bin" / "promtool"
+    found = configured or shutil.which("promtool") or (str(unpacked) if unpacked.is_file() else None)
+    if not found or not os.access(found, os.X_OK):
+        pytest.fail(
+            f"promtool not found ({'FLOTILLA_PROMTOOL=' + configured if configured else 'not on PATH'}): "
+            "scripts/prometheus-deb extracts it from Debian's prometheus package and prints where",
+            pytrace=False,
+        )
+    return found
+
+
+@pytest.mark.parametrize("target", ["gateway", "echo"])
+def test_metrics_pass_promtool_check_metrics(fleet, async_stub, sync_stub, http_get, target):
+    # Traffic first, so the labelled series (successes, failures, latencies, sizes) exist.
+    echo_round_trip(async_stub)
+    list(sync_stub.ExecuteTaskSync(iter(sync_requests("echo_sync", sample_inputs())), timeout=RPC_TIMEOUT))
+    with pytest.raises(grpc.RpcError):
+        async_stub.CreateTask(create_request(make_template(task_type="no_such_type"), sample_inputs()), timeout=RPC_TIMEOUT)
+    status, _, body = http_get(f"http://{fleet.services[target].admin}/metrics")
+    assert status == 200, body[:500]
+    samples = [line for line in body.splitlines() if line and not line.startswith("#")]
+    assert len(samples) > 10, f"{target} /metrics has only {len(samples)} samples"
+    done = subprocess.run([_promtool(), "check", "metrics"], input=body, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, (
+        f"promtool check metrics on {target}'s /metrics exited {done.returncode}:\n{done.stdout}{done.stderr}"
+    )

@@ -5,6 +5,10 @@
 #![warn(missing_docs)]
 
 pub mod dns;
+pub mod fake_http;
+pub mod fakes;
+pub mod jwt;
+pub mod process;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 

@@ -1,0 +1,224 @@
+//! The BigQuery plugin: task type `bigquery_query_job_task` v0, a drop-in for flytekit's
+//! BigQuery agent (`flytekitplugins-bigquery`), on the BigQuery v2 REST jobs API.
+//!
+//! - create: `jobs.insert` of a query job: `sql.statement`, named query parameters built from the
+//!   inputs, and the template's `custom` job-config keys (`destinationTable`, `writeDisposition`,
+//!   `priority`, …, which upstream's agent drops), in `custom.ProjectID` / `custom.Location`.
+//!   The job id is ours, so a retried insert cannot start a second job (409 means it exists).
+//! - get: `jobs.get`; PENDING → INITIALIZING, RUNNING → RUNNING, DONE → SUCCEEDED with the
+//!   `results` dataset `bq://project:dataset.table`, or FAILED with BigQuery's `errorResult`
+//!   (RETRYABLE_FAILED when BigQuery calls it a backend or internal error); the BigQuery console
+//!   link on every answer.
+//! - delete: `jobs.cancel`; a job that no longer exists counts as cancelled.
+//!
+//! `resource_meta` is upstream's JSON `{"job_id", "project", "location"}`, so tasks created by
+//! upstream's agent can be polled here after a switch.
+
+mod auth;
+mod job;
+
+use std::{path::PathBuf, time::Instant};
+
+use flotilla_cloud::api::{self, Api, ApiError, ApiSettings, Request, Response};
+use flotilla_sdk::{
+    AgentSpec, Call, Plugin, PluginError, ServiceConfig,
+    proto::{admin, core::task_execution::Phase},
+    resource,
+    telemetry::config::{self, Env},
+};
+use reqwest::Url;
+use serde::Deserialize;
+
+pub use job::{JobMeta, TASK_TYPE};
+
+/// Environment variable overriding `base_url`.
+pub const ENV_BASE_URL: &str = "FLOTILLA_BIGQUERY_BASE_URL";
+/// Environment variable overriding `credentials_file` (after `GOOGLE_APPLICATION_CREDENTIALS`).
+pub const ENV_CREDENTIALS_FILE: &str = "FLOTILLA_BIGQUERY_CREDENTIALS_FILE";
+/// Environment variable overriding `metadata_url`.
+pub const ENV_METADATA_URL: &str = "FLOTILLA_BIGQUERY_METADATA_URL";
+/// The variable Google's client libraries read the key file's path from.
+pub const GOOGLE_APPLICATION_CREDENTIALS: &str = "GOOGLE_APPLICATION_CREDENTIALS";
+
+/// The `[plugin]` table of `flotilla-bigquery`'s configuration.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BigQueryConfig {
+    /// The BigQuery API root (regional endpoints, proxies, fakes).
+    pub base_url: String,
+    /// A service-account key file; default: `$GOOGLE_APPLICATION_CREDENTIALS`.
+    pub credentials_file: Option<PathBuf>,
+    /// The metadata server, used when there is no key file.
+    pub metadata_url: String,
+    /// HTTP timeouts and per-operation budgets.
+    pub http: ApiSettings,
+}
+
+impl Default for BigQueryConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://bigquery.googleapis.com/".to_owned(),
+            credentials_file: None,
+            metadata_url: "http://metadata.google.internal/".to_owned(),
+            http: ApiSettings::default(),
+        }
+    }
+}
+
+/// The BigQuery plugin.
+pub struct BigQuery {
+    api: Api,
+    base: Url,
+    credentials: auth::Credentials,
+}
+
+impl std::fmt::Debug for BigQuery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BigQuery")
+            .field("base", &self.base.as_str())
+            .field("credentials", self.credentials.source())
+            .finish()
+    }
+}
+
+impl BigQuery {
+    /// Builds the plugin from the service configuration's `[plugin]` table and the process
+    /// environment.
+    ///
+    /// # Errors
+    /// Every problem with the settings, each naming its key or variable.
+    pub fn from_config(config: &ServiceConfig) -> Result<Self, String> {
+        Self::from_config_with_env(config, &config::process_env)
+    }
+
+    /// As [`BigQuery::from_config`], with the environment given (for tests).
+    ///
+    /// # Errors
+    /// Every problem with the settings, each naming its key or variable.
+    pub fn from_config_with_env(config: &ServiceConfig, env: Env<'_>) -> Result<Self, String> {
+        let mut c: BigQueryConfig = config.plugin.clone().try_into().map_err(|e| format!("[plugin]: {e}"))?;
+        let mut problems = Vec::new();
+        config::override_from_env(env, ENV_BASE_URL, &mut c.base_url, &mut problems);
+        config::override_from_env(env, ENV_METADATA_URL, &mut c.metadata_url, &mut problems);
+        c.http.override_from_env(env, "FLOTILLA_BIGQUERY_", &mut problems);
+        if let Some(path) = env(ENV_CREDENTIALS_FILE).filter(|p| !p.is_empty()) {
+            c.credentials_file = Some(path.into());
+        } else if c.credentials_file.is_none() {
+            c.credentials_file =
+                env(GOOGLE_APPLICATION_CREDENTIALS).filter(|p| !p.is_empty()).map(PathBuf::from);
+        }
+        problems.extend(c.http.problems().into_iter().map(|p| format!("[plugin.http] {p}")));
+        let base = api::parse_base_url(&c.base_url).map_err(|e| problems.push(format!("base_url: {e}"))).ok();
+        let metadata = api::parse_base_url(&c.metadata_url)
+            .map_err(|e| problems.push(format!("metadata_url: {e}")))
+            .ok();
+        let (Some(base), Some(metadata), true) = (base, metadata, problems.is_empty()) else {
+            return Err(problems.join("; "));
+        };
+        let source = match c.credentials_file {
+            Some(path) => auth::Source::KeyFile(path),
+            None => auth::Source::Metadata(metadata),
+        };
+        let api = Api::new("BigQuery", &c.http)?;
+        let token_api = Api::new("Google OAuth", &c.http)?;
+        Ok(Self { api, base, credentials: auth::Credentials::new(source, token_api) })
+    }
+
+    /// `<base>bigquery/v2/projects/<project>/jobs[/<job_id>[/cancel]]`, each segment escaped.
+    fn jobs_url(&self, project: &str, rest: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("base URLs are http(s), which have paths")
+            .pop_if_empty()
+            .extend(["bigquery", "v2", "projects", project, "jobs"])
+            .extend(rest);
+        url
+    }
+
+    /// Sends `request` with a token; when the token is refused, once more with a fresh one.
+    async fn send(&self, request: Request, deadline: Instant) -> Result<Response, PluginError> {
+        let token = self.credentials.token(deadline).await?;
+        match self.api.send(request.clone().bearer(&token), deadline).await {
+            Err(e) if e.status() == Some(401) => {
+                self.credentials.invalidate().await;
+                let token = self.credentials.token(deadline).await?;
+                Ok(self.api.send(request.bearer(&token), deadline).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+}
+
+impl Plugin for BigQuery {
+    fn agents(&self) -> Vec<AgentSpec> {
+        vec![AgentSpec::asynchronous("Bigquery Connector", TASK_TYPE)]
+    }
+
+    async fn create(
+        &self,
+        call: &Call,
+        request: admin::CreateTaskRequest,
+    ) -> Result<admin::CreateTaskResponse, PluginError> {
+        let deadline = api::deadline(call, self.api.settings().create_timeout.0);
+        let template = request
+            .template
+            .as_ref()
+            .ok_or_else(|| PluginError::InvalidArgument("CreateTaskRequest.template is missing".into()))?;
+        let job = job::QueryJob::from_template(template, request.inputs.as_ref())?;
+        let url = self.jobs_url(&job.project, &[]);
+        // Our job id makes the insert idempotent: a repeat answers 409 for the same job.
+        let answer = self
+            .send(Request::post_json("jobs.insert", url, job.body()).accept_status(409), deadline)
+            .await?;
+        let location = answer.body["jobReference"]["location"].as_str().map(str::to_owned);
+        let meta = JobMeta {
+            job_id: job.job_id,
+            project: job.project,
+            location: location.or(job.location).unwrap_or_default(),
+        };
+        tracing::info!(request_id = call.request_id.as_deref().unwrap_or("-"), job_id = %meta.job_id, project = %meta.project, "BigQuery job inserted");
+        Ok(admin::CreateTaskResponse { resource_meta: meta.encode() })
+    }
+
+    async fn get(&self, call: &Call, request: admin::GetTaskRequest) -> Result<admin::Resource, PluginError> {
+        let deadline = api::deadline(call, self.api.settings().get_timeout.0);
+        let meta = JobMeta::decode(&request.resource_meta)?;
+        let url = self.location_query(self.jobs_url(&meta.project, &[&meta.job_id]), &meta);
+        let link = meta.console_link();
+        let answer = match self.send(Request::get("jobs.get", url), deadline).await {
+            Ok(a) => a,
+            Err(PluginError::NotFound(message)) => {
+                let mut r =
+                    resource::failed(format!("BigQuery job {} no longer exists: {message}", meta.job_id));
+                r.log_links.push(link);
+                return Ok(r);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut r = job::to_resource(&answer.body)
+            .map_err(|detail| PluginError::from(ApiError::malformed("BigQuery", "jobs.get", detail)))?;
+        if r.phase != Phase::Succeeded as i32 {
+            r.outputs = None;
+        }
+        r.log_links.push(link);
+        Ok(r)
+    }
+
+    async fn delete(&self, call: &Call, request: admin::DeleteTaskRequest) -> Result<(), PluginError> {
+        let deadline = api::deadline(call, self.api.settings().delete_timeout.0);
+        let meta = JobMeta::decode(&request.resource_meta)?;
+        let url = self.location_query(self.jobs_url(&meta.project, &[&meta.job_id, "cancel"]), &meta);
+        // Cancelling a job that is gone (or done) is not an error: delete must be idempotent.
+        self.send(Request::post_empty("jobs.cancel", url).accept_status(404), deadline).await?;
+        Ok(())
+    }
+}
+
+impl BigQuery {
+    fn location_query(&self, mut url: Url, meta: &JobMeta) -> Url {
+        if !meta.location.is_empty() {
+            url.query_pairs_mut().append_pair("location", &meta.location);
+        }
+        url
+    }
+}

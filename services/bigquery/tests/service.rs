@@ -1,0 +1,442 @@
+//! The BigQuery service over real gRPC on 127.0.0.1, against the fake BigQuery API, token
+//! endpoint and metadata server in flotilla-testkit.
+
+use std::{collections::HashMap, path::Path, time::Duration};
+
+use flotilla_bigquery::BigQuery;
+use flotilla_proto::{
+    admin,
+    core::{self, task_execution::Phase},
+    service::async_agent_service_client::AsyncAgentServiceClient,
+};
+use flotilla_sdk::ServiceConfig;
+use flotilla_testkit::{
+    channel,
+    fake_http::Reply,
+    fakes::bigquery::{FakeBigQuery, JobStep, google_error},
+    jwt::{TEST_KEY_PKCS8_PEM, TEST_PUBLIC_KEY_DER},
+    process::ServiceProcess,
+    spawn_plugin,
+};
+use prost_types::value::Kind;
+use serde_json::{Value, json};
+use tonic::Code;
+
+const TASK: &str = "bigquery_query_job_task";
+
+fn string(s: &str) -> prost_types::Value {
+    prost_types::Value { kind: Some(Kind::StringValue(s.into())) }
+}
+
+/// A template shaped like flytekitplugins-bigquery's: `custom` = ProjectID, Location, Domain and
+/// QueryJobConfig REST keys; the query in `sql`.
+fn template(query: &str) -> core::TaskTemplate {
+    let custom = prost_types::Struct {
+        fields: [
+            ("ProjectID".to_owned(), string("flyte-project")),
+            ("Location".to_owned(), string("EU")),
+            ("Domain".to_owned(), string("development")),
+            ("priority".to_owned(), string("BATCH")),
+            ("maximumBytesBilled".to_owned(), string("1000000")),
+        ]
+        .into_iter()
+        .collect(),
+    };
+    core::TaskTemplate {
+        r#type: TASK.into(),
+        custom: Some(custom),
+        target: Some(core::task_template::Target::Sql(core::Sql { statement: query.into(), dialect: 0 })),
+        ..Default::default()
+    }
+}
+
+fn int(i: i64) -> core::Literal {
+    primitive(core::primitive::Value::Integer(i))
+}
+
+fn primitive(v: core::primitive::Value) -> core::Literal {
+    core::Literal {
+        value: Some(core::literal::Value::Scalar(Box::new(core::Scalar {
+            value: Some(core::scalar::Value::Primitive(core::Primitive { value: Some(v) })),
+        }))),
+        ..Default::default()
+    }
+}
+
+fn key_file(dir: &Path, token_uri: &str) -> String {
+    let path = dir.join("sa.json");
+    let key = json!({
+        "type": "service_account",
+        "project_id": "flyte-project",
+        "private_key_id": "abc",
+        "private_key": TEST_KEY_PKCS8_PEM,
+        "client_email": "flyte@flyte-project.iam.gserviceaccount.com",
+        "token_uri": token_uri,
+    });
+    std::fs::write(&path, key.to_string()).unwrap();
+    path.display().to_string()
+}
+
+/// The plugin with these environment variables and `[plugin]` settings.
+fn plugin(env: &[(&str, String)], plugin_toml: &str) -> BigQuery {
+    let env: HashMap<String, String> = env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+    let config = ServiceConfig { plugin: toml::from_str(plugin_toml).unwrap(), ..ServiceConfig::default() };
+    BigQuery::from_config_with_env(&config, &move |k| env.get(k).cloned()).unwrap()
+}
+
+struct Rig {
+    fake: FakeBigQuery,
+    client: AsyncAgentServiceClient<tonic::transport::Channel>,
+    _dir: tempfile::TempDir,
+    _svc: flotilla_testkit::RunningService,
+}
+
+async fn rig(plugin_toml: &str) -> Rig {
+    let fake = FakeBigQuery::start(TEST_PUBLIC_KEY_DER.to_vec()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), &fake.token_uri());
+    let p = plugin(
+        &[("FLOTILLA_BIGQUERY_BASE_URL", fake.url()), ("GOOGLE_APPLICATION_CREDENTIALS", key)],
+        plugin_toml,
+    );
+    let svc = spawn_plugin(p).await;
+    let client = AsyncAgentServiceClient::new(channel(svc.addr));
+    Rig { fake, client, _dir: dir, _svc: svc }
+}
+
+fn category() -> Option<admin::TaskCategory> {
+    Some(admin::TaskCategory { name: TASK.into(), version: 0 })
+}
+
+async fn create(rig: &mut Rig, inputs: Option<core::LiteralMap>) -> Vec<u8> {
+    let request = admin::CreateTaskRequest {
+        inputs,
+        template: Some(template("SELECT * FROM t WHERE n > @n AND s = @s")),
+        output_prefix: "s3://bucket/out".into(),
+        task_execution_metadata: None,
+    };
+    rig.client.create_task(request).await.unwrap().into_inner().resource_meta
+}
+
+async fn get(rig: &mut Rig, meta: &[u8]) -> Result<admin::Resource, tonic::Status> {
+    let request = admin::GetTaskRequest {
+        task_category: category(),
+        resource_meta: meta.to_vec(),
+        ..Default::default()
+    };
+    rig.client.get_task(request).await.map(|r| r.into_inner().resource.expect("resource is set"))
+}
+
+#[tokio::test]
+async fn a_query_job_runs_from_insert_to_results() {
+    let mut rig = rig("").await;
+    let inputs = core::LiteralMap {
+        literals: [
+            ("n".to_owned(), int(42)),
+            ("s".to_owned(), primitive(core::primitive::Value::StringValue("x".into()))),
+        ]
+        .into_iter()
+        .collect(),
+    };
+    let meta = create(&mut rig, Some(inputs)).await;
+
+    // resource_meta is upstream's job reference and nothing else.
+    let meta_json: Value = serde_json::from_slice(&meta).unwrap();
+    let job_id = meta_json["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(meta_json, json!({"job_id": job_id, "project": "flyte-project", "location": "EU"}));
+
+    let insert = &rig.fake.http.requests_to("/bigquery/v2/projects/flyte-project/jobs")[0];
+    assert_eq!(insert.method, "POST");
+    assert!(insert.bearer().is_some_and(|t| t.starts_with("ya29.fake-")));
+    let body = insert.json();
+    assert_eq!(
+        body["jobReference"],
+        json!({"projectId": "flyte-project", "jobId": job_id, "location": "EU"})
+    );
+    let query = &body["configuration"]["query"];
+    assert_eq!(query["query"], "SELECT * FROM t WHERE n > @n AND s = @s");
+    assert_eq!(query["useLegacySql"], false);
+    assert_eq!(query["parameterMode"], "NAMED");
+    assert_eq!(
+        query["queryParameters"],
+        json!([
+            {"name": "n", "parameterType": {"type": "INT64"}, "parameterValue": {"value": "42"}},
+            {"name": "s", "parameterType": {"type": "STRING"}, "parameterValue": {"value": "x"}},
+        ])
+    );
+    // The template's job-config keys go to BigQuery; the task's own keys do not.
+    assert_eq!(
+        (query["priority"].as_str(), query["maximumBytesBilled"].as_str()),
+        (Some("BATCH"), Some("1000000"))
+    );
+    assert!(query.get("ProjectID").is_none() && query.get("Domain").is_none());
+
+    let first = get(&mut rig, &meta).await.unwrap();
+    assert_eq!(first.phase, Phase::Initializing as i32);
+    let link = &first.log_links[0];
+    assert_eq!(link.name, "BigQuery Console");
+    assert_eq!(
+        link.uri,
+        format!(
+            "https://console.cloud.google.com/bigquery?project=flyte-project&j=bq:EU:{job_id}&page=queryresults"
+        )
+    );
+    assert_eq!(get(&mut rig, &meta).await.unwrap().phase, Phase::Running as i32);
+    let done = get(&mut rig, &meta).await.unwrap();
+    assert_eq!(done.phase, Phase::Succeeded as i32);
+    let results = &done.outputs.unwrap().literals["results"];
+    let Some(core::literal::Value::Scalar(s)) = &results.value else { panic!("{results:?}") };
+    let Some(core::scalar::Value::StructuredDataset(d)) = &s.value else { panic!("{s:?}") };
+    assert_eq!(d.uri, format!("bq://flyte-project:_anon_fake.anon_{job_id}"));
+    let gets = rig.fake.http.requests().into_iter().filter(|r| r.method == "GET").collect::<Vec<_>>();
+    assert_eq!(gets[0].path, format!("/bigquery/v2/projects/flyte-project/jobs/{job_id}"));
+    assert_eq!(gets[0].query_param("location"), Some("EU"));
+    // One token for the whole conversation: it is cached.
+    assert_eq!(rig.fake.issued_tokens().len(), 1);
+}
+
+#[tokio::test]
+async fn failed_jobs_are_failed_and_backend_errors_retryable() {
+    let mut rig = rig("").await;
+    rig.fake.script_next_job(vec![JobStep::Failed {
+        reason: "invalidQuery".into(),
+        message: "Syntax error: Unexpected keyword WHERE at [1:10]".into(),
+    }]);
+    let meta = create(&mut rig, None).await;
+    let r = get(&mut rig, &meta).await.unwrap();
+    assert_eq!(r.phase, Phase::Failed as i32);
+    assert_eq!(r.message, "invalidQuery: Syntax error: Unexpected keyword WHERE at [1:10]");
+
+    rig.fake.script_next_job(vec![JobStep::Failed {
+        reason: "backendError".into(),
+        message: "try again".into(),
+    }]);
+    let meta = create(&mut rig, None).await;
+    assert_eq!(get(&mut rig, &meta).await.unwrap().phase, Phase::RetryableFailed as i32);
+
+    rig.fake.script_next_job(vec![JobStep::Raw("SUSPENDED".into())]);
+    let meta = create(&mut rig, None).await;
+    let r = get(&mut rig, &meta).await.unwrap();
+    assert_eq!((r.phase, r.message.as_str()), (Phase::Running as i32, "BigQuery job state SUSPENDED"));
+}
+
+#[tokio::test]
+async fn delete_cancels_the_job_and_is_idempotent() {
+    let mut rig = rig("").await;
+    rig.fake.script_next_job(vec![JobStep::Running]);
+    let meta = create(&mut rig, None).await;
+    let job_id = rig.fake.job_ids().pop().unwrap();
+    let delete = admin::DeleteTaskRequest {
+        task_category: category(),
+        resource_meta: meta.clone(),
+        ..Default::default()
+    };
+    rig.client.delete_task(delete.clone()).await.unwrap();
+    assert!(rig.fake.cancelled(&job_id));
+    let cancel =
+        rig.fake.http.requests_to(&format!("/bigquery/v2/projects/flyte-project/jobs/{job_id}/cancel"));
+    assert_eq!((cancel.len(), cancel[0].query_param("location")), (1, Some("EU")));
+    assert_eq!(get(&mut rig, &meta).await.unwrap().phase, Phase::Failed as i32);
+    // A job BigQuery no longer knows: deleting again still succeeds.
+    let gone =
+        serde_json::to_vec(&json!({"job_id": "nope", "project": "flyte-project", "location": "EU"})).unwrap();
+    rig.client.delete_task(admin::DeleteTaskRequest { resource_meta: gone, ..delete }).await.unwrap();
+}
+
+#[tokio::test]
+async fn rate_limits_and_server_errors_are_retried_inside_the_call() {
+    let mut rig = rig("").await;
+    rig.fake.http.inject(
+        "/bigquery/v2/projects/flyte-project/jobs",
+        google_error(429, "RESOURCE_EXHAUSTED", "rateLimitExceeded", "Exceeded rate limits"),
+    );
+    rig.fake.http.inject("/bigquery/v2/projects/flyte-project/jobs", Reply::text(503, "Service Unavailable"));
+    let meta = create(&mut rig, None).await;
+    rig.fake.http.inject(
+        "/bigquery/v2/projects/flyte-project/jobs/",
+        google_error(500, "INTERNAL", "backendError", "Backend error"),
+    );
+    rig.fake.http.inject("/bigquery/v2/projects/flyte-project/jobs/", Reply::text(502, "Bad Gateway"));
+    assert_eq!(get(&mut rig, &meta).await.unwrap().phase, Phase::Initializing as i32);
+    // The retried inserts carried the same job id, and one job exists.
+    let inserts = rig.fake.http.requests_to("/bigquery/v2/projects/flyte-project/jobs");
+    let ids: Vec<_> = inserts
+        .iter()
+        .filter(|r| r.method == "POST")
+        .map(|r| r.json()["jobReference"]["jobId"].clone())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
+    assert_eq!(rig.fake.job_ids().len(), 1);
+}
+
+#[tokio::test]
+async fn a_refused_token_is_replaced_once_and_a_refused_key_is_a_clear_error() {
+    let mut rig = rig("").await;
+    let meta = create(&mut rig, None).await;
+    rig.fake.revoke_tokens();
+    assert_eq!(get(&mut rig, &meta).await.unwrap().phase, Phase::Initializing as i32);
+    assert_eq!(rig.fake.issued_tokens().len(), 2, "revoked, then one new token");
+
+    // A key the token endpoint does not accept (the fake expects another public key).
+    let other = FakeBigQuery::start(b"not this key".to_vec()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), &other.token_uri());
+    let svc = spawn_plugin(plugin(
+        &[("FLOTILLA_BIGQUERY_BASE_URL", other.url()), ("GOOGLE_APPLICATION_CREDENTIALS", key)],
+        "",
+    ))
+    .await;
+    let e = AsyncAgentServiceClient::new(channel(svc.addr))
+        .create_task(admin::CreateTaskRequest { template: Some(template("SELECT 1")), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("service-account key was refused") && e.message().contains("invalid_grant"),
+        "{}",
+        e.message()
+    );
+}
+
+#[tokio::test]
+async fn malformed_and_slow_answers_are_bounded_errors() {
+    let mut rig = rig("[http]\nget_timeout = \"1s\"\n").await;
+    let meta = create(&mut rig, None).await;
+    rig.fake.http.inject(
+        "/bigquery/v2/projects/flyte-project/jobs/",
+        Reply::json(200, json!({"kind": "bigquery#job"})),
+    );
+    let e = get(&mut rig, &meta).await.unwrap_err();
+    assert_eq!(e.code(), Code::Internal);
+    assert!(
+        e.message().contains("BigQuery jobs.get answered with an unexpected body: no `status`"),
+        "{}",
+        e.message()
+    );
+
+    rig.fake.http.inject(
+        "/bigquery/v2/projects/flyte-project/jobs/",
+        Reply::json(200, json!({})).delay(Duration::from_secs(30)),
+    );
+    let started = std::time::Instant::now();
+    let e = get(&mut rig, &meta).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_millis(2500), "GetTask took {:?}", started.elapsed());
+    assert_eq!(e.code(), Code::DeadlineExceeded);
+    assert!(e.message().contains("BigQuery jobs.get did not answer within"), "{}", e.message());
+}
+
+#[tokio::test]
+async fn bad_templates_name_what_is_missing() {
+    let mut rig = rig("").await;
+    let mut t = template("SELECT 1");
+    t.custom.as_mut().unwrap().fields.remove("ProjectID");
+    let e = rig
+        .client
+        .create_task(admin::CreateTaskRequest { template: Some(t), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("custom.ProjectID"), "{}", e.message());
+    let e = rig
+        .client
+        .create_task(admin::CreateTaskRequest { template: Some(template("  ")), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("sql.statement"), "{}", e.message());
+    let e = get(&mut rig, b"not json").await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(rig.fake.http.requests().is_empty(), "nothing reached BigQuery");
+}
+
+#[tokio::test]
+async fn without_credentials_it_serves_and_create_names_the_missing_credential() {
+    // No key file, and a metadata server that is not there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let p = plugin(&[("FLOTILLA_BIGQUERY_METADATA_URL", format!("http://{closed}"))], "");
+    let svc = spawn_plugin(p).await;
+    let agents = flotilla_proto::service::agent_metadata_service_client::AgentMetadataServiceClient::new(
+        channel(svc.addr),
+    )
+    .list_agents(admin::ListAgentsRequest {})
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(agents.agents[0].supported_task_categories[0].name, TASK);
+    let e = AsyncAgentServiceClient::new(channel(svc.addr))
+        .create_task(admin::CreateTaskRequest { template: Some(template("SELECT 1")), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("GOOGLE_APPLICATION_CREDENTIALS"), "{}", e.message());
+    assert!(e.message().contains(&format!("metadata server at http://{closed}/")), "{}", e.message());
+}
+
+#[tokio::test]
+async fn the_metadata_server_supplies_tokens_when_there_is_no_key_file() {
+    let fake = FakeBigQuery::start(TEST_PUBLIC_KEY_DER.to_vec()).await;
+    let p = plugin(
+        &[("FLOTILLA_BIGQUERY_BASE_URL", fake.url()), ("FLOTILLA_BIGQUERY_METADATA_URL", fake.url())],
+        "",
+    );
+    let svc = spawn_plugin(p).await;
+    AsyncAgentServiceClient::new(channel(svc.addr))
+        .create_task(admin::CreateTaskRequest { template: Some(template("SELECT 1")), ..Default::default() })
+        .await
+        .unwrap();
+    let md = fake.http.requests_to("/computeMetadata/");
+    assert_eq!((md.len(), md[0].header("metadata-flavor")), (1, Some("Google")));
+    assert_eq!(fake.job_ids().len(), 1);
+}
+
+#[tokio::test]
+async fn no_secret_reaches_logs_errors_or_resource_meta() {
+    let fake = FakeBigQuery::start(TEST_PUBLIC_KEY_DER.to_vec()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), &fake.token_uri());
+    let svc = ServiceProcess::start(
+        env!("CARGO_BIN_EXE_flotilla-bigquery"),
+        &["--log", "trace"],
+        &[("FLOTILLA_BIGQUERY_BASE_URL", &fake.url()), ("GOOGLE_APPLICATION_CREDENTIALS", &key)],
+    )
+    .await;
+    let mut client = AsyncAgentServiceClient::new(channel(svc.addr));
+    let meta = client
+        .create_task(admin::CreateTaskRequest { template: Some(template("SELECT 1")), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .resource_meta;
+    // A refused token and server errors, so error paths log too.
+    fake.revoke_tokens();
+    fake.http.inject("/bigquery/v2/projects/flyte-project/jobs/", Reply::text(500, "boom"));
+    let get = admin::GetTaskRequest {
+        task_category: category(),
+        resource_meta: meta.clone(),
+        ..Default::default()
+    };
+    client.get_task(get.clone()).await.unwrap();
+    fake.http.inject("/token", Reply::json(401, json!({"error": "invalid_client"})));
+    fake.revoke_tokens();
+    let error = client.get_task(get).await.unwrap_err();
+
+    let tokens = fake.issued_tokens();
+    assert!(!tokens.is_empty());
+    let key_body: String = TEST_KEY_PKCS8_PEM.lines().nth(1).unwrap().to_owned();
+    let assertions: Vec<String> = fake
+        .http
+        .requests_to("/token")
+        .iter()
+        .filter_map(|r| r.form().into_iter().find(|(k, _)| k == "assertion").map(|(_, v)| v))
+        .collect();
+    let logs = svc.stderr();
+    assert!(logs.contains("BigQuery"), "the service logged its calls at trace level:\n{logs}");
+    let meta_text = String::from_utf8_lossy(&meta).into_owned();
+    for secret in tokens.iter().chain(&assertions).chain(std::iter::once(&key_body)) {
+        for (what, text) in
+            [("logs", &logs), ("error", &error.message().to_owned()), ("resource_meta", &meta_text)]
+        {
+            assert!(!text.contains(secret.as_str()), "a secret appears in the {what}");
+        }
+    }
+}

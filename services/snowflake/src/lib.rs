@@ -1,0 +1,390 @@
+//! The Snowflake plugin: task type `snowflake`, a drop-in replacement for flytekit's Snowflake
+//! agent/connector (PROTOCOL.md §4.3), on the Snowflake SQL API v2 instead of the Python
+//! connector.
+//!
+//! - create: `POST /api/v2/statements?requestId=…&async=true&retry=true` with the template's
+//!   `sql.statement` (placeholders rewritten as bindings: [`sql`]), and the `database`,
+//!   `schema`, `warehouse` (and optional `role`) from `TaskTemplate.config`. The request id is
+//!   derived from the task execution, so a repeated CreateTask for the same attempt finds the
+//!   statement it already started instead of running it twice.
+//! - get: `GET /api/v2/statements/{query_id}`, mapped by [`status`]; on success with a
+//!   declared output, `results` is the structured dataset `snowflake://user:account/warehouse/
+//!   database/schema/query_id`, as upstream. Every answer carries upstream's log link.
+//! - delete: `POST /api/v2/statements/{query_id}/cancel`; a statement that is already finished
+//!   or unknown counts as canceled.
+//!
+//! Authentication is key-pair JWT (RS256, `iss = ACCOUNT.USER.SHA256:<fingerprint>`, `sub =
+//! ACCOUNT.USER`, one hour at most) signed with the PEM private key upstream operators mount as
+//! the secret `snowflake_private_key` (`_FSEC_SNOWFLAKE_PRIVATE_KEY`, or the file
+//! `/etc/secrets/snowflake_private_key`). The key is read on every call, so a rotated secret
+//! takes effect without a restart, and a service without it still starts and advertises
+//! `snowflake`; calls then answer `FAILED_PRECONDITION` naming the secret and where it is read.
+
+pub mod meta;
+pub mod sql;
+pub mod status;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use flotilla_cloud::{
+    api::{self, Api, ApiError, ApiSettings},
+    jwt::RsaKey,
+    secret::{Secret, SecretStore},
+    template::{self, Native},
+};
+use flotilla_sdk::{
+    AgentSpec, Call, Plugin, PluginError, ServiceConfig,
+    proto::{admin, core},
+    telemetry::config::Env,
+};
+use prost::Message as _;
+use serde_json::{Value, json};
+use url::Url;
+
+use crate::{
+    meta::{Connection, LOG_NAME, Meta},
+    sql::Input,
+};
+
+/// The task type.
+pub const TASK_TYPE: &str = "snowflake";
+/// The agent's name in `ListAgents`, as upstream's connector.
+pub const AGENT_NAME: &str = "Snowflake Connector";
+/// The secret holding the PEM private key, under the name upstream operators mount it.
+pub const PRIVATE_KEY_SECRET: &str = "snowflake_private_key";
+/// Prefix of this service's environment overrides.
+pub const ENV_PREFIX: &str = "FLOTILLA_SNOWFLAKE_";
+/// Overrides `[plugin] base_url`.
+pub const ENV_BASE_URL: &str = "FLOTILLA_SNOWFLAKE_BASE_URL";
+/// The API's name in errors, logs and metrics.
+const API_NAME: &str = "Snowflake";
+/// How long a JWT is valid (Snowflake accepts at most an hour).
+const JWT_LIFETIME: Duration = Duration::from_secs(59 * 60);
+/// Sent as `User-Agent`, which the SQL API requires.
+const USER_AGENT: &str = concat!("flotilla-snowflake/", env!("CARGO_PKG_VERSION"));
+/// Stands for the account in a `base_url` template.
+const ACCOUNT_PLACEHOLDER: &str = "{account}";
+
+/// The Snowflake plugin.
+#[derive(Clone, Debug)]
+pub struct Snowflake {
+    api: Api,
+    settings: ApiSettings,
+    /// `None`: `https://<account>.snowflakecomputing.com`. May contain `{account}`.
+    base_url: Option<String>,
+    secrets: SecretStore,
+}
+
+impl Snowflake {
+    /// A plugin calling `base_url` (or each account's own host when `None`) with `settings`,
+    /// reading the private key from `secrets`.
+    ///
+    /// # Errors
+    /// A bad base URL or settings.
+    pub fn new(
+        base_url: Option<String>,
+        settings: ApiSettings,
+        secrets: SecretStore,
+    ) -> Result<Self, String> {
+        let mut problems = settings.problems();
+        if let Some(url) = &base_url
+            && let Err(e) = api::parse_base_url(&url.replace(ACCOUNT_PLACEHOLDER, "account"))
+        {
+            problems.push(format!("base_url: {e}"));
+        }
+        if !problems.is_empty() {
+            return Err(problems.join("; "));
+        }
+        let api = Api::new(API_NAME, &settings)?;
+        Ok(Self { api, settings, base_url, secrets })
+    }
+
+    /// Builds the plugin from the service configuration's `[plugin]` table (`base_url` and the
+    /// shared API settings such as `get_timeout`) and `FLOTILLA_SNOWFLAKE_*` variables.
+    ///
+    /// # Errors
+    /// Every unknown, mistyped or invalid setting.
+    pub fn from_config(config: &ServiceConfig) -> Result<Self, String> {
+        Self::from_parts(&config.plugin, &|name| std::env::var(name).ok(), SecretStore::from_process())
+    }
+
+    /// [`Self::from_config`] with the environment and secrets given, for tests.
+    ///
+    /// # Errors
+    /// Every unknown, mistyped or invalid setting.
+    pub fn from_parts(table: &toml::Table, env: Env<'_>, secrets: SecretStore) -> Result<Self, String> {
+        let mut table = table.clone();
+        let mut problems = Vec::new();
+        let mut base_url = match table.remove("base_url") {
+            None => None,
+            Some(toml::Value::String(s)) => Some(s),
+            Some(other) => {
+                problems.push(format!("[plugin] base_url: expected a string, got {}", other.type_str()));
+                None
+            }
+        };
+        if let Some(url) = env(ENV_BASE_URL).filter(|u| !u.trim().is_empty()) {
+            base_url = Some(url);
+        }
+        let mut settings: ApiSettings = match toml::Value::Table(table).try_into() {
+            Ok(s) => s,
+            Err(e) => {
+                problems.push(format!("[plugin]: {e}"));
+                ApiSettings::default()
+            }
+        };
+        settings.override_from_env(env, ENV_PREFIX, &mut problems);
+        if !problems.is_empty() {
+            return Err(problems.join("; "));
+        }
+        Self::new(base_url.map(|u| u.trim().to_owned()), settings, secrets)
+    }
+
+    /// The API root for `connection`'s account.
+    fn base(&self, connection: &Connection) -> Result<Url, PluginError> {
+        let host_account = connection.host_account();
+        let raw = match &self.base_url {
+            Some(template) => template.replace(ACCOUNT_PLACEHOLDER, &host_account),
+            None => format!("https://{host_account}.snowflakecomputing.com"),
+        };
+        api::parse_base_url(&raw).map_err(|e| {
+            PluginError::InvalidArgument(format!(
+                "the account {:?} makes no API URL: {e}",
+                connection.account
+            ))
+        })
+    }
+
+    fn url(&self, connection: &Connection, path: &str) -> Result<Url, PluginError> {
+        self.base(connection)?
+            .join(path)
+            .map_err(|e| PluginError::InvalidArgument(format!("bad Snowflake API path {path:?}: {e}")))
+    }
+
+    /// A fresh key-pair JWT for `connection`'s user, from the mounted private key.
+    fn token(&self, connection: &Connection) -> Result<Secret, PluginError> {
+        let pem = self
+            .secrets
+            .get(PRIVATE_KEY_SECRET)
+            .map_err(|e| e.for_purpose("the PEM private key of the Snowflake user's key pair"))?;
+        let key = RsaKey::from_pem(pem.expose()).map_err(|e| {
+            PluginError::Unconfigured(format!("the secret `{PRIVATE_KEY_SECRET}` is not a usable key: {e}"))
+        })?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let subject = connection.jwt_subject();
+        let claims = json!({
+            "iss": format!("{subject}.{}", key.public_key_fingerprint()),
+            "sub": subject,
+            "iat": now,
+            "exp": now + JWT_LIFETIME.as_secs(),
+        });
+        Ok(Secret::new(key.sign_rs256(&claims)))
+    }
+
+    fn authorized(&self, request: api::Request, token: &Secret) -> api::Request {
+        request
+            .bearer(token)
+            .header("x-snowflake-authorization-token-type", "KEYPAIR_JWT")
+            .header("user-agent", USER_AGENT)
+    }
+}
+
+/// The SQL API request id of a task attempt: a UUID derived from the task execution id and
+/// output prefix, so the same attempt always gets the same one (random when there is none).
+pub fn request_id(metadata: Option<&admin::TaskExecutionMetadata>, output_prefix: &str) -> String {
+    let seed = metadata.and_then(|m| m.task_execution_id.as_ref()).map(|id| {
+        let mut bytes = id.encode_to_vec();
+        bytes.extend_from_slice(output_prefix.as_bytes());
+        bytes
+    });
+    let hex = match seed {
+        Some(bytes) => {
+            let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+            digest.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect()
+        }
+        None => template::random_id(),
+    };
+    // Version 4 and RFC 4122 variant bits, so it reads as an ordinary UUID.
+    let mut chars: Vec<char> = hex.chars().take(32).collect();
+    chars[12] = '4';
+    chars[16] = ['8', '9', 'a', 'b'][chars[16].to_digit(16).unwrap_or(0) as usize % 4];
+    let s: String = chars.into_iter().collect();
+    format!("{}-{}-{}-{}-{}", &s[..8], &s[8..12], &s[12..16], &s[16..20], &s[20..32])
+}
+
+fn to_input(value: Native) -> Input {
+    match value {
+        Native::Int(i) => Input::Int(i),
+        Native::Float(f) => Input::Float(f),
+        Native::Str(s) => Input::Str(s),
+        Native::Bool(b) => Input::Bool(b),
+        d @ Native::Datetime(_) => Input::Datetime(d.to_text()),
+        d @ Native::Duration(_) => Input::Duration(d.to_text()),
+        Native::List(items) => Input::List(items.into_iter().map(to_input).collect()),
+    }
+}
+
+/// The SQL API body for a template and its inputs.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming what is missing or wrong in the template or inputs.
+pub fn statement_body(
+    template: &core::TaskTemplate,
+    connection: &Connection,
+    inputs: Option<&core::LiteralMap>,
+) -> Result<Value, PluginError> {
+    let statement = template::sql_statement(template).ok_or_else(|| {
+        PluginError::InvalidArgument(
+            "the task template has no sql.statement: a Snowflake task needs its query there".to_owned(),
+        )
+    })?;
+    let inputs: Vec<(String, Input)> = template::native_inputs(inputs)
+        .map_err(PluginError::InvalidArgument)?
+        .into_iter()
+        .map(|(name, value)| (name, to_input(value)))
+        .collect();
+    let prepared = sql::prepare(statement, &inputs).map_err(|e| PluginError::InvalidArgument(e.0))?;
+    let mut body = json!({
+        "statement": prepared.statement,
+        "database": connection.database,
+        "schema": connection.schema,
+        "warehouse": connection.warehouse,
+    });
+    if let Some(role) = &connection.role {
+        body["role"] = json!(role);
+    }
+    if let Some(bindings) = prepared.bindings_json() {
+        body["bindings"] = bindings;
+    }
+    // Flyte does not cancel a webapi task that times out (flyte#2298); Snowflake's own
+    // statement timeout does, so the task's timeout is passed on.
+    if let Some(timeout) = template.metadata.as_ref().and_then(|m| m.timeout.as_ref()) {
+        let secs = timeout.seconds + i64::from(timeout.nanos > 0);
+        if secs > 0 {
+            body["timeout"] = json!(secs);
+        }
+    }
+    Ok(body)
+}
+
+fn has_outputs(template: &core::TaskTemplate) -> bool {
+    template.interface.as_ref().and_then(|i| i.outputs.as_ref()).is_some_and(|o| !o.variables.is_empty())
+}
+
+fn handle_of(body: &Value) -> Option<String> {
+    body.get("statementHandle").and_then(Value::as_str).filter(|h| !h.is_empty()).map(str::to_owned)
+}
+
+impl Plugin for Snowflake {
+    fn agents(&self) -> Vec<AgentSpec> {
+        vec![AgentSpec::asynchronous(AGENT_NAME, TASK_TYPE)]
+    }
+
+    async fn create(
+        &self,
+        call: &Call,
+        request: admin::CreateTaskRequest,
+    ) -> Result<admin::CreateTaskResponse, PluginError> {
+        let deadline = api::deadline(call, self.settings.create_timeout.0);
+        let template = request
+            .template
+            .as_ref()
+            .ok_or_else(|| PluginError::InvalidArgument("CreateTask carries no task template".to_owned()))?;
+        let connection = Connection::from_config(&template.config).map_err(PluginError::InvalidArgument)?;
+        let body = statement_body(template, &connection, request.inputs.as_ref())?;
+        let token = self.token(&connection)?;
+        let id = request_id(request.task_execution_metadata.as_ref(), &request.output_prefix);
+        let mut url = self.url(&connection, "api/v2/statements")?;
+        url.query_pairs_mut()
+            .append_pair("requestId", &id)
+            .append_pair("async", "true")
+            .append_pair("retry", "true");
+        // Safe to retry: Snowflake runs a statement once per requestId when retry=true.
+        let submit = self
+            .authorized(api::Request::post_json("submit statement", url, body), &token)
+            .accept_status(422);
+        let answer = self.api.send(submit, deadline).await.map_err(PluginError::from)?;
+        let Some(query_id) = handle_of(&answer.body) else {
+            if answer.status == 422 {
+                let s = status::from_answer(422, &answer.body).expect("422 is a statement answer");
+                return Err(PluginError::InvalidArgument(format!(
+                    "Snowflake refused the statement: {}",
+                    s.message
+                )));
+            }
+            return Err(ApiError::malformed(
+                API_NAME,
+                "submit statement",
+                "the answer has no statementHandle",
+            )
+            .into());
+        };
+        if !meta::is_query_id(&query_id) {
+            return Err(ApiError::malformed(
+                API_NAME,
+                "submit statement",
+                "the statementHandle is not a query id",
+            )
+            .into());
+        }
+        tracing::info!(account = %connection.account, query_id = %query_id, request_id = %id, "Submitted statement");
+        let meta = Meta::new(&connection, query_id, has_outputs(template));
+        Ok(admin::CreateTaskResponse { resource_meta: meta.encode() })
+    }
+
+    async fn get(&self, call: &Call, request: admin::GetTaskRequest) -> Result<admin::Resource, PluginError> {
+        let deadline = api::deadline(call, self.settings.get_timeout.0);
+        let meta = Meta::decode(&request.resource_meta).map_err(PluginError::InvalidArgument)?;
+        let connection = meta.connection();
+        let token = self.token(&connection)?;
+        let url = self.url(&connection, &format!("api/v2/statements/{}", meta.query_id))?;
+        let poll = self
+            .authorized(api::Request::get("get statement status", url), &token)
+            .accept_status(422)
+            .accept_status(408);
+        let answer = self.api.send(poll, deadline).await.map_err(PluginError::from)?;
+        let Some(status) = status::from_answer(answer.status, &answer.body) else {
+            return Err(ApiError::malformed(
+                API_NAME,
+                "get statement status",
+                format!("HTTP {} is not an answer the SQL API documents for a statement", answer.status),
+            )
+            .into());
+        };
+        tracing::debug!(query_id = %meta.query_id, http_status = answer.status, phase = ?status.phase, "Statement status");
+        let outputs =
+            (status.phase == core::task_execution::Phase::Succeeded && meta.has_output).then(|| {
+                template::structured_dataset_output(
+                    &core::TaskTemplate::default(),
+                    "results",
+                    meta.results_uri(),
+                )
+            });
+        Ok(admin::Resource {
+            phase: status.phase as i32,
+            message: status.message,
+            outputs,
+            log_links: vec![template::log_link(LOG_NAME, meta.log_uri())],
+            ..Default::default()
+        })
+    }
+
+    async fn delete(&self, call: &Call, request: admin::DeleteTaskRequest) -> Result<(), PluginError> {
+        let deadline = api::deadline(call, self.settings.delete_timeout.0);
+        let meta = Meta::decode(&request.resource_meta).map_err(PluginError::InvalidArgument)?;
+        let connection = meta.connection();
+        let token = self.token(&connection)?;
+        let url = self.url(&connection, &format!("api/v2/statements/{}/cancel", meta.query_id))?;
+        // Finished (422) or unknown (404) statements are as canceled as they will get.
+        let cancel = self
+            .authorized(api::Request::post_empty("cancel statement", url), &token)
+            .accept_status(422)
+            .accept_status(404);
+        let answer = self.api.send(cancel, deadline).await.map_err(PluginError::from)?;
+        tracing::info!(query_id = %meta.query_id, http_status = answer.status, "Canceled statement");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

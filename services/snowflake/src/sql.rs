@@ -1,0 +1,279 @@
+//! Turning a Snowflake task's query and inputs into a SQL API request: every input placeholder
+//! becomes a positional `?` with its value in `bindings`, never text spliced into the SQL.
+//!
+//! Two placeholder forms are read, as users of upstream write them:
+//! - pyformat `%(name)s`, which upstream's agent hands to the Python connector as parameters
+//!   (with inputs present, `%%` is a literal `%` there, so it is here too);
+//! - Flyte's Go-template form `{{ .inputs.name }}` (case-insensitive, `.` or `$`), which the
+//!   Flyte docs show and Flyte's older in-core plugin rendered as text.
+//!
+//! A placeholder that fills a whole string literal (`'{{ .inputs.day }}'`) becomes a bare `?`;
+//! one inside a longer literal (`'day_{{ .inputs.n }}'`) splits it into a concatenation
+//! (`'day_' || ? || ''`). Placeholders inside comments are left alone. A list input expands to
+//! one placeholder per element (`IN (%(ids)s)` → `IN (?, ?, ?)`), as the Python connector
+//! renders lists.
+
+use std::fmt;
+
+use serde_json::{Map, Value, json};
+
+/// An input value, as the task's interface types it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Input {
+    /// `INTEGER`.
+    Int(i64),
+    /// `FLOAT`.
+    Float(f64),
+    /// `STRING`.
+    Str(String),
+    /// `BOOLEAN`.
+    Bool(bool),
+    /// `DATETIME`, as an RFC 3339 timestamp.
+    Datetime(String),
+    /// `DURATION`, as text (e.g. `"90s"`).
+    Duration(String),
+    /// A collection of the above.
+    List(Vec<Input>),
+}
+
+/// One SQL API binding: `{"type": ..., "value": ...}`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Binding {
+    /// The Snowflake binding type (`FIXED`, `REAL`, `TEXT`, `BOOLEAN`, `TIMESTAMP_TZ`).
+    pub kind: &'static str,
+    /// The value, as text (the SQL API takes every value as a string).
+    pub value: String,
+}
+
+/// A statement with `?` placeholders and the bindings for them, in order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Prepared {
+    /// The SQL text to send.
+    pub statement: String,
+    /// One binding per `?`, first to last.
+    pub bindings: Vec<Binding>,
+}
+
+impl Prepared {
+    /// The `bindings` object of the SQL API request (`{"1": {...}, "2": {...}}`), or `None`
+    /// when there are none.
+    pub fn bindings_json(&self) -> Option<Value> {
+        if self.bindings.is_empty() {
+            return None;
+        }
+        let map: Map<String, Value> = self
+            .bindings
+            .iter()
+            .enumerate()
+            .map(|(i, b)| ((i + 1).to_string(), json!({"type": b.kind, "value": b.value})))
+            .collect();
+        Some(Value::Object(map))
+    }
+}
+
+/// Why a statement could not be prepared.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrepareError(pub String);
+
+impl fmt::Display for PrepareError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PrepareError {}
+
+/// Where the scanner is in the SQL text.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Context {
+    Code,
+    /// Inside `'...'`; `start` is the byte offset of the output where the literal opened.
+    Quoted {
+        start: usize,
+    },
+    LineComment,
+    BlockComment,
+}
+
+/// Rewrites `statement`'s placeholders as bindings of `inputs`.
+///
+/// # Errors
+/// A placeholder names no input, or an input's value cannot be bound (an empty or nested list).
+pub fn prepare(statement: &str, inputs: &[(String, Input)]) -> Result<Prepared, PrepareError> {
+    let lookup = |name: &str| {
+        inputs.iter().find(|(n, _)| n == name).map(|(_, v)| v).ok_or_else(|| {
+            let known: Vec<&str> = inputs.iter().map(|(n, _)| n.as_str()).collect();
+            PrepareError(format!(
+                "the query uses the placeholder for input {name:?}, but the task has no such input \
+                 (its inputs: {})",
+                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+            ))
+        })
+    };
+    let bytes = statement.as_bytes();
+    let mut out = String::with_capacity(statement.len());
+    let mut bindings = Vec::new();
+    let mut ctx = Context::Code;
+    let mut i = 0;
+    while i < bytes.len() {
+        let rest = &statement[i..];
+        match ctx {
+            Context::LineComment => {
+                if bytes[i] == b'\n' {
+                    ctx = Context::Code;
+                }
+            }
+            Context::BlockComment => {
+                if rest.starts_with("*/") {
+                    out.push_str("*/");
+                    i += 2;
+                    ctx = Context::Code;
+                    continue;
+                }
+            }
+            Context::Code | Context::Quoted { .. } => {
+                if let Some((name, len)) = placeholder(rest) {
+                    let value = lookup(name)?;
+                    let marks = bind(name, value, &mut bindings)?;
+                    match ctx {
+                        Context::Quoted { start } => {
+                            let whole = out.len() == start + 1
+                                && rest[len..].starts_with('\'')
+                                && !rest[len..].starts_with("''");
+                            if whole {
+                                // `'<placeholder>'`: drop the quotes, bind the bare value.
+                                out.truncate(start);
+                                out.push_str(&marks);
+                                i += len + 1;
+                                ctx = Context::Code;
+                                continue;
+                            }
+                            out.push_str("' || ");
+                            out.push_str(&marks);
+                            out.push_str(" || '");
+                        }
+                        _ => out.push_str(&marks),
+                    }
+                    i += len;
+                    continue;
+                }
+                if !inputs.is_empty() && rest.starts_with("%%") {
+                    out.push('%');
+                    i += 2;
+                    continue;
+                }
+                match (ctx, bytes[i]) {
+                    (Context::Code, b'\'') => ctx = Context::Quoted { start: out.len() },
+                    (Context::Quoted { .. }, b'\'') => {
+                        if rest.starts_with("''") {
+                            out.push_str("''");
+                            i += 2;
+                            continue;
+                        }
+                        ctx = Context::Code;
+                    }
+                    (Context::Code, _) if rest.starts_with("--") || rest.starts_with("//") => {
+                        ctx = Context::LineComment;
+                    }
+                    (Context::Code, _) if rest.starts_with("/*") => {
+                        out.push_str("/*");
+                        i += 2;
+                        ctx = Context::BlockComment;
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let ch = rest.chars().next().expect("i is below the length, on a char boundary");
+        out.push(ch);
+        i += ch.len_utf8();
+    }
+    Ok(Prepared { statement: out, bindings })
+}
+
+/// Recognises a placeholder at the start of `s`: the input's name and the placeholder's length.
+fn placeholder(s: &str) -> Option<(&str, usize)> {
+    if let Some(rest) = s.strip_prefix("%(") {
+        let end = rest.find(")s")?;
+        let name = &rest[..end];
+        return is_ident(name).then_some((name, 2 + end + 2));
+    }
+    let rest = s.strip_prefix("{{")?;
+    let trimmed = rest.trim_start();
+    let mut consumed = 2 + (rest.len() - trimmed.len());
+    let after_sigil = trimmed.strip_prefix('.').or_else(|| trimmed.strip_prefix('$'))?;
+    consumed += 1;
+    let word = after_sigil.get(..7)?;
+    if !word.eq_ignore_ascii_case("inputs.") {
+        return None;
+    }
+    consumed += 7;
+    let tail = &after_sigil[7..];
+    let name_len = tail.bytes().take_while(|b| b.is_ascii_alphanumeric() || *b == b'_').count();
+    let name = &tail[..name_len];
+    if name.is_empty() {
+        return None;
+    }
+    let after_name = &tail[name_len..];
+    let closing = after_name.trim_start();
+    consumed += name_len + (after_name.len() - closing.len());
+    closing.starts_with("}}").then_some((name, consumed + 2))
+}
+
+fn is_ident(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Appends the bindings for one placeholder and returns the `?` marks that stand for them.
+fn bind(name: &str, value: &Input, bindings: &mut Vec<Binding>) -> Result<String, PrepareError> {
+    match value {
+        Input::List(items) => {
+            if items.is_empty() {
+                return Err(PrepareError(format!(
+                    "input {name:?} is an empty list, which cannot be bound as SQL values"
+                )));
+            }
+            for item in items {
+                if matches!(item, Input::List(_)) {
+                    return Err(PrepareError(format!(
+                        "input {name:?} is a list of lists, which cannot be bound as SQL values"
+                    )));
+                }
+                bindings.push(scalar(item));
+            }
+            Ok(vec!["?"; items.len()].join(", "))
+        }
+        other => {
+            bindings.push(scalar(other));
+            Ok("?".to_owned())
+        }
+    }
+}
+
+fn scalar(value: &Input) -> Binding {
+    let (kind, value) = match value {
+        Input::Int(n) => ("FIXED", n.to_string()),
+        Input::Float(f) => ("REAL", real(*f)),
+        Input::Str(s) => ("TEXT", s.clone()),
+        Input::Bool(b) => ("BOOLEAN", b.to_string()),
+        // Text, so Snowflake converts it to whatever the expression needs (DATE,
+        // TIMESTAMP_NTZ/LTZ/TZ) under the session's rules, as a literal would be.
+        Input::Datetime(s) | Input::Duration(s) => ("TEXT", s.clone()),
+        Input::List(_) => unreachable!("lists are expanded by bind()"),
+    };
+    Binding { kind, value }
+}
+
+fn real(f: f64) -> String {
+    if f.is_nan() {
+        "NaN".to_owned()
+    } else if f.is_infinite() {
+        if f > 0.0 { "inf".to_owned() } else { "-inf".to_owned() }
+    } else {
+        format!("{f:?}")
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,137 @@
+use std::collections::HashMap;
+
+use flotilla_sdk::proto::core::{self, literal, primitive, scalar};
+
+use super::*;
+
+fn literal_int(i: i64) -> core::Literal {
+    core::Literal {
+        value: Some(literal::Value::Scalar(Box::new(core::Scalar {
+            value: Some(scalar::Value::Primitive(core::Primitive {
+                value: Some(primitive::Value::Integer(i)),
+            })),
+        }))),
+        ..Default::default()
+    }
+}
+
+fn template(statement: &str) -> core::TaskTemplate {
+    core::TaskTemplate {
+        r#type: TASK_TYPE.into(),
+        target: Some(core::task_template::Target::Sql(core::Sql { statement: statement.into(), dialect: 0 })),
+        ..Default::default()
+    }
+}
+
+fn connection(role: Option<&str>) -> Connection {
+    let mut config: HashMap<String, String> =
+        [("user", "u"), ("account", "org-acct"), ("database", "D"), ("schema", "S"), ("warehouse", "W")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+    if let Some(r) = role {
+        config.insert("role".into(), r.into());
+    }
+    Connection::from_config(&config).unwrap()
+}
+
+#[test]
+fn the_body_carries_statement_bindings_and_connection() {
+    let mut t = template("SELECT * FROM t WHERE id = %(id)s");
+    t.metadata = Some(core::TaskMetadata {
+        timeout: Some(prost_types::Duration { seconds: 90, nanos: 1 }),
+        ..Default::default()
+    });
+    let inputs = core::LiteralMap { literals: [("id".to_owned(), literal_int(7))].into_iter().collect() };
+    let body = statement_body(&t, &connection(Some("R")), Some(&inputs)).unwrap();
+    assert_eq!(
+        body,
+        json!({
+            "statement": "SELECT * FROM t WHERE id = ?",
+            "database": "D", "schema": "S", "warehouse": "W", "role": "R",
+            "bindings": {"1": {"type": "FIXED", "value": "7"}},
+            "timeout": 91,
+        })
+    );
+    let body = statement_body(&template("SELECT 1"), &connection(None), None).unwrap();
+    assert_eq!(body, json!({"statement": "SELECT 1", "database": "D", "schema": "S", "warehouse": "W"}));
+}
+
+#[test]
+fn a_template_without_a_query_or_with_unbindable_inputs_is_refused() {
+    let no_sql = core::TaskTemplate { r#type: TASK_TYPE.into(), ..Default::default() };
+    let e = statement_body(&no_sql, &connection(None), None).unwrap_err();
+    assert!(matches!(&e, PluginError::InvalidArgument(m) if m.contains("sql.statement")), "{e}");
+    let e = statement_body(&template("SELECT %(x)s"), &connection(None), None).unwrap_err();
+    assert!(matches!(&e, PluginError::InvalidArgument(m) if m.contains("\"x\"")), "{e}");
+    let map =
+        core::Literal { value: Some(literal::Value::Map(core::LiteralMap::default())), ..Default::default() };
+    let inputs = core::LiteralMap { literals: [("m".to_owned(), map)].into_iter().collect() };
+    let e = statement_body(&template("SELECT 1"), &connection(None), Some(&inputs)).unwrap_err();
+    assert!(matches!(&e, PluginError::InvalidArgument(m) if m.contains("`m`")), "{e}");
+}
+
+#[test]
+fn request_ids_are_uuids_stable_per_attempt() {
+    let id = |attempt: u32, prefix: &str| {
+        let meta = admin::TaskExecutionMetadata {
+            task_execution_id: Some(core::TaskExecutionIdentifier {
+                retry_attempt: attempt,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        request_id(Some(&meta), prefix)
+    };
+    let a = id(0, "s3://b/p");
+    assert_eq!(a, id(0, "s3://b/p"));
+    assert_ne!(a, id(1, "s3://b/p"));
+    assert_ne!(a, id(0, "s3://b/q"));
+    let random = request_id(None, "");
+    assert_ne!(random, request_id(None, ""));
+    for u in [a, random] {
+        let groups: Vec<&str> = u.split('-').collect();
+        assert_eq!(groups.iter().map(|g| g.len()).collect::<Vec<_>>(), [8, 4, 4, 4, 12], "{u}");
+        assert!(u.chars().all(|c| c == '-' || c.is_ascii_hexdigit()), "{u}");
+        assert_eq!(&u[14..15], "4", "{u}");
+        assert!("89ab".contains(&u[19..20]), "{u}");
+    }
+}
+
+fn store() -> SecretStore {
+    SecretStore::new("/nonexistent-flotilla-secrets", |_| None)
+}
+
+#[test]
+fn config_reads_base_url_and_budgets_with_env_overrides() {
+    let table: toml::Table =
+        toml::from_str("base_url = \"https://proxy.example/{account}\"\nget_timeout = \"1s\"").unwrap();
+    let env: HashMap<&str, &str> = [
+        ("FLOTILLA_SNOWFLAKE_GET_TIMEOUT", "750ms"),
+        ("FLOTILLA_SNOWFLAKE_BASE_URL", "http://127.0.0.1:9/{account}/"),
+    ]
+    .into_iter()
+    .collect();
+    let s = Snowflake::from_parts(&table, &|k| env.get(k).map(|v| (*v).to_owned()), store()).unwrap();
+    assert_eq!(s.settings.get_timeout.0, Duration::from_millis(750));
+    assert_eq!(s.base(&connection(None)).unwrap().as_str(), "http://127.0.0.1:9/org-acct/");
+    let s = Snowflake::from_parts(&toml::Table::new(), &|_| None, store()).unwrap();
+    assert_eq!(s.base(&connection(None)).unwrap().as_str(), "https://org-acct.snowflakecomputing.com/");
+}
+
+#[test]
+fn bad_config_names_every_problem() {
+    let table: toml::Table = toml::from_str("base_url = 5\nget_timeot = \"1s\"").unwrap();
+    let e = Snowflake::from_parts(&table, &|_| None, store()).unwrap_err();
+    assert!(e.contains("base_url: expected a string") && e.contains("get_timeot"), "{e}");
+    let table: toml::Table = toml::from_str("base_url = \"ftp://x\"").unwrap();
+    let e = Snowflake::from_parts(&table, &|_| None, store()).unwrap_err();
+    assert!(e.contains("base_url"), "{e}");
+    let e = Snowflake::from_parts(
+        &toml::Table::new(),
+        &|k| (k == "FLOTILLA_SNOWFLAKE_GET_TIMEOUT").then(|| "soon".into()),
+        store(),
+    )
+    .unwrap_err();
+    assert!(e.contains("FLOTILLA_SNOWFLAKE_GET_TIMEOUT"), "{e}");
+}

@@ -1,0 +1,185 @@
+//! Credentials, read where flytekit's agents read them, and a type that never prints them.
+//!
+//! flytekit's `get_agent_secret(key)` looks in the environment first (`_FSEC_<KEY>` in upper
+//! case, and the bare `<KEY>` in the agent server), then in the file `/etc/secrets/<key>` in
+//! lower case: the mount of the `flyteagent` Kubernetes secret. Operators moving from upstream
+//! keep their secrets where they are.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use flotilla_sdk::PluginError;
+
+/// Where secret files are mounted unless `FLOTILLA_SECRETS_DIR` says otherwise.
+pub const DEFAULT_SECRETS_DIR: &str = "/etc/secrets";
+/// Environment variable naming the secrets directory.
+pub const ENV_SECRETS_DIR: &str = "FLOTILLA_SECRETS_DIR";
+
+/// A credential. Its `Debug` and `Display` print `[redacted]`; only [`Secret::expose`] shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Arc<str>);
+
+impl Secret {
+    /// Wraps a credential.
+    pub fn new(value: impl Into<Arc<str>>) -> Self {
+        Self(value.into())
+    }
+
+    /// The credential itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// A credential that is not configured anywhere the service looks.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "missing credential `{key}`{purpose}: set the environment variable {env} or mount it as the file {file}"
+)]
+pub struct MissingSecret {
+    /// The secret's key, as upstream operators know it.
+    pub key: String,
+    /// What it is for, e.g. " (the Databricks access token)"; may be empty.
+    purpose: String,
+    /// The environment variables tried, joined for the message.
+    env: String,
+    /// The file tried.
+    file: String,
+}
+
+impl MissingSecret {
+    /// Says what the secret is for, in the message (e.g. "the Databricks access token").
+    #[must_use]
+    pub fn for_purpose(mut self, purpose: &str) -> Self {
+        self.purpose = format!(" ({purpose})");
+        self
+    }
+}
+
+impl From<MissingSecret> for PluginError {
+    fn from(e: MissingSecret) -> Self {
+        PluginError::Unconfigured(e.to_string())
+    }
+}
+
+type Lookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// Reads secrets from the environment and a directory of files.
+#[derive(Clone)]
+pub struct SecretStore {
+    dir: PathBuf,
+    env: Lookup,
+}
+
+impl fmt::Debug for SecretStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretStore").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+impl SecretStore {
+    /// The process environment and `$FLOTILLA_SECRETS_DIR` (default `/etc/secrets`).
+    pub fn from_process() -> Self {
+        let dir = std::env::var_os(ENV_SECRETS_DIR)
+            .filter(|d| !d.is_empty())
+            .map_or_else(|| PathBuf::from(DEFAULT_SECRETS_DIR), PathBuf::from);
+        Self::new(dir, |name| std::env::var(name).ok())
+    }
+
+    /// Secrets from `lookup` (environment) and files in `dir`; for tests.
+    pub fn new(
+        dir: impl Into<PathBuf>,
+        lookup: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        Self { dir: dir.into(), env: Arc::new(lookup) }
+    }
+
+    /// The directory secret files are read from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads `key`: `_FSEC_<KEY>`, then `<key>` and `<KEY>` from the environment, then the file
+    /// `<dir>/<key in lower case>`. Surrounding whitespace is trimmed; an empty value counts as
+    /// missing.
+    ///
+    /// # Errors
+    /// [`MissingSecret`], naming every place looked at, when none holds a value.
+    pub fn get(&self, key: &str) -> Result<Secret, MissingSecret> {
+        let upper = key.to_ascii_uppercase();
+        let mut names = vec![format!("_FSEC_{upper}"), key.to_owned()];
+        if upper != key {
+            names.push(upper);
+        }
+        for name in &names {
+            if let Some(v) = (self.env)(name).filter(|v| !v.trim().is_empty()) {
+                return Ok(Secret::new(v.trim()));
+            }
+        }
+        let file = self.dir.join(key.to_ascii_lowercase());
+        if let Ok(v) = std::fs::read_to_string(&file)
+            && !v.trim().is_empty()
+        {
+            return Ok(Secret::new(v.trim()));
+        }
+        Err(MissingSecret {
+            key: key.to_owned(),
+            purpose: String::new(),
+            env: names.join(" or "),
+            file: file.display().to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn store(dir: &Path, env: &[(&str, &str)]) -> SecretStore {
+        let env: HashMap<String, String> =
+            env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        SecretStore::new(dir, move |k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn environment_wins_over_the_file_and_fsec_over_the_bare_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("flyte_token"), "from-file\n").unwrap();
+        let s = store(dir.path(), &[("FLYTE_TOKEN", "bare"), ("_FSEC_FLYTE_TOKEN", " fsec ")]);
+        assert_eq!(s.get("flyte_token").unwrap().expose(), "fsec");
+        let s = store(dir.path(), &[("FLYTE_TOKEN", "bare")]);
+        assert_eq!(s.get("flyte_token").unwrap().expose(), "bare");
+        let s = store(dir.path(), &[]);
+        assert_eq!(s.get("FLYTE_TOKEN").unwrap().expose(), "from-file");
+    }
+
+    #[test]
+    fn missing_secret_names_every_place_and_never_prints_values() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("empty"), "  \n").unwrap();
+        let e = store(dir.path(), &[("EMPTY", "")]).get("empty").unwrap_err().for_purpose("a test token");
+        let text = e.to_string();
+        assert!(text.contains("`empty` (a test token)"), "{text}");
+        assert!(text.contains("_FSEC_EMPTY or empty or EMPTY"), "{text}");
+        assert!(text.contains(&dir.path().join("empty").display().to_string()), "{text}");
+        let secret = Secret::new("hunter2");
+        assert_eq!(format!("{secret} {secret:?}"), "[redacted] Secret([redacted])");
+    }
+}
