@@ -107,7 +107,7 @@ async fn no_secret_reaches_logs_metrics_errors_or_resource_meta() {
     // rejected create's).
     let log = eventually("the rejected create's log line", Duration::from_secs(5), || {
         let log = svc.stderr();
-        std::future::ready(log.contains("code=Unauthenticated").then_some(log))
+        std::future::ready(log.contains("code=\"UNAUTHENTICATED\"").then_some(log))
     })
     .await;
     assert!(log.contains("Submitted statement"), "the debug log has the service's own lines:\n{log}");
