@@ -302,6 +302,18 @@ impl Endpoints {
         tracing::info!(plugin = %self.plugin, target = %self.target, ?added, ?removed, replicas = next.len(), "Replicas changed");
         self.metrics.endpoints.with_label_values(&[&self.plugin, "discovered"]).set(next.len() as i64);
         self.states.store(Arc::new(next));
+        self.report_states();
+    }
+
+    /// Sets the `ready` and `ejected` endpoint gauges from the replicas' current states. Called
+    /// when the replica set changes and after every ListAgents poll (which also probes ejected
+    /// replicas), so the gauges are at most one refresh interval old.
+    pub fn report_states(&self) {
+        let states = self.states.load();
+        let ejected = states.iter().filter(|s| !s.is_ready()).count();
+        let gauge = |state: &str| self.metrics.endpoints.with_label_values(&[&self.plugin, state]);
+        gauge("ready").set((states.len() - ejected) as i64);
+        gauge("ejected").set(ejected as i64);
     }
 
     /// Connects to a new replica before calls need it, so that no call pays

@@ -83,6 +83,7 @@ impl Fleet {
                 failed => probe(backend, timeout).await.map_or(failed, |a| Ok(Ok(a))),
             };
             answers.push(answer);
+            backend.endpoints.report_states();
         }
         for ((backend, answer), slot) in self.backends.iter().zip(answers).zip(last.iter_mut()) {
             let name = &backend.plugin.name;

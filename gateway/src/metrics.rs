@@ -55,7 +55,10 @@ impl Metrics {
             )?,
             in_flight: IntGauge::new("flotilla_gateway_in_flight_requests", "Calls being served")?,
             endpoints: IntGaugeVec::new(
-                Opts::new("flotilla_gateway_endpoints", "Plugin replicas known, by state"),
+                Opts::new(
+                    "flotilla_gateway_endpoints",
+                    "Plugin replicas by state: discovered; ready and ejected (as of the last change or ListAgents poll)",
+                ),
                 &["plugin", "state"],
             )?,
             discovery_refreshes: IntCounterVec::new(

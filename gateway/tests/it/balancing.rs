@@ -32,8 +32,16 @@ async fn get(gw: &RunningGateway, meta: &[u8]) -> Result<admin::Resource, tonic:
 async fn zero_ready_replicas_fail_fast_and_a_returning_replica_is_used_again() {
     let echo = spawn_plugin(Echo::default()).await;
     let addr = echo.addr;
-    let gw = spawn_gateway(vec![plugin("echo", format!("static://{addr}"))], |_| {}).await;
+    let gw = spawn_gateway(vec![plugin("echo", format!("static://{addr}"))], |c| {
+        c.refresh_interval = flotilla_telemetry::config::HumanDuration(Duration::from_millis(300))
+    })
+    .await;
     let meta = create(&gw).await;
+    let state = |s: &str| format!("flotilla_gateway_endpoints{{plugin=\"echo\",state=\"{s}\"}}");
+    assert_eq!(
+        (metric(gw.admin, &state("ready")).await, metric(gw.admin, &state("ejected")).await),
+        (1.0, 0.0)
+    );
 
     echo.shutdown.trigger();
     echo.task.await.unwrap().unwrap();
@@ -48,6 +56,11 @@ async fn zero_ready_replicas_fail_fast_and_a_returning_replica_is_used_again() {
         );
         assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
     }
+    eventually("the endpoint gauges to show the replica ejected", Duration::from_secs(5), || async {
+        let now = (metric(gw.admin, &state("ready")).await, metric(gw.admin, &state("ejected")).await);
+        (now == (0.0, 1.0)).then_some(())
+    })
+    .await;
 
     // The replica comes back on the same address: the gateway uses it again, no restart.
     let back = spawn_plugin_at(Echo::default(), addr, ServeOptions::default()).await;
@@ -56,6 +69,10 @@ async fn zero_ready_replicas_fail_fast_and_a_returning_replica_is_used_again() {
     })
     .await;
     assert!(metric(back.admin, GET_OK).await >= 1.0);
+    eventually("the endpoint gauges to show the replica ready again", Duration::from_secs(5), || async {
+        (metric(gw.admin, &state("ready")).await == 1.0).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
