@@ -1,5 +1,5 @@
 //! Discovery: keeps each plugin's set of replica addresses current and feeds
-//! the changes to its balancer as tower [`Change`]s.
+//! the changes to its balancer as tower [`Change`](tower::discover::Change)s.
 //!
 //! - `static://a,b` is resolved once.
 //! - `dns://name:port` looks up A/AAAA records; `srv://name` looks up SRV
