@@ -8,27 +8,16 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections import OrderedDict
 
 import grpc
 import pytest
+from cloud import Phase, category, poll, serialize
 from flyteidl.admin import agent_pb2
-from flyteidl.core import execution_pb2, identifier_pb2
+from flyteidl.core import identifier_pb2
 from flytekit import task
-from flytekit.configuration import ImageConfig, SerializationSettings
 from flytekit.models.task import TaskTemplate
-from flytekit.tools.translator import get_serializable
 
-Phase = execution_pb2.TaskExecution
 INSTANCE = "dbc-interop.cloud.databricks.com"
-POLL_BOUND_S = 15.0
-SETTINGS = SerializationSettings(
-    image_config=ImageConfig.auto_default_image(), project="flytesnacks", domain="development", version="v1"
-)
-
-
-def serialize(t):
-    return get_serializable(OrderedDict(), SETTINGS, t).template.to_flyte_idl()
 
 
 def upstream_spec(template) -> dict:
@@ -49,10 +38,6 @@ def normalize(v):
     return v
 
 
-def category(name: str) -> agent_pb2.TaskCategory:
-    return agent_pb2.TaskCategory(name=name, version=0)
-
-
 def metadata(attempt: int) -> agent_pb2.TaskExecutionMetadata:
     return agent_pb2.TaskExecutionMetadata(
         task_execution_id=identifier_pb2.TaskExecutionIdentifier(
@@ -66,20 +51,6 @@ def metadata(attempt: int) -> agent_pb2.TaskExecutionMetadata:
         ),
         namespace="flytesnacks-development",
     )
-
-
-def poll(async_stub, task_type: str, meta: bytes):
-    phases = []
-    deadline = time.monotonic() + POLL_BOUND_S
-    while time.monotonic() < deadline:
-        resource = async_stub.GetTask(
-            agent_pb2.GetTaskRequest(task_type=task_type, task_category=category(task_type), resource_meta=meta),
-            timeout=3,
-        ).resource
-        phases.append(resource.phase)
-        if resource.phase in (Phase.SUCCEEDED, Phase.FAILED, Phase.RETRYABLE_FAILED, Phase.ABORTED):
-            return phases, resource
-    pytest.fail(f"no terminal phase within {POLL_BOUND_S} s; phases seen: {phases}")
 
 
 def submits(fakes, since: int):
