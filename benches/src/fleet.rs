@@ -98,6 +98,8 @@ pub struct Launcher {
     pub upstream: Option<Upstream>,
     logs: PathBuf,
     started: std::cell::Cell<usize>,
+    /// The CPU list every server is confined to (`taskset -c`), when pinned.
+    pin: Option<String>,
 }
 
 /// One way to launch a server.
@@ -114,7 +116,16 @@ struct Recipe {
 impl Launcher {
     /// A launcher writing logs under `logs`.
     pub fn new(bins: Binaries, upstream: Option<Upstream>, logs: PathBuf) -> Self {
-        Self { bins, upstream, logs, started: std::cell::Cell::new(0) }
+        Self { bins, upstream, logs, started: std::cell::Cell::new(0), pin: None }
+    }
+
+    /// Confines every server started from now on to `cpus` (a `taskset -c` list,
+    /// e.g. `0`): the program runs under `taskset`, which execs it in place, so
+    /// the pid (and the CPU and memory read from `/proc`) is the server's own.
+    #[must_use]
+    pub fn pinned(mut self, cpus: Option<String>) -> Self {
+        self.pin = cpus;
+        self
     }
 
     /// `flotilla-echo` on a free loopback port.
@@ -227,16 +238,10 @@ impl Launcher {
             let n = self.started.get() + 1;
             self.started.set(n);
             let log = self.logs.join(format!("{n:03}-{}.log", r.name));
+            let (program, args) = pinned_command(self.pin.as_deref(), &r.program, &r.args);
             let launched = Instant::now();
-            let mut process = Spawned::start(
-                &r.name,
-                &r.program,
-                &r.args,
-                &r.env,
-                r.cwd.as_deref(),
-                log,
-                r.addr.is_none(),
-            )?;
+            let mut process =
+                Spawned::start(&r.name, &program, &args, &r.env, r.cwd.as_deref(), log, r.addr.is_none())?;
             let command = describe(&r);
             let addr = match r.addr {
                 Some(a) => a,
@@ -265,6 +270,38 @@ fn describe(r: &Recipe) -> String {
     let program =
         r.program.file_name().map_or_else(|| r.program.display().to_string(), |f| f.to_string_lossy().into());
     format!("{env}{program} {}", r.args.join(" "))
+}
+
+/// The command line that runs `program` with `args`, confined to `cpus` when
+/// given: `taskset -c CPUS PROGRAM ARGS...` (taskset execs the program in its
+/// own place, so the pid started is the program's).
+pub fn pinned_command(cpus: Option<&str>, program: &Path, args: &[String]) -> (PathBuf, Vec<String>) {
+    match cpus {
+        Some(cpus) => {
+            let mut all = vec!["-c".to_owned(), cpus.to_owned(), program.display().to_string()];
+            all.extend(args.iter().cloned());
+            (PathBuf::from("taskset"), all)
+        }
+        None => (program.to_path_buf(), args.to_vec()),
+    }
+}
+
+/// Confines this process and every thread it has to `cpus` (a `taskset -c` list).
+///
+/// # Errors
+/// When `taskset` is missing or refuses.
+pub fn pin_self(cpus: &str) -> anyhow::Result<()> {
+    let pid = std::process::id().to_string();
+    let out = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid])
+        .output()
+        .map_err(|e| anyhow::anyhow!("running taskset to pin the load generator: {e}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "taskset -a -p -c {cpus} {pid} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
 }
 
 /// Reads `flotilla up`'s stdout until its `gateway  grpc=ADDR  admin=ADDR` line.
@@ -325,4 +362,40 @@ pub async fn lists_echo(addr: SocketAddr) -> anyhow::Result<bool> {
     req.set_timeout(timeout);
     let agents = AgentMetadataServiceClient::new(channel).list_agents(req).await?.into_inner().agents;
     Ok(agents.iter().any(|a| a.supported_task_categories.iter().any(|c| c.name == ECHO && c.version == 0)))
+}
+
+#[cfg(test)]
+mod pin_tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    fn status_field(pid: u32, field: &str) -> Option<String> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status.lines().find_map(|l| l.strip_prefix(field)).map(|v| v.trim().to_owned())
+    }
+
+    #[test]
+    fn a_pinned_server_is_its_own_pid_confined_to_the_cpus() {
+        let (program, args) = pinned_command(Some("0"), Path::new("sleep"), &["30".to_owned()]);
+        assert_eq!(program, Path::new("taskset"));
+        assert_eq!(args, ["-c", "0", "sleep", "30"]);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sleeper = Spawned::start("sleep", &program, &args, &[], None, dir.path().join("s.log"), false)
+            .expect("taskset starts");
+        let pid = sleeper.pid();
+        // taskset sets the mask, then execs sleep in place: wait (bounded) for the exec.
+        let started = Instant::now();
+        while status_field(pid, "Name:").as_deref() != Some("sleep") {
+            assert!(started.elapsed() < Duration::from_secs(10), "pid {pid} never became sleep");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(status_field(pid, "Cpus_allowed_list:").as_deref(), Some("0"));
+    }
+
+    #[test]
+    fn unpinned_commands_are_unchanged() {
+        let (program, args) = pinned_command(None, Path::new("/bin/x"), &["a".to_owned()]);
+        assert_eq!((program, args), (PathBuf::from("/bin/x"), vec!["a".to_owned()]));
+    }
 }

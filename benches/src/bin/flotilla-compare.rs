@@ -80,6 +80,10 @@ struct Cli {
     /// Keep the servers' logs (their directory is printed).
     #[arg(long)]
     keep_logs: bool,
+    /// Pin the servers to CPU 0 and the load generator to CPU 1 (`taskset`), so
+    /// neither waits for the other's core: the servers then have one core between them.
+    #[arg(long)]
+    pin: bool,
 }
 
 /// The resolved plan.
@@ -144,8 +148,19 @@ fn pick<T>(smoke: bool, full: T, small: T) -> T {
     if smoke { small } else { full }
 }
 
+/// With `--pin`: where the servers run, and where the load generator does.
+const SERVER_CPU: &str = "0";
+const LOAD_CPU: &str = "1";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before the runtime's threads exist, so all of them inherit the mask.
+    if cli.pin
+        && let Err(e) = flotilla_benches::fleet::pin_self(LOAD_CPU)
+    {
+        eprintln!("flotilla-compare: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -508,7 +523,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     });
     let logs =
         tempfile::Builder::new().prefix("flotilla-compare-").tempdir().context("creating a log directory")?;
-    let launcher = Launcher::new(bins, upstream, logs.path().to_path_buf());
+    let launcher = Launcher::new(bins, upstream, logs.path().to_path_buf())
+        .pinned(cli.pin.then(|| SERVER_CPU.to_owned()));
 
     let mut results = Results {
         environment: environment(&root, &exe_dir, python.as_deref()),
@@ -536,10 +552,19 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
          that rotates from cell to cell and round to round, so drift hits them alike"
             .to_owned(),
         format!("HTTP/2 connections per load: min(concurrency, {})", plan.connections),
-        "servers and the load generator share this machine's cores: throughput and latency include that \
-         contention (the load generator's own CPU per op is shown); server CPU per op (utime+stime from \
-         /proc/<pid>/stat across the window) does not depend on it"
-            .to_owned(),
+        if cli.pin {
+            format!(
+                "pinned (`--pin`): every server process runs under `taskset -c {SERVER_CPU}` (all servers of a \
+                 target share that one core) and the load generator is confined to CPU {LOAD_CPU}, so neither \
+                 waits for a core the other holds; cold starts include taskset's exec; server CPU per op \
+                 (utime+stime from /proc/<pid>/stat across the window) is measured the same way as unpinned"
+            )
+        } else {
+            "servers and the load generator share this machine's cores: throughput and latency include that \
+             contention (the load generator's own CPU per op is shown); server CPU per op (utime+stime from \
+             /proc/<pid>/stat across the window) does not depend on it"
+                .to_owned()
+        },
         "requests: a full TaskTemplate (id, interface, custom Struct, container with resources/env/args, \
          metadata with runtime, timeout, retries), TaskExecutionMetadata, and a LiteralMap of an int, a float, \
          a string and a bool; every answer is checked (SUCCEEDED, one output per input)"
