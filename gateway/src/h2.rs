@@ -180,10 +180,8 @@ impl H2Endpoint {
         let (mut head, body) = req.into_parts();
         // Requests are whole messages already (the gateway buffers them to
         // route): one chunk, sent in the same step as the headers.
-        let body = match body.collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) => return Err(EndpointError::Request { addr: self.addr, reason: e.to_string() }),
-        };
+        let body =
+            whole_body(body).await.map_err(|reason| EndpointError::Request { addr: self.addr, reason })?;
         // HTTP/2 requests carry :scheme and :authority; callers give only the path.
         let mut uri = std::mem::take(&mut head.uri).into_parts();
         uri.scheme = Some(http::uri::Scheme::HTTP);
@@ -230,6 +228,27 @@ impl H2Endpoint {
 
 /// Pings the replica every [`KEEPALIVE_INTERVAL`]; returns when an answer is
 /// late (the connection is then closed) or pings cannot be sent.
+/// The request body as one buffer. The proxy's bodies are one chunk already
+/// (taken as it is, no copy and no list of chunks); others are collected.
+async fn whole_body(mut body: Body) -> Result<Bytes, String> {
+    let first = match body.frame().await {
+        None => return Ok(Bytes::new()),
+        Some(Err(e)) => return Err(e.to_string()),
+        Some(Ok(frame)) => frame.into_data().unwrap_or_default(),
+    };
+    if http_body::Body::is_end_stream(&body) {
+        return Ok(first);
+    }
+    let rest = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    if first.is_empty() {
+        return Ok(rest);
+    }
+    let mut all = bytes::BytesMut::with_capacity(first.len() + rest.len());
+    all.extend_from_slice(&first);
+    all.extend_from_slice(&rest);
+    Ok(all.freeze())
+}
+
 async fn keepalive(pings: Option<::h2::PingPong>) {
     let Some(mut pings) = pings else { return std::future::pending().await };
     loop {

@@ -141,6 +141,8 @@ pub struct Proxy {
     /// Calls the gateway answered before choosing a plugin.
     unrouted: Arc<PluginMetrics>,
     max_request_bytes: usize,
+    /// Each method's path as a URI, parsed once (by `Method as usize`).
+    uris: Vec<http::Uri>,
 }
 
 impl Proxy {
@@ -148,7 +150,8 @@ impl Proxy {
     pub fn new(fleet: Arc<Fleet>, metrics: Metrics, max_request_bytes: usize) -> Arc<Self> {
         let by_plugin = fleet.backends.iter().map(|b| PluginMetrics::new(&metrics, &b.plugin.name)).collect();
         let unrouted = PluginMetrics::new(&metrics, "none");
-        Arc::new(Self { fleet, metrics, by_plugin, unrouted, max_request_bytes })
+        let uris = Method::ALL.iter().map(|m| method_uri(*m)).collect();
+        Arc::new(Self { fleet, metrics, by_plugin, unrouted, max_request_bytes, uris })
     }
 
     async fn handle(self: Arc<Self>, req: Request<Body>) -> Response<Body> {
@@ -261,10 +264,12 @@ impl Proxy {
             let mut req = Request::new(Body::new(http_body_util::Full::new(request.clone())));
             // gRPC is always POST; servers that check (grpcio does) reset anything else.
             *req.method_mut() = http::Method::POST;
-            *req.uri_mut() = method_uri(method);
+            *req.uri_mut() = self.uris[method as usize].clone();
             *req.headers_mut() = headers.clone();
             if let Some(r) = remaining {
-                let value = HeaderValue::from_str(&format_grpc_timeout(r)).expect("digits and a unit letter");
+                // The formatted digits become the value's bytes as they are (no second copy).
+                let value = HeaderValue::from_maybe_shared(Bytes::from(format_grpc_timeout(r)))
+                    .expect("digits and a unit letter");
                 let value = never_indexed(value);
                 req.headers_mut().insert("grpc-timeout", value);
             }
