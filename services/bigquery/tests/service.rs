@@ -440,3 +440,15 @@ async fn no_secret_reaches_logs_errors_or_resource_meta() {
         }
     }
 }
+
+#[test]
+fn help_describes_the_service_and_its_credentials() {
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_flotilla-bigquery")).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("The BigQuery plugin service"), "{text}");
+    for needle in ["GOOGLE_APPLICATION_CREDENTIALS", "--listen", "--admin-listen", "--check-config"] {
+        assert!(text.contains(needle), "--help lacks {needle}:\n{text}");
+    }
+}

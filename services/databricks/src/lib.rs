@@ -335,7 +335,7 @@ impl Plugin for Databricks {
                 format!("no run_id in {}", api::excerpt(answer.body.to_string().as_bytes())),
             )
         })?;
-        tracing::info!(instance = %instance, run_id = %run_id, task = %call.category, "Submitted a Databricks run");
+        tracing::info!(request_id = call.request_id.as_deref().unwrap_or("-"), instance = %instance, run_id = %run_id, task = %call.category, "Submitted a Databricks run");
         let (auth_type, client_id) = match auth {
             Auth::Pat => (None, None),
             Auth::OAuth { client_id } => (Some("oauth_m2m".to_owned()), Some(client_id)),
@@ -364,7 +364,7 @@ impl Plugin for Databricks {
                 format!("no state for run {}: {}", meta.run_id, api::excerpt(run.to_string().as_bytes())),
             )
         })?;
-        tracing::debug!(run_id = %meta.run_id, phase = ?phase.phase, "Polled a Databricks run");
+        tracing::debug!(request_id = call.request_id.as_deref().unwrap_or("-"), run_id = %meta.run_id, phase = ?phase.phase, "Polled a Databricks run");
         let mut resource = resource::with_phase(phase.phase, phase.message);
         let job_id = match run.get("job_id") {
             Some(Value::Number(n)) => Some(n.to_string()),
@@ -394,7 +394,7 @@ impl Plugin for Databricks {
                 .accept_status(404)
         };
         let answer = self.send(&meta.databricks_instance, &auth, deadline, request).await?;
-        tracing::info!(run_id = %meta.run_id, status = answer.status, "Cancelled a Databricks run");
+        tracing::info!(request_id = call.request_id.as_deref().unwrap_or("-"), run_id = %meta.run_id, status = answer.status, "Cancelled a Databricks run");
         Ok(())
     }
 }

@@ -327,7 +327,7 @@ impl Plugin for Snowflake {
             )
             .into());
         }
-        tracing::info!(account = %connection.account, query_id = %query_id, request_id = %id, "Submitted statement");
+        tracing::info!(request_id = call.request_id.as_deref().unwrap_or("-"), account = %connection.account, query_id = %query_id, snowflake_request_id = %id, "Submitted statement");
         let meta = Meta::new(&connection, query_id, has_outputs(template));
         Ok(admin::CreateTaskResponse { resource_meta: meta.encode() })
     }
@@ -351,7 +351,7 @@ impl Plugin for Snowflake {
             )
             .into());
         };
-        tracing::debug!(query_id = %meta.query_id, http_status = answer.status, phase = ?status.phase, "Statement status");
+        tracing::debug!(request_id = call.request_id.as_deref().unwrap_or("-"), query_id = %meta.query_id, http_status = answer.status, phase = ?status.phase, "Statement status");
         let outputs =
             (status.phase == core::task_execution::Phase::Succeeded && meta.has_output).then(|| {
                 template::structured_dataset_output(
@@ -381,7 +381,7 @@ impl Plugin for Snowflake {
             .accept_status(422)
             .accept_status(404);
         let answer = self.api.send(cancel, deadline).await.map_err(PluginError::from)?;
-        tracing::info!(query_id = %meta.query_id, http_status = answer.status, "Canceled statement");
+        tracing::info!(request_id = call.request_id.as_deref().unwrap_or("-"), query_id = %meta.query_id, http_status = answer.status, "Canceled statement");
         Ok(())
     }
 }

@@ -108,7 +108,8 @@ where
              grpc.health.v1 on --listen, and /metrics, /livez, /readyz on --admin-listen.\n\n\
              Example:\n  {name} --listen 127.0.0.1:8001 --admin-listen 127.0.0.1:9091"
         ));
-    let matches = CommonArgs::augment_args(command).get_matches();
+    // The flags struct's own doc comment would otherwise replace the binary's description.
+    let matches = CommonArgs::augment_args(command).about(about).get_matches();
     let flags = match CommonArgs::from_arg_matches(&matches) {
         Ok(f) => f,
         Err(e) => e.exit(),
