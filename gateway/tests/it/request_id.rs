@@ -157,14 +157,23 @@ async fn one_request_id_is_logged_by_the_gateway_and_the_service() {
         let is_bad = |v: &Value| v["fields"]["request_id"] == bad.as_str();
         assert!(gateway.find(is_bad).is_none() && echo.find(is_bad).is_none(), "{bad:?} was logged");
     }
-    let gets_from_gateway: Vec<String> = gateway
-        .lines
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|v| v["fields"]["method"] == "GetTask" && v["fields"]["code"] == "OK")
-        .filter_map(|v| v["fields"]["request_id"].as_str().map(str::to_owned))
-        .collect();
+    // The lines arrive through a pipe: wait (bounded) for the last one to be read.
+    let ok_gets = || -> Vec<String> {
+        gateway
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|v| v["fields"]["method"] == "GetTask" && v["fields"]["code"] == "OK")
+            .filter_map(|v| v["fields"]["request_id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let gets_from_gateway: Vec<String> =
+        eventually("the gateway logs three successful GetTask calls", Duration::from_secs(10), || async {
+            let ids = ok_gets();
+            (ids.len() >= 3).then_some(ids)
+        })
+        .await;
     assert_eq!(gets_from_gateway.len(), 3, "three successful GetTask calls: {gets_from_gateway:?}");
     for id in &gets_from_gateway {
         assert!(id.starts_with("gw-"), "a generated id: {id}");
