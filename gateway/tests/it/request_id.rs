@@ -185,19 +185,6 @@ async fn one_request_id_is_logged_by_the_gateway_and_the_service() {
     );
 }
 
-async fn create_with(client: &mut AsyncAgentServiceClient<Channel>, n: i64) -> Vec<u8> {
-    client
-        .create_task(admin::CreateTaskRequest {
-            inputs: Some(inputs(n)),
-            template: Some(echo_template("echo", &[])),
-            ..Default::default()
-        })
-        .await
-        .expect("create succeeds")
-        .into_inner()
-        .resource_meta
-}
-
 async fn get(
     client: &mut AsyncAgentServiceClient<Channel>,
     task_type: &str,

@@ -141,9 +141,14 @@ pub(crate) async fn gets(gw: &RunningGateway, meta: &[u8], n: usize) {
 
 /// Creates an echo task (inputs: n = 1) through the gateway and returns its resource_meta.
 pub(crate) async fn create(gw: &RunningGateway) -> Vec<u8> {
-    gw.async_client()
+    create_with(&mut gw.async_client(), 1).await
+}
+
+/// Creates an echo task (inputs: n) through `client` and returns its resource_meta.
+pub(crate) async fn create_with(client: &mut AsyncAgentServiceClient<Channel>, n: i64) -> Vec<u8> {
+    client
         .create_task(admin::CreateTaskRequest {
-            inputs: Some(inputs(1)),
+            inputs: Some(inputs(n)),
             template: Some(echo_template("echo", &[])),
             ..Default::default()
         })
