@@ -15,14 +15,14 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    task::{Context, Poll, ready},
+    task::{Context, Poll},
     time::Duration,
 };
 
 use ::h2::client::{self, SendRequest};
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use http_body::Frame;
+use flotilla_sdk::h2serve::RecvBody;
 use http_body_util::BodyExt;
 use tonic::body::Body;
 use tower::Service;
@@ -222,12 +222,10 @@ impl H2Endpoint {
             send.send_data(body, true).map_err(|source| EndpointError::Call { addr: self.addr, source })?;
         }
         let response = response.await.map_err(|source| EndpointError::Call { addr: self.addr, source })?;
-        Ok(response.map(|recv| Body::new(ResponseBody { recv, data_done: false, done: false })))
+        Ok(response.map(|recv| Body::new(RecvBody::new(recv))))
     }
 }
 
-/// Pings the replica every [`KEEPALIVE_INTERVAL`]; returns when an answer is
-/// late (the connection is then closed) or pings cannot be sent.
 /// The request body as one buffer. The proxy's bodies are one chunk already
 /// (taken as it is, no copy and no list of chunks); others are collected.
 async fn whole_body(mut body: Body) -> Result<Bytes, String> {
@@ -249,6 +247,8 @@ async fn whole_body(mut body: Body) -> Result<Bytes, String> {
     Ok(all.freeze())
 }
 
+/// Pings the replica every [`KEEPALIVE_INTERVAL`]; returns when an answer is
+/// late (the connection is then closed) or pings cannot be sent.
 async fn keepalive(pings: Option<::h2::PingPong>) {
     let Some(mut pings) = pings else { return std::future::pending().await };
     loop {
@@ -258,52 +258,6 @@ async fn keepalive(pings: Option<::h2::PingPong>) {
             Ok(Err(_)) => return std::future::pending().await, // the connection is ending by itself
             Err(_) => return,
         }
-    }
-}
-
-/// A replica's response body: its DATA frames (flow-control capacity handed
-/// back as each is taken), then its trailers.
-struct ResponseBody {
-    recv: ::h2::RecvStream,
-    data_done: bool,
-    done: bool,
-}
-
-impl http_body::Body for ResponseBody {
-    type Data = Bytes;
-    type Error = ::h2::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, ::h2::Error>>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        if !self.data_done {
-            match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => {
-                    self.done = true;
-                    return Poll::Ready(Some(Err(e)));
-                }
-                None => self.data_done = true,
-            }
-        }
-        let trailers = ready!(self.recv.poll_trailers(cx));
-        self.done = true;
-        match trailers {
-            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done || self.recv.is_end_stream()
     }
 }
 

@@ -2,10 +2,12 @@
 //! independently deployed plugin services.
 //!
 //! Request path, outermost first:
-//! 1. tonic server (h2) with `grpc.health.v1` and the gateway's own
-//!    `AgentMetadataService` ([`fleet::FleetMetadata`], the union of the fleet);
-//! 2. [`proxy`] for `AsyncAgentService` and `SyncAgentService`, as a layer in
-//!    front of tonic's router ([`proxy::ProxyLayer`]): read the first
+//! 1. an HTTP/2 server on the `h2` crate ([`flotilla_sdk::h2serve`], one task per
+//!    connection, calls polled on it), which hands `grpc.health.v1` and the
+//!    gateway's own `AgentMetadataService` ([`fleet::FleetMetadata`], the union
+//!    of the fleet) to tonic's router;
+//! 2. [`proxy`] for `AsyncAgentService` and `SyncAgentService`
+//!    ([`proxy::GatewayCalls`]): read the first
 //!    message within `max_request_bytes`, take the routing key from its bytes
 //!    ([`route`]), look the category up in the route table that [`fleet`] learns
 //!    from each service's `ListAgents`, cap the deadline with the plugin's timeout;
@@ -30,7 +32,6 @@ use flotilla_proto::service::agent_metadata_service_server::AgentMetadataService
 use flotilla_telemetry::{Admin, Readiness, Shutdown};
 use prometheus::Registry;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 pub use config::Config;
@@ -39,7 +40,7 @@ use crate::{
     backend::Backend,
     fleet::{Fleet, FleetMetadata, poll_timeout},
     metrics::Metrics,
-    proxy::{Proxy, ProxyLayer},
+    proxy::{GatewayCalls, Proxy},
 };
 
 /// Why the gateway stopped or could not start.
@@ -50,7 +51,7 @@ pub enum Error {
     Metrics(#[from] prometheus::Error),
     /// The gRPC server failed.
     #[error("the gRPC server failed")]
-    Transport(#[from] tonic::transport::Error),
+    Serve(#[from] std::io::Error),
     /// A discovery target cannot be looked up at all (no resolver).
     #[error("discovery: {0}")]
     Discovery(String),
@@ -142,16 +143,14 @@ impl Gateway {
         flotilla_sdk::set_health(&health, ServingStatus::Serving).await;
         let proxy = Proxy::new(fleet.clone(), metrics, config.max_request_bytes);
         let addr: Option<SocketAddr> = grpc.local_addr().ok();
-        let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
-        let server = tonic::transport::Server::builder()
-            .layer(ProxyLayer(proxy))
-            .add_service(health_service)
+        let routes = tonic::service::Routes::new(health_service)
             .add_service(AgentMetadataServiceServer::new(FleetMetadata(fleet)));
+        let calls = Arc::new(GatewayCalls { proxy, routes });
         let stopping = flotilla_sdk::stopping(&shutdown, readiness.clone(), health, addr);
         readiness.set(true);
         tracing::info!(?addr, plugins = config.plugins.len(), "Gateway serving");
         let result = flotilla_sdk::with_grace(
-            server.serve_with_incoming_shutdown(incoming, stopping),
+            flotilla_sdk::h2serve::serve(grpc, calls, stopping),
             &shutdown,
             config.shutdown_grace,
         )

@@ -12,12 +12,16 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use flotilla_proto::paths;
-use flotilla_sdk::wire::{FRAME_HEADER_LEN, FrameLimiter, format_grpc_timeout, parse_grpc_timeout};
+use flotilla_sdk::{
+    h2serve::{self, CallFuture, Handler, RecvBody},
+    wire::{FRAME_HEADER_LEN, FrameLimiter, format_grpc_timeout, parse_grpc_timeout},
+};
+use h2::{RecvStream, server::SendResponse};
 use http::{HeaderValue, Request, Response};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use tonic::{Code, Status, body::Body};
-use tower::{BoxError, Service, retry::budget::Budget as _};
+use tower::{BoxError, retry::budget::Budget as _};
 
 use crate::{
     backend::{grpc_status, never_reached},
@@ -154,7 +158,16 @@ impl Proxy {
         Arc::new(Self { fleet, metrics, by_plugin, unrouted, max_request_bytes, uris })
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Body>) -> Response<Body> {
+    /// Answers one forwarded call on its stream. A client that resets the
+    /// stream cancels the call to the plugin too.
+    async fn serve(self: Arc<Self>, request: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+        let request = request.map(RecvBody::new);
+        if let Some(response) = h2serve::until_reset(&mut respond, self.handle(request)).await {
+            h2serve::respond_with(respond, response).await;
+        }
+    }
+
+    async fn handle(&self, req: Request<RecvBody>) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
         // The caller's request id when it sent a usable one, else a new one;
         // the plugin service gets it too, and both log it.
@@ -181,24 +194,23 @@ impl Proxy {
             );
             return status.into_http();
         };
-        self.metrics.in_flight.inc();
-        let response = match self.forward(method, parts, body, &mut call).await {
+        // Counted down when the call ends, however it ends (a client reset drops this future).
+        let _in_flight = InFlight::enter(&self.metrics.in_flight);
+        match self.forward(method, parts, body, &mut call).await {
             Ok(r) => r,
             Err((backend, status)) => {
                 let metrics = backend.map_or(&self.unrouted, |i| &self.by_plugin[i]);
                 metrics.record(method, status.code() as i32, &call, status.message());
                 status.into_http()
             }
-        };
-        self.metrics.in_flight.dec();
-        response
+        }
     }
 
     async fn forward(
         &self,
         method: Method,
         parts: http::request::Parts,
-        body: Body,
+        body: RecvBody,
         call: &mut CallLog,
     ) -> Result<Response<Body>, (Option<usize>, Status)> {
         let none = |s: Status| (None, s);
@@ -329,6 +341,22 @@ impl Proxy {
     }
 }
 
+/// One call in the in-flight gauge, for as long as it lives.
+struct InFlight<'a>(&'a prometheus::IntGauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 fn method_uri(method: Method) -> http::Uri {
     let path = match method {
         Method::CreateTask => paths::CREATE_TASK,
@@ -448,7 +476,7 @@ fn message_end(buf: &[u8]) -> usize {
 /// closes: the plugin reads to the end before answering anyway). Every message
 /// is held to `limit` as it arrives, and a stream to twice that in all.
 /// Holding the body whole is what makes a retry on another replica possible.
-async fn read_request(mut body: Body, limit: usize, streaming: bool) -> Result<Bytes, Status> {
+async fn read_request(mut body: RecvBody, limit: usize, streaming: bool) -> Result<Bytes, Status> {
     let mut limiter = FrameLimiter::new(limit);
     let total_limit =
         if streaming { limit.saturating_mul(2) } else { limit.saturating_add(FRAME_HEADER_LEN) };
@@ -588,57 +616,32 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     flotilla_sdk::wire::code_name(code)
 }
 
-/// Puts the proxy in front of tonic's router: calls to `AsyncAgentService`
-/// and `SyncAgentService` go straight to [`Proxy`], without the router's path
-/// matching and its wrappers; everything else (health, the gateway's own
-/// `AgentMetadataService`, unknown services) goes on to the router.
-#[derive(Clone)]
-pub struct ProxyLayer(pub Arc<Proxy>);
-
-impl<S> tower::Layer<S> for ProxyLayer {
-    type Service = ProxyFirst<S>;
-
-    fn layer(&self, inner: S) -> ProxyFirst<S> {
-        ProxyFirst { proxy: self.0.clone(), inner }
-    }
+/// The gateway's calls, served by [`flotilla_sdk::h2serve`]: calls to
+/// `AsyncAgentService` and `SyncAgentService` go straight to [`Proxy`] and are
+/// polled on the connection's task; everything else (health, the gateway's
+/// own `AgentMetadataService`, unknown services) goes to tonic's router.
+pub struct GatewayCalls {
+    /// The forwarding path.
+    pub proxy: Arc<Proxy>,
+    /// Health and the gateway's metadata service.
+    pub routes: tonic::service::Routes,
 }
 
-/// See [`ProxyLayer`].
-#[derive(Clone)]
-pub struct ProxyFirst<S> {
-    proxy: Arc<Proxy>,
-    inner: S,
+impl Handler for GatewayCalls {
+    fn handle(&self, request: Request<RecvStream>, respond: SendResponse<Bytes>) -> CallFuture {
+        if proxied(request.uri().path()) {
+            let proxy = self.proxy.clone();
+            Box::pin(async move { proxy.serve(request, respond).await })
+        } else {
+            Box::pin(h2serve::serve_tower(self.routes.clone(), request, respond))
+        }
+    }
 }
 
 /// Whether `path` names a method of a service the gateway forwards.
 fn proxied(path: &str) -> bool {
     let Some(rest) = path.strip_prefix("/flyteidl.service.") else { return false };
     rest.starts_with("AsyncAgentService/") || rest.starts_with("SyncAgentService/")
-}
-
-impl<S> Service<Request<Body>> for ProxyFirst<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>>,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-{
-    type Response = Response<Body>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        if proxied(req.uri().path()) {
-            let proxy = self.proxy.clone();
-            Box::pin(async move { Ok(proxy.handle(req).await) })
-        } else {
-            let routed = self.inner.call(req);
-            Box::pin(async move { routed.await.map_err(Into::into) })
-        }
-    }
 }
 
 #[cfg(test)]

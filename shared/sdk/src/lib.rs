@@ -37,6 +37,7 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod h2serve;
 mod metrics;
 mod plugin;
 pub mod resource;

@@ -1,0 +1,346 @@
+//! A lean HTTP/2 server for gRPC, on the `h2` crate directly.
+//!
+//! Each accepted socket gets one task. That task drives the connection and
+//! polls every call's future itself: there is no task spawned per call, no
+//! per-call service wrappers, and a response's frames go straight onto the
+//! call's stream. A [`Handler`] decides what a call does; [`serve_tower`]
+//! hands a call to a tower service (tonic's router, say) for the paths that
+//! are not on a hot path. A handler whose work is heavy can spawn it.
+//!
+//! Shutdown is graceful: the listener stops accepting, every connection sends
+//! GOAWAY, and the calls in flight finish before the connections close.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures_util::{StreamExt as _, stream::FuturesUnordered};
+use h2::{
+    RecvStream, SendStream,
+    server::{self, SendResponse},
+};
+use http::{HeaderMap, Request, Response};
+use http_body::{Body, Frame};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::JoinSet,
+};
+use tower::{BoxError, Service, ServiceExt as _};
+
+/// A boxed call future, as [`Handler::handle`] returns it.
+pub type CallFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// What a server does with each call.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one call: reads `request`'s body and writes the answer to `respond`.
+    /// The future is polled on the connection's own task.
+    fn handle(&self, request: Request<RecvStream>, respond: SendResponse<Bytes>) -> CallFuture;
+}
+
+/// How long a new connection may take to send its HTTP/2 preface.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams a client may have open on one connection at once.
+const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Flow-control windows offered to clients: a stream's, and the whole connection's.
+const STREAM_WINDOW: u32 = 1 << 20;
+const CONNECTION_WINDOW: u32 = 4 << 20;
+/// Largest header block a client may send (gRPC clients default to 8 KiB of metadata).
+const MAX_HEADER_LIST: u32 = 64 << 10;
+/// Response bytes buffered per stream beyond what the client's window allows.
+const MAX_SEND_BUFFER: usize = 1 << 20;
+
+/// Serves `handler` on `listener` until `stop` completes; then stops
+/// accepting, closes every connection gracefully (GOAWAY) and returns once
+/// the calls in flight have finished.
+///
+/// # Errors
+/// None yet: failing accepts are logged and retried.
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    stop: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let (stopping, stop_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((socket, peer)) => {
+                    let _ = socket.set_nodelay(true);
+                    connections.spawn(connection(socket, peer, handler.clone(), stop_rx.clone()));
+                }
+                Err(error) => {
+                    // Out of file descriptors, say: wait a little rather than spin.
+                    tracing::warn!(%error, "Accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    let _ = stopping.send(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// One client connection: the h2 connection and its calls, all on this task.
+async fn connection<H: Handler>(
+    socket: TcpStream,
+    peer: std::net::SocketAddr,
+    handler: Arc<H>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut builder = server::Builder::new();
+    builder
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(MAX_SEND_BUFFER);
+    let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, builder.handshake::<_, Bytes>(socket)).await
+    {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "HTTP/2 handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "No HTTP/2 preface in time; closing");
+            return;
+        }
+    };
+    let mut calls = FuturesUnordered::new();
+    let mut stopping = false;
+    loop {
+        if !stopping && *stop.borrow() {
+            stopping = true;
+            conn.graceful_shutdown();
+        }
+        tokio::select! {
+            biased;
+            Some(()) = calls.next(), if !calls.is_empty() => {}
+            changed = stop.changed(), if !stopping => {
+                if changed.is_err() {
+                    // The server is gone without saying stop: treat it as stop.
+                    stopping = true;
+                    conn.graceful_shutdown();
+                }
+            }
+            accepted = conn.accept() => match accepted {
+                Some(Ok((request, respond))) => calls.push(handler.handle(request, respond)),
+                Some(Err(error)) => {
+                    if !error.is_go_away() && !error.is_io() {
+                        tracing::debug!(%peer, %error, "Client connection failed");
+                    }
+                    break;
+                }
+                None => break,
+            },
+        }
+    }
+}
+
+/// A request body read from an h2 stream: its DATA (flow-control capacity
+/// handed back as each chunk is taken), then its trailers.
+pub struct RecvBody {
+    recv: RecvStream,
+    data_done: bool,
+    done: bool,
+}
+
+impl RecvBody {
+    /// `recv` as an [`http_body::Body`].
+    pub fn new(recv: RecvStream) -> Self {
+        Self { recv, data_done: false, done: false }
+    }
+}
+
+impl Body for RecvBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => self.data_done = true,
+            }
+        }
+        let trailers = ready!(self.recv.poll_trailers(cx));
+        self.done = true;
+        match trailers {
+            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.recv.is_end_stream()
+    }
+}
+
+/// Hands one call to a tower service (a request body of [`RecvBody`], boxed
+/// as tonic's), and writes its response. A client that resets the stream
+/// cancels the service's future.
+pub async fn serve_tower<S>(service: S, request: Request<RecvStream>, mut respond: SendResponse<Bytes>)
+where
+    S: Service<Request<tonic::body::Body>, Response = Response<tonic::body::Body>>,
+    S::Error: Into<BoxError>,
+{
+    let request = request.map(|recv| tonic::body::Body::new(RecvBody::new(recv)));
+    let answered = until_reset(&mut respond, service.oneshot(request)).await;
+    match answered {
+        None => {} // the client went away
+        Some(Ok(response)) => respond_with(respond, response).await,
+        Some(Err(error)) => {
+            let error: BoxError = error.into();
+            let status = tonic::Status::from_error(error);
+            respond_with(respond, status.into_http::<tonic::body::Body>()).await;
+        }
+    }
+}
+
+/// Runs `work` until it finishes, or until the client resets the stream (`None`).
+pub async fn until_reset<F: Future>(respond: &mut SendResponse<Bytes>, work: F) -> Option<F::Output> {
+    let mut work = std::pin::pin!(work);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = work.as_mut().poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        match respond.poll_reset(cx) {
+            Poll::Ready(_) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// Writes `response` to the stream: its headers, then its body's frames as the
+/// client's flow-control window allows. A body that fails after the headers
+/// are out ends the call with trailers: the body's own status when its error
+/// is a [`tonic::Status`], else `INTERNAL` naming the failure.
+pub async fn respond_with<B>(mut respond: SendResponse<Bytes>, response: Response<B>)
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let (parts, body) = response.into_parts();
+    let end = body.is_end_stream();
+    let Ok(stream) = respond.send_response(Response::from_parts(parts, ()), end) else { return };
+    if !end {
+        pipe(stream, body).await;
+    }
+}
+
+/// Copies `body`'s frames onto `stream` until its end (see [`respond_with`]).
+async fn pipe<B>(mut stream: SendStream<Bytes>, body: B)
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut body = std::pin::pin!(body);
+    loop {
+        let next = std::future::poll_fn(|cx| poll_next(&mut stream, body.as_mut(), cx)).await;
+        match next {
+            Next::Frame(frame) => match frame.into_data() {
+                Ok(data) => {
+                    let last = body.is_end_stream();
+                    if stream.send_data(data, last).is_err() || last {
+                        return;
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        let _ = stream.send_trailers(trailers);
+                    }
+                    return;
+                }
+            },
+            Next::End => {
+                let _ = stream.send_data(Bytes::new(), true);
+                return;
+            }
+            Next::Failed(error) => {
+                let _ = stream.send_trailers(failure_trailers(&error));
+                return;
+            }
+            Next::Gone => return,
+        }
+    }
+}
+
+enum Next {
+    Frame(Frame<Bytes>),
+    End,
+    Failed(BoxError),
+    /// The client reset the stream or the connection is gone.
+    Gone,
+}
+
+/// Waits for room in the client's window (so a slow reader holds back the
+/// body rather than letting it pile up here), then for the body's next frame.
+fn poll_next<B>(stream: &mut SendStream<Bytes>, body: Pin<&mut B>, cx: &mut Context<'_>) -> Poll<Next>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    stream.reserve_capacity(1);
+    if stream.capacity() == 0 {
+        loop {
+            match ready!(stream.poll_capacity(cx)) {
+                Some(Ok(0)) => {}
+                Some(Ok(_)) => break,
+                Some(Err(_)) | None => return Poll::Ready(Next::Gone),
+            }
+        }
+    } else if stream.poll_reset(cx).is_ready() {
+        return Poll::Ready(Next::Gone);
+    }
+    Poll::Ready(match ready!(body.poll_frame(cx)) {
+        Some(Ok(frame)) => Next::Frame(frame),
+        Some(Err(error)) => Next::Failed(error.into()),
+        None => Next::End,
+    })
+}
+
+/// The trailers for a body that broke off after its headers were sent.
+fn failure_trailers(error: &BoxError) -> HeaderMap {
+    let status = match error.downcast_ref::<tonic::Status>() {
+        Some(status) => status.clone(),
+        None => tonic::Status::internal(format!("the response broke off: {error}")),
+    };
+    // The status's own header encoding (grpc-status, percent-encoded grpc-message, details).
+    let mut trailers = status.into_http::<()>().into_parts().0.headers;
+    trailers.remove(http::header::CONTENT_TYPE);
+    trailers
+}
+
+/// Answers a call with a gRPC status and no body (a trailers-only response).
+pub fn respond_status(mut respond: SendResponse<Bytes>, status: &tonic::Status) {
+    let response = status.clone().into_http::<()>();
+    let (parts, ()) = response.into_parts();
+    let _ = respond.send_response(Response::from_parts(parts, ()), true);
+}
