@@ -216,7 +216,7 @@ fn note_failure(
 
 /// The gRPC status of a trailers-only answer, if the headers carry one.
 pub fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
-    headers.get("grpc-status").map(|v| tonic::Code::from_bytes(v.as_bytes()))
+    headers.get(&flotilla_sdk::wire::header::GRPC_STATUS).map(|v| tonic::Code::from_bytes(v.as_bytes()))
 }
 
 /// Whether an error proves the request never reached a replica: the

@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use flotilla_proto::paths;
 use flotilla_sdk::{
     h2serve::{self, CallFuture, Handler, RecvBody},
-    wire::{FRAME_HEADER_LEN, FrameLimiter, format_grpc_timeout, parse_grpc_timeout},
+    wire::{FRAME_HEADER_LEN, FrameLimiter, format_grpc_timeout, header, parse_grpc_timeout},
 };
 use h2::{RecvStream, server::SendResponse};
 use http::{HeaderValue, Request, Response};
@@ -32,9 +32,6 @@ use crate::{
 
 /// Attempts per call, the first included.
 const MAX_ATTEMPTS: u32 = 3;
-
-/// Request id metadata key, carried to the plugin service.
-pub const REQUEST_ID: &str = "x-request-id";
 
 /// Which method a path names, with how its routing key is read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,14 +168,14 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         // The caller's request id when it sent a usable one, else a new one;
         // the plugin service gets it too, and both log it.
-        let request_id = match parts.headers.get_mut(REQUEST_ID) {
+        let request_id = match parts.headers.get_mut(&header::REQUEST_ID) {
             Some(v) if valid_request_id(v.as_bytes()) => {
                 v.set_sensitive(true); // unique per call: see `never_indexed`
                 v.clone()
             }
             _ => {
                 let id = never_indexed(new_request_id());
-                parts.headers.insert(REQUEST_ID, id.clone());
+                parts.headers.insert(header::REQUEST_ID.clone(), id.clone());
                 id
             }
         };
@@ -247,7 +244,7 @@ impl Proxy {
         let plugin = &backend.plugin.name;
 
         // The deadline: the caller's, capped by the plugin's timeout for this method.
-        let caller = parts.headers.get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
+        let caller = parts.headers.get(&header::GRPC_TIMEOUT).and_then(|v| parse_grpc_timeout(v.as_bytes()));
         let (deadline, which) = match (caller, backend.plugin.timeout_for(method.name())) {
             (Some(c), Some(t)) if t < c => (Some(t), "the route timeout"),
             (Some(c), _) => (Some(c), "the caller's deadline"),
@@ -283,7 +280,7 @@ impl Proxy {
                 let value = HeaderValue::from_maybe_shared(Bytes::from(format_grpc_timeout(r)))
                     .expect("digits and a unit letter");
                 let value = never_indexed(value);
-                req.headers_mut().insert("grpc-timeout", value);
+                req.headers_mut().insert(header::GRPC_TIMEOUT.clone(), value);
             }
             let sent = backend.call(req);
             let result = match (remaining, deadline) {
@@ -333,8 +330,8 @@ impl Proxy {
             started: call.started,
         };
         let observation = Observation { metrics: self.by_plugin[index].clone(), method, call };
-        if let Some(code) = response.headers().get("grpc-status") {
-            observation.record(code.as_bytes(), response.headers().get("grpc-message"));
+        if let Some(code) = response.headers().get(&header::GRPC_STATUS) {
+            observation.record(code.as_bytes(), response.headers().get(&header::GRPC_MESSAGE));
             return response;
         }
         response.map(|body| Body::new(Observed { inner: body, observation: Some(observation) }))
@@ -587,8 +584,8 @@ impl http_body::Body for Observed {
                 if let Some(trailers) = frame.trailers_ref()
                     && let Some(o) = this.observation.take()
                 {
-                    let code = trailers.get("grpc-status").map_or(&b"2"[..], |v| v.as_bytes());
-                    o.record(code, trailers.get("grpc-message"));
+                    let code = trailers.get(&header::GRPC_STATUS).map_or(&b"2"[..], |v| v.as_bytes());
+                    o.record(code, trailers.get(&header::GRPC_MESSAGE));
                 }
             }
             Poll::Ready(Some(Err(_))) => {

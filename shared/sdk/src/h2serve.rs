@@ -255,6 +255,11 @@ where
     }
 }
 
+/// Response bytes queued on a stream before the pipe checks that the client
+/// is reading: a unary answer goes out without a flow-control round, while a
+/// long stream to a client that stopped reading waits rather than piling up here.
+const UNCHECKED_BYTES: usize = 64 << 10;
+
 /// Copies `body`'s frames onto `stream` until its end (see [`respond_with`]).
 async fn pipe<B>(mut stream: SendStream<Bytes>, body: B)
 where
@@ -262,11 +267,19 @@ where
     B::Error: Into<BoxError>,
 {
     let mut body = std::pin::pin!(body);
+    let mut unchecked = 0usize;
     loop {
+        if unchecked >= UNCHECKED_BYTES {
+            if !room_in_window(&mut stream).await {
+                return;
+            }
+            unchecked = 0;
+        }
         let next = std::future::poll_fn(|cx| poll_next(&mut stream, body.as_mut(), cx)).await;
         match next {
             Next::Frame(frame) => match frame.into_data() {
                 Ok(data) => {
+                    unchecked += data.len();
                     let last = body.is_end_stream();
                     if stream.send_data(data, last).is_err() || last {
                         return;
@@ -300,30 +313,38 @@ enum Next {
     Gone,
 }
 
-/// Waits for room in the client's window (so a slow reader holds back the
-/// body rather than letting it pile up here), then for the body's next frame.
+/// Waits until what is queued on `stream` fits the client's window again;
+/// `false` when the stream or connection is gone.
+async fn room_in_window(stream: &mut SendStream<Bytes>) -> bool {
+    stream.reserve_capacity(1);
+    std::future::poll_fn(|cx| {
+        loop {
+            if stream.capacity() > 0 {
+                return Poll::Ready(true);
+            }
+            match ready!(stream.poll_capacity(cx)) {
+                Some(Ok(0)) => {}
+                Some(Ok(_)) => return Poll::Ready(true),
+                Some(Err(_)) | None => return Poll::Ready(false),
+            }
+        }
+    })
+    .await
+}
+
+/// The body's next frame; while it has none ready, a client reset ends the wait.
 fn poll_next<B>(stream: &mut SendStream<Bytes>, body: Pin<&mut B>, cx: &mut Context<'_>) -> Poll<Next>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    stream.reserve_capacity(1);
-    if stream.capacity() == 0 {
-        loop {
-            match ready!(stream.poll_capacity(cx)) {
-                Some(Ok(0)) => {}
-                Some(Ok(_)) => break,
-                Some(Err(_)) | None => return Poll::Ready(Next::Gone),
-            }
-        }
-    } else if stream.poll_reset(cx).is_ready() {
-        return Poll::Ready(Next::Gone);
+    match body.poll_frame(cx) {
+        Poll::Ready(Some(Ok(frame))) => Poll::Ready(Next::Frame(frame)),
+        Poll::Ready(Some(Err(error))) => Poll::Ready(Next::Failed(error.into())),
+        Poll::Ready(None) => Poll::Ready(Next::End),
+        Poll::Pending if stream.poll_reset(cx).is_ready() => Poll::Ready(Next::Gone),
+        Poll::Pending => Poll::Pending,
     }
-    Poll::Ready(match ready!(body.poll_frame(cx)) {
-        Some(Ok(frame)) => Next::Frame(frame),
-        Some(Err(error)) => Next::Failed(error.into()),
-        None => Next::End,
-    })
 }
 
 /// The trailers for a body that broke off after its headers were sent.
