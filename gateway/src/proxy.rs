@@ -10,16 +10,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use flotilla_proto::paths;
 use flotilla_sdk::{
     h2serve::{self, CallFuture, Handler, RecvBody},
-    wire::{FRAME_HEADER_LEN, FrameLimiter, format_grpc_timeout, header, parse_grpc_timeout},
+    wire::{FRAME_HEADER_LEN, format_grpc_timeout, header, parse_grpc_timeout},
 };
 use h2::{RecvStream, server::SendResponse};
 use http::{HeaderValue, Request, Response};
 use http_body::Frame;
-use http_body_util::BodyExt;
 use tonic::{Code, Status, body::Body};
 use tower::{BoxError, retry::budget::Budget as _};
 
@@ -212,7 +211,7 @@ impl Proxy {
     ) -> Result<Response<Body>, (Option<usize>, Status)> {
         let none = |s: Status| (None, s);
         let started = call.started;
-        let request = read_request(body, self.max_request_bytes, method == Method::ExecuteTaskSync)
+        let request = h2serve::read_request(body, self.max_request_bytes, method == Method::ExecuteTaskSync)
             .await
             .map_err(none)?;
         if request[0] != 0 {
@@ -220,7 +219,7 @@ impl Proxy {
                 "compressed requests are not supported by the gateway; send them uncompressed",
             )));
         }
-        let message = &request[FRAME_HEADER_LEN..message_end(&request)];
+        let message = &request[FRAME_HEADER_LEN..h2serve::message_end(&request)];
         let key = method.key(message).map_err(|e| {
             none(match e {
                 KeyError::Malformed { .. } => Status::invalid_argument(e.to_string()),
@@ -461,84 +460,6 @@ fn log_call(call: &CallLog, method: Method, plugin: &str, code: usize, elapsed: 
 fn unreachable_status(plugin: &crate::config::Plugin, e: &BoxError) -> Status {
     let detail = flotilla_telemetry::error_chain(e.as_ref());
     Status::unavailable(format!("plugin {:?} ({}) is unreachable: {detail}", plugin.name, plugin.target_text))
-}
-
-/// The end of the first gRPC message in `buf` (which holds at least one whole message).
-fn message_end(buf: &[u8]) -> usize {
-    FRAME_HEADER_LEN + u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize
-}
-
-/// Reads the whole request body: one message for unary methods, the whole
-/// stream for ExecuteTaskSync (whose client sends a header and the inputs, then
-/// closes: the plugin reads to the end before answering anyway). Every message
-/// is held to `limit` as it arrives, and a stream to twice that in all.
-/// Holding the body whole is what makes a retry on another replica possible.
-async fn read_request(mut body: RecvBody, limit: usize, streaming: bool) -> Result<Bytes, Status> {
-    let mut limiter = FrameLimiter::new(limit);
-    let total_limit =
-        if streaming { limit.saturating_mul(2) } else { limit.saturating_add(FRAME_HEADER_LEN) };
-    let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
-    let mut have = 0usize;
-    let mut need: Option<usize> = None;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            let status = Status::from_error(e.into());
-            if status.code() == Code::ResourceExhausted {
-                status
-            } else {
-                Status::cancelled(format!("reading the request failed: {}", status.message()))
-            }
-        })?;
-        let Ok(data) = frame.into_data() else { continue }; // trailers from a client: ignore
-        limiter.feed(&data).map_err(Status::from)?;
-        have += data.len();
-        if have > total_limit {
-            return Err(Status::resource_exhausted(format!(
-                "the request stream is more than {total_limit} bytes, the limit for the whole stream"
-            )));
-        }
-        chunks.push(data);
-        if need.is_none() && have >= FRAME_HEADER_LEN {
-            // Almost always the first chunk holds the whole header: no copy then.
-            need = Some(match chunks.first() {
-                Some(c) if c.len() >= FRAME_HEADER_LEN => message_end(c),
-                _ => message_end(&first_bytes(&chunks, FRAME_HEADER_LEN)),
-            });
-        }
-        // A unary body holds one message: refuse more at once rather than buffer it.
-        if !streaming && need.is_some_and(|n| have > n) {
-            return Err(Status::invalid_argument("a unary request body must hold exactly one message"));
-        }
-    }
-    let Some(need) = need else {
-        return Err(Status::invalid_argument("the request body holds no complete gRPC message"));
-    };
-    if have < need {
-        return Err(Status::invalid_argument(format!(
-            "the request body ended after {have} of the {need} bytes its message declares"
-        )));
-    }
-    Ok(if chunks.len() == 1 { chunks.pop().expect("one chunk") } else { concat(&chunks, have) })
-}
-
-fn first_bytes(chunks: &[Bytes], n: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(n);
-    for c in chunks {
-        let take = (n - out.len()).min(c.len());
-        out.extend_from_slice(&c[..take]);
-        if out.len() == n {
-            break;
-        }
-    }
-    out
-}
-
-fn concat(chunks: &[Bytes], len: usize) -> Bytes {
-    let mut buf = BytesMut::with_capacity(len);
-    for c in chunks {
-        buf.extend_from_slice(c);
-    }
-    buf.freeze()
 }
 
 struct Observation {

@@ -80,6 +80,21 @@ async fn the_status_contract_holds() {
 
     let garbage = raw_call(svc.addr, paths::CREATE_TASK, frame(b"\xff\xff\xff\xff\x0f")).await;
     assert_eq!(garbage.code, Code::InvalidArgument, "{}", garbage.message);
+    assert!(garbage.message.contains("CreateTaskRequest"), "{}", garbage.message);
+
+    // The compressed flag set: no compression is negotiated, so it is refused by name.
+    let mut compressed = frame(b"").to_vec();
+    compressed[0] = 1;
+    let compressed = raw_call(svc.addr, paths::GET_TASK, compressed.into()).await;
+    assert_eq!(compressed.code, Code::Unimplemented, "{}", compressed.message);
+    assert!(compressed.message.contains("compressed"), "{}", compressed.message);
+
+    // Two messages in a unary request body.
+    let mut two = frame(b"").to_vec();
+    two.extend_from_slice(&frame(b""));
+    let two = raw_call(svc.addr, paths::GET_TASK, two.into()).await;
+    assert_eq!(two.code, Code::InvalidArgument, "{}", two.message);
+    assert!(two.message.contains("exactly one message"), "{}", two.message);
 
     let big = client
         .create_task(admin::CreateTaskRequest {

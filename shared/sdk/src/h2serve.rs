@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt as _, stream::FuturesUnordered};
 use h2::{
     RecvStream, SendStream,
@@ -26,12 +26,16 @@ use h2::{
 };
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame};
+use http_body_util::BodyExt as _;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
     task::JoinSet,
 };
+use tonic::{Code, Status};
 use tower::{BoxError, Service, ServiceExt as _};
+
+use crate::wire::{FRAME_HEADER_LEN, FrameLimiter};
 
 /// A boxed call future, as [`Handler::handle`] returns it.
 pub type CallFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -147,6 +151,84 @@ async fn connection<H: Handler>(
             },
         }
     }
+}
+
+/// The end of the first gRPC message in `buf` (which holds at least one whole message).
+pub fn message_end(buf: &[u8]) -> usize {
+    FRAME_HEADER_LEN + u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize
+}
+
+/// Reads the whole request body: one message for unary methods, the whole
+/// stream for a client-streaming one (`streaming`: ExecuteTaskSync, whose
+/// client sends a header and the inputs, then closes). Every message
+/// is held to `limit` as it arrives, and a stream to twice that in all.
+/// (The gateway holds a body whole so that it can retry it on another replica.)
+pub async fn read_request(mut body: RecvBody, limit: usize, streaming: bool) -> Result<Bytes, Status> {
+    let mut limiter = FrameLimiter::new(limit);
+    let total_limit =
+        if streaming { limit.saturating_mul(2) } else { limit.saturating_add(FRAME_HEADER_LEN) };
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
+    let mut have = 0usize;
+    let mut need: Option<usize> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            let status = Status::from_error(e.into());
+            if status.code() == Code::ResourceExhausted {
+                status
+            } else {
+                Status::cancelled(format!("reading the request failed: {}", status.message()))
+            }
+        })?;
+        let Ok(data) = frame.into_data() else { continue }; // trailers from a client: ignore
+        limiter.feed(&data).map_err(Status::from)?;
+        have += data.len();
+        if have > total_limit {
+            return Err(Status::resource_exhausted(format!(
+                "the request stream is more than {total_limit} bytes, the limit for the whole stream"
+            )));
+        }
+        chunks.push(data);
+        if need.is_none() && have >= FRAME_HEADER_LEN {
+            // Almost always the first chunk holds the whole header: no copy then.
+            need = Some(match chunks.first() {
+                Some(c) if c.len() >= FRAME_HEADER_LEN => message_end(c),
+                _ => message_end(&first_bytes(&chunks, FRAME_HEADER_LEN)),
+            });
+        }
+        // A unary body holds one message: refuse more at once rather than buffer it.
+        if !streaming && need.is_some_and(|n| have > n) {
+            return Err(Status::invalid_argument("a unary request body must hold exactly one message"));
+        }
+    }
+    let Some(need) = need else {
+        return Err(Status::invalid_argument("the request body holds no complete gRPC message"));
+    };
+    if have < need {
+        return Err(Status::invalid_argument(format!(
+            "the request body ended after {have} of the {need} bytes its message declares"
+        )));
+    }
+    Ok(if chunks.len() == 1 { chunks.pop().expect("one chunk") } else { concat(&chunks, have) })
+}
+
+fn first_bytes(chunks: &[Bytes], n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n);
+    for c in chunks {
+        let take = (n - out.len()).min(c.len());
+        out.extend_from_slice(&c[..take]);
+        if out.len() == n {
+            break;
+        }
+    }
+    out
+}
+
+fn concat(chunks: &[Bytes], len: usize) -> Bytes {
+    let mut buf = BytesMut::with_capacity(len);
+    for c in chunks {
+        buf.extend_from_slice(c);
+    }
+    buf.freeze()
 }
 
 /// A request body read from an h2 stream: its DATA (flow-control capacity

@@ -36,6 +36,7 @@
 
 #![warn(missing_docs)]
 
+mod calls;
 mod error;
 pub mod h2serve;
 mod metrics;

@@ -9,11 +9,11 @@ use flotilla_proto::service::{
 use flotilla_telemetry::{Admin, Readiness, Shutdown};
 use prometheus::Registry;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::{
     Plugin,
+    calls::ServiceCalls,
     metrics::AgentMetrics,
     service::{Services, Table},
     wire::LimitedBody,
@@ -45,7 +45,7 @@ pub enum ServeError {
     Metrics(#[source] prometheus::Error),
     /// The gRPC server failed.
     #[error("the gRPC server failed")]
-    Transport(#[source] tonic::transport::Error),
+    Serve(#[source] std::io::Error),
 }
 
 /// Serves `plugin` on `grpc` (the three agent services and `grpc.health.v1`)
@@ -88,30 +88,32 @@ pub(crate) async fn serve_with_registry<P: Plugin>(
 
     let limit = options.max_request_bytes;
     let grpc_addr: Option<SocketAddr> = grpc.local_addr().ok();
-    let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
-    // Our limit runs first (as bytes arrive); tonic's own would answer OUT_OF_RANGE.
+    // The unary agent methods are answered straight from the HTTP/2 stream
+    // (crate::calls); the rest goes to tonic's router, our size limit first
+    // (as bytes arrive; tonic's own would answer OUT_OF_RANGE).
     let decode_limit = limit.saturating_add(1);
-    let server = tonic::transport::Server::builder()
-        .layer(tower::util::MapRequestLayer::new(move |req: http::Request<tonic::body::Body>| {
-            req.map(|body| tonic::body::Body::new(LimitedBody::new(body, limit)))
-        }))
-        .add_service(health_service)
+    let routes = tonic::service::Routes::new(health_service)
         .add_service(AsyncAgentServiceServer::new(services.clone()).max_decoding_message_size(decode_limit))
         .add_service(SyncAgentServiceServer::new(services.clone()).max_decoding_message_size(decode_limit))
-        .add_service(AgentMetadataServiceServer::new(services).max_decoding_message_size(decode_limit));
+        .add_service(
+            AgentMetadataServiceServer::new(services.clone()).max_decoding_message_size(decode_limit),
+        );
+    let routes = tower::ServiceBuilder::new()
+        .map_request(move |req: http::Request<tonic::body::Body>| {
+            req.map(|body| tonic::body::Body::new(LimitedBody::new(body, limit)))
+        })
+        .service(routes);
+    let routes = crate::calls::Routes::new(routes);
+    let calls = Arc::new(ServiceCalls { services, routes, limit });
 
     let stopping = stopping(&shutdown, readiness.clone(), health, grpc_addr);
     readiness.set(true);
     tracing::info!(addr = ?grpc_addr, agents = ?names, "Serving");
-    let result = with_grace(
-        server.serve_with_incoming_shutdown(incoming, stopping),
-        &shutdown,
-        options.shutdown_grace,
-    )
-    .await;
+    let result =
+        with_grace(crate::h2serve::serve(grpc, calls, stopping), &shutdown, options.shutdown_grace).await;
     shutdown.trigger();
     let _ = admin_task.await;
-    result.map_err(ServeError::Transport)
+    result.map_err(ServeError::Serve)
 }
 
 /// Runs a server future that stops by itself on `shutdown`, but gives up on
@@ -152,7 +154,7 @@ pub async fn set_health(health: &tonic_health::server::HealthReporter, status: S
     }
 }
 
-/// The signal a tonic server stops on: when `shutdown` fires it reports not
+/// The signal a server stops on: when `shutdown` fires it reports not
 /// ready and NOT_SERVING first, so probes and balancers move away while
 /// in-flight calls finish.
 pub fn stopping(

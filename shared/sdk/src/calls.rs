@@ -1,0 +1,146 @@
+//! How a plugin service answers its calls on [`crate::h2serve`]: the unary
+//! agent methods straight from the HTTP/2 stream (read the one message,
+//! decode it, call the plugin, encode the answer), everything else
+//! (ExecuteTaskSync, GetTaskLogs, health, unknown paths) through tonic's router.
+
+use std::future::Future;
+
+use bytes::{BufMut as _, Bytes, BytesMut};
+use flotilla_proto::{
+    paths,
+    service::{
+        agent_metadata_service_server::AgentMetadataService, async_agent_service_server::AsyncAgentService,
+    },
+};
+use h2::{RecvStream, server::SendResponse};
+use http::{HeaderMap, HeaderValue};
+use tonic::{Status, metadata::MetadataMap};
+
+use crate::{
+    Plugin,
+    h2serve::{self, CallFuture, Handler, RecvBody},
+    service::Services,
+    wire::{FRAME_HEADER_LEN, header, parse_grpc_timeout},
+};
+
+/// A plugin service's calls (see the module docs).
+pub(crate) struct ServiceCalls<P> {
+    pub(crate) services: Services<P>,
+    /// tonic's router for the other paths, with the request size limit in front.
+    pub(crate) routes: Routes,
+    /// Largest request message accepted.
+    pub(crate) limit: usize,
+}
+
+/// tonic's router as [`ServiceCalls`] holds it.
+pub(crate) type Routes = tower::util::BoxCloneSyncService<
+    http::Request<tonic::body::Body>,
+    http::Response<tonic::body::Body>,
+    std::convert::Infallible,
+>;
+
+impl<P: Plugin> Handler for ServiceCalls<P> {
+    fn handle(&self, request: http::Request<RecvStream>, respond: SendResponse<Bytes>) -> CallFuture {
+        let s = self.services.clone();
+        let limit = self.limit;
+        match request.uri().path() {
+            paths::CREATE_TASK => {
+                Box::pin(unary(request, respond, limit, move |r| async move { s.create_task(r).await }))
+            }
+            paths::GET_TASK => {
+                Box::pin(unary(request, respond, limit, move |r| async move { s.get_task(r).await }))
+            }
+            paths::DELETE_TASK => {
+                Box::pin(unary(request, respond, limit, move |r| async move { s.delete_task(r).await }))
+            }
+            paths::GET_TASK_METRICS => {
+                Box::pin(unary(request, respond, limit, move |r| async move { s.get_task_metrics(r).await }))
+            }
+            paths::LIST_AGENTS => {
+                Box::pin(unary(request, respond, limit, move |r| async move { s.list_agents(r).await }))
+            }
+            paths::GET_AGENT => {
+                Box::pin(unary(request, respond, limit, move |r| async move { s.get_agent(r).await }))
+            }
+            _ => Box::pin(h2serve::serve_tower(self.routes.clone(), request, respond)),
+        }
+    }
+}
+
+/// One unary call: the request's one message (held to `limit`), decoded as
+/// `M`, handed to `call` with the request's metadata, under the caller's
+/// deadline; the answer goes back as one message and `grpc-status: 0`, an
+/// error as a trailers-only response. A client reset drops the call.
+async fn unary<M, R, F, Fut>(
+    request: http::Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    limit: usize,
+    call: F,
+) where
+    M: prost::Message + Default,
+    R: prost::Message,
+    F: FnOnce(tonic::Request<M>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<R>, Status>>,
+{
+    let (parts, recv) = request.into_parts();
+    let deadline = parts.headers.get(&header::GRPC_TIMEOUT).and_then(|v| parse_grpc_timeout(v.as_bytes()));
+    let work = async move {
+        let body = h2serve::read_request(RecvBody::new(recv), limit, false).await?;
+        if body[0] != 0 {
+            return Err(Status::unimplemented(
+                "compressed requests are not supported; send them uncompressed",
+            ));
+        }
+        let message = M::decode(&body[FRAME_HEADER_LEN..h2serve::message_end(&body)]).map_err(|e| {
+            Status::invalid_argument(format!("the request is not a valid {}: {e}", short_type_name::<M>()))
+        })?;
+        let request =
+            tonic::Request::from_parts(MetadataMap::from_headers(parts.headers), parts.extensions, message);
+        match deadline {
+            Some(d) => tokio::time::timeout(d, call(request)).await.unwrap_or_else(|_| {
+                Err(Status::deadline_exceeded(format!(
+                    "the caller's deadline of {} passed",
+                    flotilla_telemetry::config::HumanDuration(d)
+                )))
+            }),
+            None => call(request).await,
+        }
+    };
+    match h2serve::until_reset(&mut respond, work).await {
+        None => {} // the client went away
+        Some(Ok(response)) => send_message(respond, response),
+        Some(Err(status)) => h2serve::respond_status(respond, &status),
+    }
+}
+
+/// `flotilla_proto::admin::GetTaskRequest` → `GetTaskRequest`.
+fn short_type_name<M>() -> &'static str {
+    let name = std::any::type_name::<M>();
+    name.rsplit("::").next().unwrap_or(name)
+}
+
+/// Sends a unary answer: headers (the response's metadata and the gRPC content
+/// type), the message in one DATA frame, and `grpc-status: 0`.
+fn send_message<R: prost::Message>(mut respond: SendResponse<Bytes>, response: tonic::Response<R>) {
+    let (metadata, message, _) = response.into_parts();
+    let len = message.encoded_len();
+    let Ok(prefix) = u32::try_from(len) else {
+        let status =
+            Status::internal(format!("the answer is {len} bytes, more than a gRPC message can carry"));
+        return h2serve::respond_status(respond, &status);
+    };
+    let mut buf = BytesMut::with_capacity(FRAME_HEADER_LEN + len);
+    buf.put_u8(0);
+    buf.put_u32(prefix);
+    message.encode_raw(&mut buf);
+    let mut head = http::Response::new(());
+    *head.headers_mut() = metadata.into_headers();
+    head.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    let Ok(mut stream) = respond.send_response(head, false) else { return };
+    if stream.send_data(buf.freeze(), false).is_err() {
+        return;
+    }
+    let mut trailers = HeaderMap::with_capacity(1);
+    trailers.insert(header::GRPC_STATUS.clone(), HeaderValue::from_static("0"));
+    let _ = stream.send_trailers(trailers);
+}
