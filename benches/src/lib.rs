@@ -4,6 +4,7 @@
 //! - [`load`]: the closed-loop load generator (tonic clients, HDR histograms).
 //! - [`procs`]: server processes, killed on drop, and their CPU and memory from `/proc`.
 //! - [`fleet`]: starting each compared target and timing its cold start.
+//! - [`floor`]: the machine's bare loopback round trip, the floor under every latency.
 //! - [`results`]: the markdown that `flotilla-compare` writes into `RESULTS.md`.
 //!
 //! Two binaries sit on top: `flotilla-bench` runs one load against one
@@ -12,6 +13,7 @@
 //! Traffic only ever goes to 127.0.0.1.
 
 pub mod fleet;
+pub mod floor;
 pub mod load;
 pub mod procs;
 pub mod results;

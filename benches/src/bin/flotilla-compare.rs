@@ -571,6 +571,17 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             .to_owned(),
         "Rust servers run with `--log warn`; pyflyte with its defaults (10 workers, WARNING logging)".to_owned(),
     ];
+    match flotilla_benches::floor::loopback_rtt(20_000) {
+        Ok(f) => results.method.push(format!(
+            "machine floor: a bare TCP ping-pong on 127.0.0.1 between two threads (blocking sockets, 200 bytes \
+             each way, {} round trips) takes p50 {:.0} µs, p99 {:.0} µs per round trip; a call through the \
+             gateway makes two such round trips, a call to echo directly one",
+            f.samples,
+            f.p50.as_secs_f64() * 1e6,
+            f.p99.as_secs_f64() * 1e6
+        )),
+        Err(e) => eprintln!("warning: the loopback floor could not be measured: {e}"),
+    }
     eprintln!("==> logs under {}", logs.path().display());
 
     cold_starts(&plan, &launcher, &mut results).await?;

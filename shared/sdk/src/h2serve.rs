@@ -180,6 +180,9 @@ pub async fn read_request(mut body: RecvBody, limit: usize, streaming: bool) -> 
             }
         })?;
         let Ok(data) = frame.into_data() else { continue }; // trailers from a client: ignore
+        if data.is_empty() {
+            continue; // the empty DATA frame some clients end a stream with
+        }
         limiter.feed(&data).map_err(Status::from)?;
         have += data.len();
         if have > total_limit {
