@@ -82,6 +82,7 @@ struct Target {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    flotilla_telemetry::settle_allocator();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

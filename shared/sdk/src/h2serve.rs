@@ -1,7 +1,9 @@
 //! A lean HTTP/2 server for gRPC, on the `h2` crate directly.
 //!
-//! Each accepted socket gets one task. That task drives the connection and
-//! polls every call's future itself: there is no task spawned per call, no
+//! Each accepted socket gets one task. That task drives the connection and,
+//! on a one-thread runtime (`--threads 1`), polls every call's future itself:
+//! no task spawned per call. On a runtime with more threads each call is
+//! spawned, so one connection's calls use every core. Either way there are no
 //! per-call service wrappers, and a response's frames go straight onto the
 //! call's stream. A [`Handler`] decides what a call does; [`serve_tower`]
 //! hands a call to a tower service (tonic's router, say) for the paths that
@@ -122,7 +124,12 @@ async fn connection<H: Handler>(
             return;
         }
     };
-    let mut calls = FuturesUnordered::new();
+    // On one runtime thread a call is cheapest polled right here. With more,
+    // each call gets a task of its own so that the calls of one connection
+    // (propeller keeps one; so does the gateway per replica) spread over the
+    // cores; the connection still waits for them before it closes.
+    let spread = tokio::runtime::Handle::current().metrics().num_workers() > 1;
+    let mut calls: FuturesUnordered<CallFuture> = FuturesUnordered::new();
     let mut stopping = false;
     loop {
         if !stopping && *stop.borrow() {
@@ -140,7 +147,17 @@ async fn connection<H: Handler>(
                 }
             }
             accepted = conn.accept() => match accepted {
-                Some(Ok((request, respond))) => calls.push(handler.handle(request, respond)),
+                Some(Ok((request, respond))) => {
+                    let call = handler.handle(request, respond);
+                    if spread {
+                        let task = tokio::spawn(call);
+                        calls.push(Box::pin(async move {
+                            let _ = task.await; // a panic in a call is the call's alone
+                        }));
+                    } else {
+                        calls.push(call);
+                    }
+                }
                 Some(Err(error)) => {
                     if !error.is_go_away() && !error.is_io() {
                         tracing::debug!(%peer, %error, "Client connection failed");
@@ -341,9 +358,10 @@ where
 }
 
 /// Response bytes queued on a stream before the pipe checks that the client
-/// is reading: a unary answer goes out without a flow-control round, while a
-/// long stream to a client that stopped reading waits rather than piling up here.
-const UNCHECKED_BYTES: usize = 64 << 10;
+/// is reading. Any unary answer up to this size (and its trailers) goes out
+/// without waiting for the client's window to open, while a long stream to a
+/// client that stopped reading waits here rather than piling up in memory.
+const UNCHECKED_BYTES: usize = 1 << 20;
 
 /// Copies `body`'s frames onto `stream` until its end (see [`respond_with`]).
 async fn pipe<B>(mut stream: SendStream<Bytes>, body: B)

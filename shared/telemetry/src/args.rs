@@ -52,6 +52,7 @@ impl CommonArgs {
     /// # Errors
     /// When the runtime cannot start (no threads can be spawned).
     pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        crate::settle_allocator();
         let mut builder = tokio::runtime::Builder::new_multi_thread();
         if let Some(n) = self.threads {
             builder.worker_threads(n.get());
