@@ -387,27 +387,29 @@ pub fn valid_request_id(id: &[u8]) -> bool {
 /// A new request id, `gw-<process tag>-<sequence>` in hex: unique across
 /// gateway replicas (the tag is random per process; pids repeat in containers).
 fn new_request_id() -> HeaderValue {
-    use std::{
-        io::Write as _,
-        sync::{
-            OnceLock,
-            atomic::{AtomicU64, Ordering},
-        },
+    use std::sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
     };
-    static TAG: OnceLock<u64> = OnceLock::new();
+    static PREFIX: OnceLock<String> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let tag = *TAG.get_or_init(|| {
+    let prefix = PREFIX.get_or_init(|| {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u32(std::process::id());
-        h.finish() & 0xffff_ffff_ffff
+        format!("gw-{:012x}-", h.finish() & 0xffff_ffff_ffff)
     });
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let mut buf = [0u8; 40];
-    let mut out = &mut buf[..];
-    let _ = write!(out, "gw-{tag:012x}-{n:x}"); // at most 3 + 12 + 1 + 16 bytes
-    let len = 40 - out.len();
-    HeaderValue::from_bytes(&buf[..len]).expect("hex digits and dashes")
+    // The sequence in hex by hand: this runs on every call that came without an id.
+    let mut buf = [0u8; 40]; // 16-byte prefix + at most 16 hex digits
+    buf[..prefix.len()].copy_from_slice(prefix.as_bytes());
+    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1) as usize;
+    let end = prefix.len() + digits;
+    for (i, slot) in buf[prefix.len()..end].iter_mut().enumerate() {
+        let nibble = (n >> (4 * (digits - 1 - i))) & 0xf;
+        *slot = b"0123456789abcdef"[nibble as usize];
+    }
+    HeaderValue::from_bytes(&buf[..end]).expect("hex digits and dashes")
 }
 
 /// What the log line of a call says about it, gathered as the call goes.
@@ -591,9 +593,18 @@ mod tests {
     fn generated_request_ids_are_valid_and_distinct() {
         let (a, b) = (new_request_id(), new_request_id());
         assert_ne!(a, b);
-        for id in [a, b] {
+        for id in [&a, &b] {
             assert!(valid_request_id(id.as_bytes()), "{id:?}");
             assert!(id.to_str().unwrap().starts_with("gw-"), "{id:?}");
         }
+        // `gw-<12 hex digits of the process tag>-<sequence in hex>`, one after the other.
+        let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+        let (prefix, seq_a) = a.rsplit_once('-').unwrap();
+        let (prefix_b, seq_b) = b.rsplit_once('-').unwrap();
+        assert_eq!(prefix, prefix_b);
+        assert_eq!(prefix.len(), 3 + 12, "{a}");
+        let (seq_a, seq_b) =
+            (u64::from_str_radix(seq_a, 16).unwrap(), u64::from_str_radix(seq_b, 16).unwrap());
+        assert!(seq_b > seq_a, "{a} {b}");
     }
 }
