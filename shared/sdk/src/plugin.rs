@@ -92,6 +92,10 @@ pub struct Call {
 ///
 /// Plugins must be stateless between calls: everything `get` and `delete` need
 /// travels in `resource_meta`, so any replica can answer for a task another created.
+///
+/// The methods run on the async runtime (on a one-thread runtime, on the task
+/// of the caller's connection): they must not block. Waiting on I/O with
+/// `.await` is fine; put heavy CPU work in `tokio::task::spawn_blocking`.
 pub trait Plugin: Send + Sync + 'static {
     /// The agents this plugin carries. Called once when serving starts.
     fn agents(&self) -> Vec<AgentSpec>;
