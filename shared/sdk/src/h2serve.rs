@@ -14,6 +14,7 @@
 
 use std::{
     future::Future,
+    panic::AssertUnwindSafe,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll, ready},
@@ -21,7 +22,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use futures_util::{StreamExt as _, stream::FuturesUnordered};
+use futures_util::{FutureExt as _, StreamExt as _, future::CatchUnwind, stream::FuturesUnordered};
 use h2::{
     RecvStream, SendStream,
     server::{self, SendResponse},
@@ -129,7 +130,8 @@ async fn connection<H: Handler>(
     // (propeller keeps one; so does the gateway per replica) spread over the
     // cores; the connection still waits for them before it closes.
     let spread = tokio::runtime::Handle::current().metrics().num_workers() > 1;
-    let mut calls: FuturesUnordered<CallFuture> = FuturesUnordered::new();
+    // A panicking call ends its own stream (reset), not the connection's others.
+    let mut calls: FuturesUnordered<CatchUnwind<AssertUnwindSafe<CallFuture>>> = FuturesUnordered::new();
     let mut stopping = false;
     loop {
         if !stopping && *stop.borrow() {
@@ -138,7 +140,7 @@ async fn connection<H: Handler>(
         }
         tokio::select! {
             biased;
-            Some(()) = calls.next(), if !calls.is_empty() => {}
+            Some(_) = calls.next(), if !calls.is_empty() => {}
             changed = stop.changed(), if !stopping => {
                 if changed.is_err() {
                     // The server is gone without saying stop: treat it as stop.
@@ -148,15 +150,14 @@ async fn connection<H: Handler>(
             }
             accepted = conn.accept() => match accepted {
                 Some(Ok((request, respond))) => {
-                    let call = handler.handle(request, respond);
+                    let mut call = handler.handle(request, respond);
                     if spread {
                         let task = tokio::spawn(call);
-                        calls.push(Box::pin(async move {
-                            let _ = task.await; // a panic in a call is the call's alone
-                        }));
-                    } else {
-                        calls.push(call);
+                        call = Box::pin(async move {
+                            let _ = task.await; // a panic in the task is the call's alone
+                        });
                     }
+                    calls.push(AssertUnwindSafe(call).catch_unwind());
                 }
                 Some(Err(error)) => {
                     if !error.is_go_away() && !error.is_io() {
