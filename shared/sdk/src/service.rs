@@ -2,7 +2,13 @@
 //! category, check it is served and of the right kind, call the plugin,
 //! record flytekit's metrics, and turn errors into statuses.
 
-use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc, time::Instant};
+use std::{
+    collections::HashMap,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, LazyLock},
+    time::Instant,
+};
 
 use flotilla_proto::{
     admin::{self, execute_task_sync_request::Part},
@@ -13,7 +19,10 @@ use flotilla_proto::{
 };
 use futures_util::Stream;
 use prost::Message;
-use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
+use tonic::{
+    Request, Response, Status, Streaming,
+    metadata::{Ascii, MetadataKey, MetadataMap},
+};
 
 use crate::{
     AgentSpec, Call, Category, Plugin, PluginError,
@@ -21,8 +30,12 @@ use crate::{
     wire::parse_grpc_timeout,
 };
 
-/// Request id metadata key, carried from the gateway to the service.
-pub(crate) const REQUEST_ID: &str = "x-request-id";
+/// The metadata keys read on every call, made once (a `&str` key is parsed on
+/// each lookup): the request id the gateway carries to the service, and the deadline.
+static REQUEST_ID_KEY: LazyLock<MetadataKey<Ascii>> =
+    LazyLock::new(|| MetadataKey::from_static("x-request-id"));
+static GRPC_TIMEOUT_KEY: LazyLock<MetadataKey<Ascii>> =
+    LazyLock::new(|| MetadataKey::from_static("grpc-timeout"));
 
 /// Which agent serves each category; built once from [`Plugin::agents`].
 pub(crate) struct Table {
@@ -142,7 +155,7 @@ impl<P: Plugin> Services<P> {
 
 /// The caller's request id (`x-request-id`), if it sent a readable one.
 fn request_id(metadata: &MetadataMap) -> Option<&str> {
-    metadata.get(REQUEST_ID).and_then(|v| v.to_str().ok())
+    metadata.get(&*REQUEST_ID_KEY).and_then(|v| v.to_str().ok())
 }
 
 /// One line per finished call: `debug` when it succeeded, `info` when not.
@@ -179,7 +192,7 @@ fn log_call(
 
 fn call_for(category: Category, metadata: &MetadataMap, started: Instant) -> Call {
     let deadline = metadata
-        .get("grpc-timeout")
+        .get(&*GRPC_TIMEOUT_KEY)
         .and_then(|v| parse_grpc_timeout(v.as_bytes()))
         .and_then(|d| started.checked_add(d));
     let request_id = request_id(metadata).map(str::to_owned);
