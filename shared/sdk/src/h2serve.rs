@@ -127,8 +127,7 @@ async fn connection<H: Handler>(
     };
     // On one runtime thread a call is cheapest polled right here. With more,
     // each call gets a task of its own so that the calls of one connection
-    // (propeller keeps one; so does the gateway per replica) spread over the
-    // cores; the connection still waits for them before it closes.
+    // (propeller keeps one; so does the gateway per replica) spread over the cores.
     let spread = tokio::runtime::Handle::current().metrics().num_workers() > 1;
     // A panicking call ends its own stream (reset), not the connection's others.
     let mut calls: FuturesUnordered<CatchUnwind<AssertUnwindSafe<CallFuture>>> = FuturesUnordered::new();
@@ -150,14 +149,15 @@ async fn connection<H: Handler>(
             }
             accepted = conn.accept() => match accepted {
                 Some(Ok((request, respond))) => {
-                    let mut call = handler.handle(request, respond);
+                    let call = handler.handle(request, respond);
                     if spread {
-                        let task = tokio::spawn(call);
-                        call = Box::pin(async move {
-                            let _ = task.await; // a panic in the task is the call's alone
-                        });
+                        // Not awaited here: the connection (polled below) closes
+                        // only once every stream is done, so a graceful close still
+                        // waits for this call. A panic ends the task and its stream.
+                        tokio::spawn(call);
+                    } else {
+                        calls.push(AssertUnwindSafe(call).catch_unwind());
                     }
-                    calls.push(AssertUnwindSafe(call).catch_unwind());
                 }
                 Some(Err(error)) => {
                     if !error.is_go_away() && !error.is_io() {

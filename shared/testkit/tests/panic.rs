@@ -30,7 +30,7 @@ impl Plugin for Panics {
     ) -> Result<admin::CreateTaskResponse, PluginError> {
         self.0.entered.notify_one();
         self.0.release.notified().await;
-        Ok(admin::CreateTaskResponse { resource_meta: b"kept".to_vec(), ..Default::default() })
+        Ok(admin::CreateTaskResponse { resource_meta: b"kept".to_vec() })
     }
 
     async fn get(
