@@ -161,3 +161,42 @@ async fn shutdown_finishes_the_call_in_flight_then_stops() {
     tokio::time::timeout(Duration::from_secs(5), svc.task).await.expect("serve returns").unwrap().unwrap();
     assert!(tokio::net::TcpStream::connect(svc.addr).await.is_err(), "still accepting after shutdown");
 }
+
+#[tokio::test]
+async fn execute_task_sync_reads_its_stream_in_order() {
+    use admin::execute_task_sync_request::Part;
+    use prost::Message as _;
+    let svc = spawn_plugin(Echo::default()).await;
+    let message =
+        |part: Part| frame(&admin::ExecuteTaskSyncRequest { part: Some(part) }.encode_to_vec()).to_vec();
+    let header = || {
+        message(Part::Header(admin::CreateRequestHeader {
+            template: Some(template("echo_sync", &[])),
+            ..Default::default()
+        }))
+    };
+    let inputs = || message(Part::Inputs(flotilla_proto::core::LiteralMap::default()));
+    let stream = |parts: &[Vec<u8>]| parts.concat();
+
+    let ok = raw_call(svc.addr, paths::EXECUTE_TASK_SYNC, stream(&[header(), inputs()]).into()).await;
+    assert_eq!(ok.code, Code::Ok, "{}", ok.message);
+    let answer = admin::ExecuteTaskSyncResponse::decode(ok.messages[0].clone()).unwrap();
+    assert!(matches!(answer.res, Some(admin::execute_task_sync_response::Res::Header(_))), "{answer:?}");
+
+    for (parts, code, needle) in [
+        (vec![inputs(), header()], Code::InvalidArgument, "must be the header"),
+        (vec![header(), inputs(), inputs()], Code::InvalidArgument, "more than one inputs"),
+        (vec![header(), header()], Code::InvalidArgument, "more than one header"),
+        (vec![], Code::InvalidArgument, "no complete gRPC message"),
+    ] {
+        let answer = raw_call(svc.addr, paths::EXECUTE_TASK_SYNC, stream(&parts).into()).await;
+        assert_eq!(answer.code, code, "{}", answer.message);
+        assert!(answer.message.contains(needle), "{needle:?} not in {:?}", answer.message);
+    }
+    // A stream cut inside its second message.
+    let whole = stream(&[header(), inputs()]);
+    let cut = whole[..whole.len() - 1].to_vec();
+    let answer = raw_call(svc.addr, paths::EXECUTE_TASK_SYNC, cut.into()).await;
+    assert_eq!(answer.code, Code::InvalidArgument, "{}", answer.message);
+    assert!(answer.message.contains("ends after"), "{}", answer.message);
+}

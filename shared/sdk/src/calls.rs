@@ -1,7 +1,7 @@
 //! How a plugin service answers its calls on [`crate::h2serve`]: the unary
-//! agent methods straight from the HTTP/2 stream (read the one message,
-//! decode it, call the plugin, encode the answer), everything else
-//! (ExecuteTaskSync, GetTaskLogs, health, unknown paths) through tonic's router.
+//! agent methods and ExecuteTaskSync straight from the HTTP/2 stream (read the
+//! request, decode it, call the plugin, encode the one answer), everything else
+//! (GetTaskLogs, health, unknown paths) through tonic's router.
 
 use std::future::Future;
 
@@ -62,6 +62,7 @@ impl<P: Plugin> Handler for ServiceCalls<P> {
             paths::GET_AGENT => {
                 Box::pin(unary(request, respond, limit, move |r| async move { s.get_agent(r).await }))
             }
+            paths::EXECUTE_TASK_SYNC => Box::pin(execute_sync(request, respond, limit, s)),
             _ => Box::pin(h2serve::serve_tower(self.routes.clone(), request, respond)),
         }
     }
@@ -69,11 +70,10 @@ impl<P: Plugin> Handler for ServiceCalls<P> {
 
 /// One unary call: the request's one message (held to `limit`), decoded as
 /// `M`, handed to `call` with the request's metadata, under the caller's
-/// deadline; the answer goes back as one message and `grpc-status: 0`, an
-/// error as a trailers-only response. A client reset drops the call.
+/// deadline; see [`answer`].
 async fn unary<M, R, F, Fut>(
     request: http::Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    respond: SendResponse<Bytes>,
     limit: usize,
     call: F,
 ) where
@@ -83,27 +83,60 @@ async fn unary<M, R, F, Fut>(
     Fut: Future<Output = Result<tonic::Response<R>, Status>>,
 {
     let (parts, recv) = request.into_parts();
-    let deadline = parts.headers.get(&header::GRPC_TIMEOUT).and_then(|v| parse_grpc_timeout(v.as_bytes()));
+    let deadline = deadline(&parts.headers);
     let work = async move {
         let body = h2serve::read_request(RecvBody::new(recv), limit, false).await?;
-        if body[0] != 0 {
-            return Err(Status::unimplemented(
-                "compressed requests are not supported; send them uncompressed",
-            ));
-        }
-        let message = M::decode(&body[FRAME_HEADER_LEN..h2serve::message_end(&body)]).map_err(|e| {
-            Status::invalid_argument(format!("the request is not a valid {}: {e}", short_type_name::<M>()))
-        })?;
-        let request =
-            tonic::Request::from_parts(MetadataMap::from_headers(parts.headers), parts.extensions, message);
+        let (message, _) = decode_next::<M>(&body)?;
+        call(tonic::Request::from_parts(MetadataMap::from_headers(parts.headers), parts.extensions, message))
+            .await
+    };
+    answer(respond, deadline, work).await;
+}
+
+/// ExecuteTaskSync: the request stream read to its end (each message held to
+/// `limit`), its messages decoded, then the plugin; the one answer goes back
+/// like a unary one (see [`answer`]).
+async fn execute_sync<P: Plugin>(
+    request: http::Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+    limit: usize,
+    services: Services<P>,
+) {
+    let (parts, recv) = request.into_parts();
+    let deadline = deadline(&parts.headers);
+    let work = async move {
+        let messages = match h2serve::read_request(RecvBody::new(recv), limit, true).await {
+            Ok(body) => decode_all(&body),
+            Err(status) => Err(status),
+        };
+        let metadata = MetadataMap::from_headers(parts.headers);
+        services.execute_sync(&metadata, messages).await.map(tonic::Response::new)
+    };
+    answer(respond, deadline, work).await;
+}
+
+/// The caller's deadline, from `grpc-timeout`.
+fn deadline(headers: &http::HeaderMap) -> Option<std::time::Duration> {
+    headers.get(&header::GRPC_TIMEOUT).and_then(|v| parse_grpc_timeout(v.as_bytes()))
+}
+
+/// Runs `work` under `deadline` (DEADLINE_EXCEEDED when it passes) and writes
+/// its outcome: the answer as one message and `grpc-status: 0`, an error as a
+/// trailers-only response. A client reset drops the work.
+async fn answer<R, W>(mut respond: SendResponse<Bytes>, deadline: Option<std::time::Duration>, work: W)
+where
+    R: prost::Message,
+    W: Future<Output = Result<tonic::Response<R>, Status>>,
+{
+    let work = async move {
         match deadline {
-            Some(d) => tokio::time::timeout(d, call(request)).await.unwrap_or_else(|_| {
+            Some(d) => tokio::time::timeout(d, work).await.unwrap_or_else(|_| {
                 Err(Status::deadline_exceeded(format!(
                     "the caller's deadline of {} passed",
                     flotilla_telemetry::config::HumanDuration(d)
                 )))
             }),
-            None => call(request).await,
+            None => work.await,
         }
     };
     match h2serve::until_reset(&mut respond, work).await {
@@ -111,6 +144,38 @@ async fn unary<M, R, F, Fut>(
         Some(Ok(response)) => send_message(respond, response),
         Some(Err(status)) => h2serve::respond_status(respond, &status),
     }
+}
+
+/// Decodes the gRPC message at the start of `body` as `M`; returns it and the bytes after it.
+fn decode_next<M: prost::Message + Default>(body: &[u8]) -> Result<(M, &[u8]), Status> {
+    if body.len() < FRAME_HEADER_LEN {
+        return Err(Status::invalid_argument("the request body ends inside a message header"));
+    }
+    if body[0] != 0 {
+        return Err(Status::unimplemented("compressed requests are not supported; send them uncompressed"));
+    }
+    let end = h2serve::message_end(body);
+    if body.len() < end {
+        return Err(Status::invalid_argument(format!(
+            "the request body ends after {} of the {end} bytes its message declares",
+            body.len()
+        )));
+    }
+    let message = M::decode(&body[FRAME_HEADER_LEN..end]).map_err(|e| {
+        Status::invalid_argument(format!("the request is not a valid {}: {e}", short_type_name::<M>()))
+    })?;
+    Ok((message, &body[end..]))
+}
+
+/// Every message of a client stream's body, in order.
+fn decode_all<M: prost::Message + Default>(mut body: &[u8]) -> Result<Vec<M>, Status> {
+    let mut messages = Vec::with_capacity(2);
+    while !body.is_empty() {
+        let (message, rest) = decode_next(body)?;
+        messages.push(message);
+        body = rest;
+    }
+    Ok(messages)
 }
 
 /// `flotilla_proto::admin::GetTaskRequest` → `GetTaskRequest`.

@@ -2,10 +2,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use flotilla_proto::service::{
-    agent_metadata_service_server::AgentMetadataServiceServer,
-    async_agent_service_server::AsyncAgentServiceServer, sync_agent_service_server::SyncAgentServiceServer,
-};
+use flotilla_proto::service::async_agent_service_server::AsyncAgentServiceServer;
 use flotilla_telemetry::{Admin, Readiness, Shutdown};
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -88,16 +85,12 @@ pub(crate) async fn serve_with_registry<P: Plugin>(
 
     let limit = options.max_request_bytes;
     let grpc_addr: Option<SocketAddr> = grpc.local_addr().ok();
-    // The unary agent methods are answered straight from the HTTP/2 stream
-    // (crate::calls); the rest goes to tonic's router, our size limit first
-    // (as bytes arrive; tonic's own would answer OUT_OF_RANGE).
+    // Every agent method but GetTaskLogs is answered straight from the HTTP/2
+    // stream (crate::calls); GetTaskLogs and health go to tonic's router, our
+    // size limit first (as bytes arrive; tonic's own would answer OUT_OF_RANGE).
     let decode_limit = limit.saturating_add(1);
     let routes = tonic::service::Routes::new(health_service)
-        .add_service(AsyncAgentServiceServer::new(services.clone()).max_decoding_message_size(decode_limit))
-        .add_service(SyncAgentServiceServer::new(services.clone()).max_decoding_message_size(decode_limit))
-        .add_service(
-            AgentMetadataServiceServer::new(services.clone()).max_decoding_message_size(decode_limit),
-        );
+        .add_service(AsyncAgentServiceServer::new(services.clone()).max_decoding_message_size(decode_limit));
     let routes = tower::ServiceBuilder::new()
         .map_request(move |req: http::Request<tonic::body::Body>| {
             req.map(|body| tonic::body::Body::new(LimitedBody::new(body, limit)))

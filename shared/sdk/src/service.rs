@@ -14,13 +14,12 @@ use flotilla_proto::{
     admin::{self, execute_task_sync_request::Part},
     service::{
         agent_metadata_service_server::AgentMetadataService, async_agent_service_server::AsyncAgentService,
-        sync_agent_service_server::SyncAgentService,
     },
 };
 use futures_util::Stream;
 use prost::Message;
 use tonic::{
-    Request, Response, Status, Streaming,
+    Request, Response, Status,
     metadata::{Ascii, MetadataKey, MetadataMap},
 };
 
@@ -315,10 +314,13 @@ impl<P: Plugin> AsyncAgentService for Services<P> {
 /// at most one inputs message. Reading the whole stream before answering
 /// matters: a server that stops reading early makes HTTP/2 reset the stream,
 /// and loaded clients see errors.
-async fn read_sync_request(
-    mut stream: Streaming<admin::ExecuteTaskSyncRequest>,
+/// The header and inputs of an ExecuteTaskSync request stream, from its
+/// messages in order: the header first, then at most one inputs message.
+fn sync_parts(
+    messages: impl IntoIterator<Item = admin::ExecuteTaskSyncRequest>,
 ) -> Result<(admin::CreateRequestHeader, Option<flotilla_proto::core::LiteralMap>), Status> {
-    let header = match stream.message().await? {
+    let mut messages = messages.into_iter();
+    let header = match messages.next() {
         Some(admin::ExecuteTaskSyncRequest { part: Some(Part::Header(h)) }) => h,
         Some(_) => {
             return Err(Status::invalid_argument(
@@ -328,7 +330,7 @@ async fn read_sync_request(
         None => return Err(Status::invalid_argument("ExecuteTaskSync stream ended before its header")),
     };
     let mut inputs = None;
-    while let Some(msg) = stream.message().await? {
+    for msg in messages {
         match msg.part {
             Some(Part::Inputs(i)) if inputs.is_none() => inputs = Some(i),
             Some(Part::Inputs(_)) => {
@@ -343,17 +345,15 @@ async fn read_sync_request(
     Ok((header, inputs))
 }
 
-#[tonic::async_trait]
-impl<P: Plugin> SyncAgentService for Services<P> {
-    type ExecuteTaskSyncStream =
-        Pin<Box<dyn Stream<Item = Result<admin::ExecuteTaskSyncResponse, Status>> + Send + 'static>>;
-
-    async fn execute_task_sync(
+impl<P: Plugin> Services<P> {
+    /// ExecuteTaskSync once its request stream has been read to the end (as
+    /// `messages`, or the status that reading it failed with): the one answer.
+    pub(crate) async fn execute_sync(
         &self,
-        request: Request<Streaming<admin::ExecuteTaskSyncRequest>>,
-    ) -> Result<Response<Self::ExecuteTaskSyncStream>, Status> {
-        let (metadata, _, stream) = request.into_parts();
-        let (header, category, inputs) = match read_sync_request(stream).await {
+        metadata: &MetadataMap,
+        messages: Result<Vec<admin::ExecuteTaskSyncRequest>, Status>,
+    ) -> Result<admin::ExecuteTaskSyncResponse, Status> {
+        let (header, category, inputs) = match messages.and_then(sync_parts) {
             Ok((header, inputs)) => {
                 let category = template_category(header.template.as_ref());
                 (Some(header), category, inputs)
@@ -370,7 +370,7 @@ impl<P: Plugin> SyncAgentService for Services<P> {
                 Some(Operation::Do),
                 category,
                 true,
-                &metadata,
+                metadata,
                 |call| async move {
                     // The category came from the header, so there is one.
                     let Some(header) = header else {
@@ -380,12 +380,11 @@ impl<P: Plugin> SyncAgentService for Services<P> {
                 },
             )
             .await?;
-        let answer = admin::ExecuteTaskSyncResponse {
+        Ok(admin::ExecuteTaskSyncResponse {
             res: Some(admin::execute_task_sync_response::Res::Header(admin::ExecuteTaskSyncResponseHeader {
                 resource: Some(resource),
             })),
-        };
-        Ok(Response::new(Box::pin(futures_util::stream::iter([Ok(answer)]))))
+        })
     }
 }
 
