@@ -104,14 +104,16 @@ async fn execute_sync<P: Plugin>(
 ) {
     let (parts, recv) = request.into_parts();
     let deadline = deadline(&parts.headers);
-    let work = async move {
+    // Boxed: the plugin's future is inside it, and the layers below would
+    // otherwise copy all of it (kilobytes) each time they move it.
+    let work = Box::pin(async move {
         let messages = match h2serve::read_request(RecvBody::new(recv), limit, true).await {
             Ok(body) => decode_all(&body),
             Err(status) => Err(status),
         };
         let metadata = MetadataMap::from_headers(parts.headers);
         services.execute_sync(&metadata, messages).await.map(tonic::Response::new)
-    };
+    });
     answer(respond, deadline, work).await;
 }
 
