@@ -137,9 +137,11 @@ async fn connection<H: Handler>(
             stopping = true;
             conn.graceful_shutdown();
         }
+        // Accept every request already read before running the calls, and run
+        // every call that can go on before the connection is polled again: the
+        // answers of one batch then leave in one write, not one write each.
         tokio::select! {
             biased;
-            Some(_) = calls.next(), if !calls.is_empty() => {}
             changed = stop.changed(), if !stopping => {
                 if changed.is_err() {
                     // The server is gone without saying stop: treat it as stop.
@@ -167,8 +169,20 @@ async fn connection<H: Handler>(
                 }
                 None => break,
             },
+            () = run_ready(&mut calls), if !calls.is_empty() => {}
         }
     }
+}
+
+/// Polls the calls until none can go on; ready once at least one has finished.
+fn run_ready<F: Future + Unpin>(calls: &mut FuturesUnordered<F>) -> impl Future<Output = ()> + '_ {
+    std::future::poll_fn(move |cx| {
+        let mut finished = false;
+        while let Poll::Ready(Some(_)) = calls.poll_next_unpin(cx) {
+            finished = true;
+        }
+        if finished { Poll::Ready(()) } else { Poll::Pending }
+    })
 }
 
 /// The end of the first gRPC message in `buf` (which holds at least one whole message).
