@@ -22,7 +22,7 @@ use std::{
 use ::h2::client::{self, SendRequest};
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use flotilla_sdk::h2serve::RecvBody;
+use flotilla_sdk::h2serve::{RecvBody, YieldOnWake};
 use http_body_util::BodyExt;
 use tonic::body::Body;
 use tower::Service;
@@ -149,8 +149,11 @@ impl H2Endpoint {
         let (addr, driver_closed) = (self.addr, closed.clone());
         let pings = conn.ping_pong();
         tokio::spawn(async move {
+            // Woken by a call with a request to send, the driver first lets the
+            // other ready calls queue theirs: one write for them all.
+            let driven = YieldOnWake::new(&mut conn, || true);
             tokio::select! {
-                result = &mut conn => {
+                result = driven => {
                     if let Err(error) = result {
                         tracing::debug!(%addr, %error, "Replica connection ended");
                     }

@@ -131,6 +131,8 @@ async fn connection<H: Handler>(
     let spread = tokio::runtime::Handle::current().metrics().num_workers() > 1;
     // A panicking call ends its own stream (reset), not the connection's others.
     let mut calls: FuturesUnordered<CatchUnwind<AssertUnwindSafe<CallFuture>>> = FuturesUnordered::new();
+    // Held by each spawned call while it runs: its strong count says whether any run.
+    let running = Arc::new(());
     let mut stopping = false;
     loop {
         if !stopping && *stop.borrow() {
@@ -140,37 +142,100 @@ async fn connection<H: Handler>(
         // Accept every request already read before running the calls, and run
         // every call that can go on before the connection is polled again: the
         // answers of one batch then leave in one write, not one write each.
-        tokio::select! {
-            biased;
-            changed = stop.changed(), if !stopping => {
-                if changed.is_err() {
+        let event = {
+            let wait = std::pin::pin!(async {
+                tokio::select! {
+                    biased;
+                    changed = stop.changed(), if !stopping => Event::Stop { server_gone: changed.is_err() },
+                    accepted = conn.accept() => Event::Accepted(accepted),
+                    () = run_ready(&mut calls), if !calls.is_empty() => Event::Ran,
+                }
+            });
+            YieldOnWake::new(wait, || Arc::strong_count(&running) > 1).await
+        };
+        match event {
+            Event::Stop { server_gone } => {
+                if server_gone {
                     // The server is gone without saying stop: treat it as stop.
                     stopping = true;
                     conn.graceful_shutdown();
                 }
             }
-            accepted = conn.accept() => match accepted {
-                Some(Ok((request, respond))) => {
-                    let call = handler.handle(request, respond);
-                    if spread {
-                        // Not awaited here: the connection (polled below) closes
-                        // only once every stream is done, so a graceful close still
-                        // waits for this call. A panic ends the task and its stream.
-                        tokio::spawn(call);
-                    } else {
-                        calls.push(AssertUnwindSafe(call).catch_unwind());
-                    }
+            Event::Accepted(Some(Ok((request, respond)))) => {
+                let call = handler.handle(request, respond);
+                if spread {
+                    // Not awaited here: the connection (polled above) closes
+                    // only once every stream is done, so a graceful close still
+                    // waits for this call. A panic ends the task and its stream.
+                    let token = running.clone();
+                    tokio::spawn(async move {
+                        call.await;
+                        drop(token);
+                    });
+                } else {
+                    calls.push(AssertUnwindSafe(call).catch_unwind());
                 }
-                Some(Err(error)) => {
-                    if !error.is_go_away() && !error.is_io() {
-                        tracing::debug!(%peer, %error, "Client connection failed");
-                    }
-                    break;
+            }
+            Event::Accepted(Some(Err(error))) => {
+                if !error.is_go_away() && !error.is_io() {
+                    tracing::debug!(%peer, %error, "Client connection failed");
                 }
-                None => break,
-            },
-            () = run_ready(&mut calls), if !calls.is_empty() => {}
+                break;
+            }
+            Event::Accepted(None) => break,
+            Event::Ran => {}
         }
+    }
+}
+
+/// A request accepted on a connection, with the handle to answer it.
+type Accepted = (Request<RecvStream>, SendResponse<Bytes>);
+
+/// What woke a connection's task.
+#[allow(clippy::large_enum_variant)] // lives on the stack for one step; boxing would allocate per call
+enum Event {
+    /// The stop signal changed, or its sender is gone.
+    Stop { server_gone: bool },
+    /// The connection's next request, its end, or its failure.
+    Accepted(Option<Result<Accepted, h2::Error>>),
+    /// Calls polled on this task finished.
+    Ran,
+}
+
+/// A future that, each time it is woken while `busy()` holds, first steps
+/// back once behind the other ready tasks (it is rescheduled at the back of
+/// the run queue) before polling `inner`.
+///
+/// For a task that writes on behalf of others: a connection whose calls run
+/// as tasks of their own, or a client connection's driver. The first call to
+/// finish wakes it (an answer to send); stepping back lets the other calls
+/// that are ready finish first, so that their frames share one write instead
+/// of one write each. A task that is not busy never waits.
+pub struct YieldOnWake<F, C> {
+    inner: F,
+    busy: C,
+    slept: bool,
+}
+
+impl<F, C> YieldOnWake<F, C> {
+    /// Wraps `inner`; `busy` says whether stepping back can help.
+    pub fn new(inner: F, busy: C) -> Self {
+        Self { inner, busy, slept: false }
+    }
+}
+
+impl<F: Future + Unpin, C: Fn() -> bool + Unpin> Future for YieldOnWake<F, C> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        if self.slept && (self.busy)() {
+            self.slept = false;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let polled = Pin::new(&mut self.inner).poll(cx);
+        self.slept = polled.is_pending();
+        polled
     }
 }
 
@@ -482,4 +547,63 @@ pub fn respond_status(mut respond: SendResponse<Bytes>, status: &tonic::Status) 
     let response = status.clone().into_http::<()>();
     let (parts, ()) = response.into_parts();
     let _ = respond.send_response(Response::from_parts(parts, ()), true);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        cell::Cell,
+        sync::atomic::{AtomicUsize, Ordering},
+        task::Wake,
+    };
+
+    use super::*;
+
+    /// Counts its wakes.
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Pending for its first `pending` polls, then ready; counts the polls.
+    fn inner(polls: &Cell<usize>, pending: usize) -> impl Future<Output = usize> + Unpin + '_ {
+        std::future::poll_fn(move |_| {
+            polls.set(polls.get() + 1);
+            if polls.get() > pending { Poll::Ready(polls.get()) } else { Poll::Pending }
+        })
+    }
+
+    #[test]
+    fn steps_back_once_per_wake_while_busy() {
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let polls = Cell::new(0);
+        let mut fut = YieldOnWake::new(inner(&polls, 1), || true);
+        // First poll: straight to the inner future, which is pending.
+        assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
+        assert_eq!((polls.get(), wakes.0.load(Ordering::SeqCst)), (1, 0));
+        // Woken while busy: steps back (rescheduled) without polling the inner future.
+        assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
+        assert_eq!((polls.get(), wakes.0.load(Ordering::SeqCst)), (1, 1));
+        // Then polls it.
+        assert_eq!(Pin::new(&mut fut).poll(&mut cx), Poll::Ready(2));
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn never_waits_when_not_busy() {
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let polls = Cell::new(0);
+        let mut fut = YieldOnWake::new(inner(&polls, 2), || false);
+        assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
+        assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
+        assert_eq!(Pin::new(&mut fut).poll(&mut cx), Poll::Ready(3));
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
+    }
 }
