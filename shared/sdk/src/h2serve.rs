@@ -576,10 +576,15 @@ mod tests {
         })
     }
 
+    /// A waker that counts, and the count.
+    fn counting_waker() -> (std::task::Waker, Arc<Wakes>) {
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        (std::task::Waker::from(wakes.clone()), wakes)
+    }
+
     #[test]
     fn steps_back_once_per_wake_while_busy() {
-        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
-        let waker = std::task::Waker::from(wakes.clone());
+        let (waker, wakes) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let polls = Cell::new(0);
         let mut fut = YieldOnWake::new(inner(&polls, 1), || true);
@@ -596,8 +601,7 @@ mod tests {
 
     #[test]
     fn never_waits_when_not_busy() {
-        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
-        let waker = std::task::Waker::from(wakes.clone());
+        let (waker, wakes) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let polls = Cell::new(0);
         let mut fut = YieldOnWake::new(inner(&polls, 2), || false);
