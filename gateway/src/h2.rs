@@ -153,7 +153,7 @@ impl H2Endpoint {
         // runtime thread the calls run in their connections' tasks, which
         // finish a batch before the driver runs: measured, stepping back there
         // changes nothing.)
-        let spread = tokio::runtime::Handle::current().metrics().num_workers() > 1;
+        let spread = flotilla_sdk::h2serve::many_threads();
         tokio::spawn(async move {
             let driven = YieldOnWake::new(&mut conn, move || spread);
             tokio::select! {

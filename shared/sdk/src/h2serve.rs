@@ -128,7 +128,7 @@ async fn connection<H: Handler>(
     // On one runtime thread a call is cheapest polled right here. With more,
     // each call gets a task of its own so that the calls of one connection
     // (propeller keeps one; so does the gateway per replica) spread over the cores.
-    let spread = tokio::runtime::Handle::current().metrics().num_workers() > 1;
+    let spread = many_threads();
     // A panicking call ends its own stream (reset), not the connection's others.
     let mut calls: FuturesUnordered<CatchUnwind<AssertUnwindSafe<CallFuture>>> = FuturesUnordered::new();
     // Held by each spawned call while it runs: its strong count says whether any run.
@@ -186,6 +186,13 @@ async fn connection<H: Handler>(
             Event::Ran => {}
         }
     }
+}
+
+/// Whether the current runtime has more than one worker thread: calls then
+/// run as tasks of their own, and the tasks that write for them step back
+/// (see [`YieldOnWake`]).
+pub fn many_threads() -> bool {
+    tokio::runtime::Handle::current().metrics().num_workers() > 1
 }
 
 /// A request accepted on a connection, with the handle to answer it.
