@@ -100,6 +100,8 @@ pub struct Launcher {
     started: std::cell::Cell<usize>,
     /// The CPU list every server is confined to (`taskset -c`), when pinned.
     pin: Option<String>,
+    /// Runtime threads of each Rust server (`--threads`).
+    threads: usize,
 }
 
 /// One way to launch a server.
@@ -116,7 +118,17 @@ struct Recipe {
 impl Launcher {
     /// A launcher writing logs under `logs`.
     pub fn new(bins: Binaries, upstream: Option<Upstream>, logs: PathBuf) -> Self {
-        Self { bins, upstream, logs, started: std::cell::Cell::new(0), pin: None }
+        Self { bins, upstream, logs, started: std::cell::Cell::new(0), pin: None, threads: 1 }
+    }
+
+    /// Runs every Rust server started from now on with `threads` runtime
+    /// threads (`--threads`; 0: the server's default, one per CPU). 1 unless
+    /// set: every Flotilla server is its own service with about one core's
+    /// budget (see RESULTS.md for what the count does).
+    #[must_use]
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = threads;
+        self
     }
 
     /// Confines every server started from now on to `cpus` (a `taskset -c` list,
@@ -138,7 +150,7 @@ impl Launcher {
             Ok(Recipe {
                 name: name.to_owned(),
                 program: self.bins.echo.clone(),
-                args: rust_args(addr),
+                args: rust_args(addr, self.threads),
                 env: Vec::new(),
                 cwd: None,
                 addr: Some(addr),
@@ -158,7 +170,7 @@ impl Launcher {
             Ok(Recipe {
                 name: name.to_owned(),
                 program: self.bins.gateway.clone(),
-                args: rust_args(addr),
+                args: rust_args(addr, self.threads),
                 env: vec![("FLOTILLA_PLUGINS".to_owned(), format!("echo=static://{list}"))],
                 cwd: None,
                 addr: Some(addr),
@@ -257,12 +269,16 @@ impl Launcher {
     }
 }
 
-fn rust_args(addr: SocketAddr) -> Vec<String> {
-    // One runtime thread each: every Flotilla server is its own service with
-    // about one core's budget (see RESULTS.md for what the thread count does).
-    ["--listen", &addr.to_string(), "--admin-listen", "127.0.0.1:0", "--log", "warn", "--threads", "1"]
-        .map(str::to_owned)
-        .to_vec()
+/// A Rust server's flags; `threads` 0 leaves `--threads` out (the server's default: one per CPU).
+fn rust_args(addr: SocketAddr, threads: usize) -> Vec<String> {
+    let mut args: Vec<String> =
+        ["--listen", &addr.to_string(), "--admin-listen", "127.0.0.1:0", "--log", "warn"]
+            .map(str::to_owned)
+            .to_vec();
+    if threads > 0 {
+        args.extend(["--threads".to_owned(), threads.to_string()]);
+    }
+    args
 }
 
 fn describe(r: &Recipe) -> String {

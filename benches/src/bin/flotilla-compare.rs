@@ -84,6 +84,10 @@ struct Cli {
     /// neither waits for the other's core: the servers then have one core between them.
     #[arg(long)]
     pin: bool,
+    /// Runtime threads of each Rust server (its `--threads`). 1 gives each server
+    /// about one core's budget; 0 is the servers' own default, one per CPU.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    server_threads: usize,
 }
 
 /// The resolved plan.
@@ -524,7 +528,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let logs =
         tempfile::Builder::new().prefix("flotilla-compare-").tempdir().context("creating a log directory")?;
     let launcher = Launcher::new(bins, upstream, logs.path().to_path_buf())
-        .pinned(cli.pin.then(|| SERVER_CPU.to_owned()));
+        .pinned(cli.pin.then(|| SERVER_CPU.to_owned()))
+        .threads(cli.server_threads);
 
     let mut results = Results {
         environment: environment(&root, &exe_dir, python.as_deref()),
@@ -569,7 +574,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
          metadata with runtime, timeout, retries), TaskExecutionMetadata, and a LiteralMap of an int, a float, \
          a string and a bool; every answer is checked (SUCCEEDED, one output per input)"
             .to_owned(),
-        "Rust servers run with `--log warn`; pyflyte with its defaults (10 workers, WARNING logging)".to_owned(),
+        format!(
+            "Rust servers run with `--log warn` and {}; pyflyte with its defaults (10 workers, WARNING logging)",
+            match cli.server_threads {
+                0 => "their default runtime threads, one per CPU (no `--threads`)".to_owned(),
+                1 => "one runtime thread each (`--threads 1`)".to_owned(),
+                n => format!("{n} runtime threads each (`--threads {n}`)"),
+            }
+        ),
     ];
     match flotilla_benches::floor::loopback_rtt(20_000) {
         Ok(f) => results.method.push(format!(
