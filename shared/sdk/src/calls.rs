@@ -95,7 +95,9 @@ async fn unary<M, R, F, Fut>(
 
 /// ExecuteTaskSync: the request stream read to its end (each message held to
 /// `limit`), its messages decoded, then the plugin; the one answer goes back
-/// like a unary one (see [`answer`]).
+/// like a unary one (see [`answer`]). Reading the whole stream before answering
+/// matters: a server that stops reading early makes HTTP/2 reset the stream,
+/// and loaded clients see errors.
 async fn execute_sync<P: Plugin>(
     request: http::Request<RecvStream>,
     respond: SendResponse<Bytes>,

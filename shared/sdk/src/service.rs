@@ -310,10 +310,6 @@ impl<P: Plugin> AsyncAgentService for Services<P> {
     }
 }
 
-/// Reads an ExecuteTaskSync request stream to its end: the header first, then
-/// at most one inputs message. Reading the whole stream before answering
-/// matters: a server that stops reading early makes HTTP/2 reset the stream,
-/// and loaded clients see errors.
 /// The header and inputs of an ExecuteTaskSync request stream, from its
 /// messages in order: the header first, then at most one inputs message.
 fn sync_parts(
