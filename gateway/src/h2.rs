@@ -1,11 +1,18 @@
 //! One replica's HTTP/2 client: a single multiplexed connection, made on
-//! first use (or by the warm-up), remade when it closes. Calls go straight to
-//! the `h2` crate's `SendRequest`: the request's headers and its one buffered
-//! body chunk are queued on the connection from the caller's own task, and the
-//! response is read from there too. There is no queue or task per call
-//! between the balancer and the connection (hyper's client adds a dispatch
-//! channel and spawns two tasks per request: one to pipe the body, one to
-//! deliver the response).
+//! first use (or by the warm-up), remade when it closes. The connection is the
+//! project's own ([`conn`]): one task owns the socket and every stream, and a
+//! call hands it the request's headers and its one buffered body over a
+//! channel, then reads its stream's answer from a channel of its own. No lock
+//! is taken and no `http` request is rebuilt per call.
+//!
+//! Why not the `h2` crate's client, which the gateway used before: per
+//! forwarded GetTask it cost about 30,000 of the gateway's 84,000 instructions
+//! (stream slab and queues behind a mutex, an HPACK encoder that searches its
+//! table and Huffman-codes every value, a response future and body per call).
+//! This one does the same job in about 13,000 (`benches/RESULTS.md`). The
+//! server side, which faces propeller and every other client, stays on `h2`.
+
+mod conn;
 
 use std::{
     future::Future,
@@ -19,11 +26,15 @@ use std::{
     time::Duration,
 };
 
-use ::h2::client::{self, SendRequest};
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use flotilla_sdk::h2serve::{RecvBody, YieldOnWake};
+use conn::{Command, Driver, Event, Failure, Keepalive, Open};
+use flotilla_sdk::h2serve::YieldOnWake;
+use futures_util::StreamExt as _;
+use http::HeaderValue;
+use http_body::Frame;
 use http_body_util::BodyExt;
+use tokio::sync::mpsc;
 use tonic::body::Body;
 use tower::Service;
 
@@ -43,14 +54,14 @@ pub enum EndpointError {
         reason: String,
     },
     /// The connection turned the request away before any of it was sent (it
-    /// was closing): safe to send again, but not a refused connection.
-    #[error("the connection to {addr} closed before the call was sent")]
+    /// was closing, or the replica refused the stream): safe to send again,
+    /// but not a refused connection.
+    #[error("the call to {addr} was not sent: {reason}")]
     Unsent {
         /// The replica.
         addr: SocketAddr,
-        /// h2's error.
-        #[source]
-        source: ::h2::Error,
+        /// What happened.
+        reason: String,
     },
     /// The request body could not be read (the caller's side failed).
     #[error("reading the request for {addr} failed: {reason}")]
@@ -61,13 +72,12 @@ pub enum EndpointError {
         reason: String,
     },
     /// The call failed after it was handed to the connection.
-    #[error("the call to {addr} failed")]
+    #[error("the call to {addr} failed: {reason}")]
     Call {
         /// The replica.
         addr: SocketAddr,
-        /// h2's error.
-        #[source]
-        source: ::h2::Error,
+        /// What happened.
+        reason: String,
     },
 }
 
@@ -83,10 +93,16 @@ impl EndpointError {
     }
 }
 
-/// A live connection: its request handle, and whether its driver has ended.
+/// A live connection: the way to its driver, and whether it takes new streams.
 struct Conn {
-    sender: SendRequest<Bytes>,
+    commands: mpsc::UnboundedSender<Command>,
     closed: Arc<AtomicBool>,
+}
+
+impl Conn {
+    fn live(&self) -> bool {
+        !self.closed.load(Ordering::Acquire) && !self.commands.is_closed()
+    }
 }
 
 /// A lazily connected HTTP/2 client to one replica. Clones share the connection.
@@ -94,7 +110,7 @@ struct Conn {
 pub struct H2Endpoint {
     addr: SocketAddr,
     /// `addr` as the `:authority` every request carries.
-    authority: http::uri::Authority,
+    authority: HeaderValue,
     connect_timeout: Duration,
     conn: Arc<ArcSwapOption<Conn>>,
     connecting: Arc<tokio::sync::Mutex<()>>,
@@ -111,26 +127,26 @@ impl H2Endpoint {
     pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
         Self {
             addr,
-            authority: addr.to_string().parse().expect("a socket address is a valid authority"),
+            authority: HeaderValue::from_str(&addr.to_string())
+                .expect("a socket address is a valid header value"),
             connect_timeout,
             conn: Arc::default(),
             connecting: Arc::default(),
         }
     }
 
-    /// A request handle of its own (h2 allows one pending request per handle).
-    fn live_sender(&self) -> Option<SendRequest<Bytes>> {
-        self.conn.load().as_deref().filter(|c| !c.closed.load(Ordering::Acquire)).map(|c| c.sender.clone())
+    fn live_conn(&self) -> Option<Arc<Conn>> {
+        self.conn.load_full().filter(|c| c.live())
     }
 
     /// The current connection, or a new one (one connect at a time; others wait for it).
-    async fn connection(&self) -> Result<SendRequest<Bytes>, EndpointError> {
-        if let Some(s) = self.live_sender() {
-            return Ok(s);
+    async fn connection(&self) -> Result<Arc<Conn>, EndpointError> {
+        if let Some(c) = self.live_conn() {
+            return Ok(c);
         }
         let _one_at_a_time = self.connecting.lock().await;
-        if let Some(s) = self.live_sender() {
-            return Ok(s);
+        if let Some(c) = self.live_conn() {
+            return Ok(c);
         }
         let connect = |reason: String| EndpointError::Connect { addr: self.addr, reason };
         let stream = tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(self.addr))
@@ -138,16 +154,15 @@ impl H2Endpoint {
             .map_err(|_| connect(format!("no connection within {:?}", self.connect_timeout)))?
             .map_err(|e| connect(e.to_string()))?;
         let _ = stream.set_nodelay(true);
-        let mut builder = client::Builder::new();
-        builder.enable_push(false).initial_window_size(1 << 20).initial_connection_window_size(4 << 20);
-        let (sender, mut conn) =
-            tokio::time::timeout(self.connect_timeout, builder.handshake::<_, Bytes>(stream))
-                .await
-                .map_err(|_| connect("no HTTP/2 handshake in time".to_owned()))?
-                .map_err(|e| connect(format!("HTTP/2 handshake: {e}")))?;
         let closed = Arc::new(AtomicBool::new(false));
-        let (addr, driver_closed) = (self.addr, closed.clone());
-        let pings = conn.ping_pong();
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let driver = Driver::new(
+            stream,
+            receiver,
+            closed.clone(),
+            Keepalive::new(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT),
+        );
+        let addr = self.addr;
         // Woken by a call with a request to send, the driver first lets the
         // other ready calls queue theirs: one write for them all. (On one
         // runtime thread the calls run in their connections' tasks, which
@@ -155,26 +170,20 @@ impl H2Endpoint {
         // changes nothing.)
         let spread = flotilla_sdk::h2serve::many_threads();
         tokio::spawn(async move {
-            let driven = YieldOnWake::new(&mut conn, move || spread);
-            tokio::select! {
-                result = driven => {
-                    if let Err(error) = result {
-                        tracing::debug!(%addr, %error, "Replica connection ended");
-                    }
-                }
-                () = keepalive(pings) => {
-                    tracing::debug!(%addr, "Replica did not answer a keepalive ping; closing its connection");
-                }
+            let mut driver = driver;
+            if let Err(error) = YieldOnWake::new(&mut driver, move || spread).await {
+                tracing::debug!(%addr, %error, "Replica connection ended");
             }
-            driver_closed.store(true, Ordering::Release);
         });
-        self.conn.store(Some(Arc::new(Conn { sender: sender.clone(), closed })));
-        Ok(sender)
+        let conn = Arc::new(Conn { commands, closed });
+        self.conn.store(Some(conn.clone()));
+        Ok(conn)
     }
 
-    /// Forgets the current connection (it is closing), so the next call makes a new one.
-    fn forget(&self) {
-        self.conn.store(None);
+    /// Forgets `conn` (it is closing), so the next call makes a new one.
+    fn forget(&self, conn: &Arc<Conn>) {
+        conn.closed.store(true, Ordering::Release);
+        self.conn.compare_and_swap(conn, None::<Arc<Conn>>);
     }
 
     /// Sends one call. A connection found closed before the request is handed
@@ -184,52 +193,166 @@ impl H2Endpoint {
     /// # Errors
     /// [`EndpointError`].
     pub async fn send(&self, req: http::Request<Body>) -> Result<http::Response<Body>, EndpointError> {
-        let (mut head, body) = req.into_parts();
+        let (head, body) = req.into_parts();
         // Requests are whole messages already (the gateway buffers them to
-        // route): one chunk, sent in the same step as the headers.
+        // route): one chunk, sent in the same write as the headers.
         let body =
             whole_body(body).await.map_err(|reason| EndpointError::Request { addr: self.addr, reason })?;
-        // HTTP/2 requests carry :scheme and :authority; callers give only the path.
-        let mut uri = std::mem::take(&mut head.uri).into_parts();
-        uri.scheme = Some(http::uri::Scheme::HTTP);
-        uri.authority = Some(self.authority.clone());
-        if uri.path_and_query.is_none() {
-            uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-        }
-        head.uri = http::Uri::from_parts(uri).expect("scheme, authority and path make a valid URI");
-
-        let mut sender = self.connection().await?;
-        let mut ready = None;
-        for _ in 0..2 {
-            match sender.ready().await {
-                Ok(s) => {
-                    ready = Some(s);
-                    break;
+        let path =
+            head.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let (events, mut answers) = futures_channel::mpsc::unbounded();
+        let mut open = Box::new(Open {
+            method: head.method,
+            path,
+            authority: self.authority.clone(),
+            headers: head.headers,
+            body,
+            events,
+        });
+        let mut conn = self.connection().await?;
+        // A driver that ended between the check and the send is replaced once.
+        for tries_left in (0..2).rev() {
+            match conn.commands.send(Command::Open(open)) {
+                Ok(()) => break,
+                Err(mpsc::error::SendError(Command::Open(back))) if tries_left > 0 => {
+                    open = back;
+                    self.forget(&conn);
+                    conn = self.connection().await?;
                 }
                 Err(_) => {
-                    self.forget();
-                    sender = self.connection().await?;
+                    return Err(EndpointError::Unsent {
+                        addr: self.addr,
+                        reason: "the connection kept closing".to_owned(),
+                    });
                 }
             }
         }
-        let Some(mut sender) = ready else {
-            return Err(EndpointError::Connect {
+        // Dropped before the answer's head (a deadline, a client that went
+        // away): the stream is reset, so the replica stops working on it.
+        let mut sweep = SweepOnDrop(Some(conn.commands.clone()));
+        let first = answers.next().await;
+        sweep.0 = None;
+        match first {
+            Some(Event::Head { id, status, headers, end }) => {
+                let mut response = http::Response::new(Body::new(ReplicaBody {
+                    answers,
+                    id,
+                    commands: conn.commands.clone(),
+                    unreleased: 0,
+                    done: end,
+                    addr: self.addr,
+                }));
+                *response.status_mut() = status;
+                *response.headers_mut() = headers;
+                Ok(response)
+            }
+            Some(Event::Failed(Failure { unsent: true, reason })) => {
+                self.forget_if_closed(&conn);
+                Err(EndpointError::Unsent { addr: self.addr, reason })
+            }
+            Some(Event::Failed(Failure { unsent: false, reason })) => {
+                self.forget_if_closed(&conn);
+                Err(EndpointError::Call { addr: self.addr, reason })
+            }
+            Some(_) => Err(EndpointError::Call {
                 addr: self.addr,
-                reason: "the connection kept closing".to_owned(),
-            });
-        };
-        let end_stream = body.is_empty();
-        let (response, mut send) =
-            sender.send_request(http::Request::from_parts(head, ()), end_stream).map_err(|source| {
-                self.forget();
-                EndpointError::Unsent { addr: self.addr, source }
-            })?;
-        if !end_stream {
-            // Queued whole; the connection sends it as flow control allows.
-            send.send_data(body, true).map_err(|source| EndpointError::Call { addr: self.addr, source })?;
+                reason: "the replica answered without a response head".to_owned(),
+            }),
+            // The driver ended with the request still in its queue.
+            None => {
+                self.forget(&conn);
+                Err(EndpointError::Unsent { addr: self.addr, reason: "the connection closed".to_owned() })
+            }
         }
-        let response = response.await.map_err(|source| EndpointError::Call { addr: self.addr, source })?;
-        Ok(response.map(|recv| Body::new(RecvBody::new(recv))))
+    }
+
+    fn forget_if_closed(&self, conn: &Arc<Conn>) {
+        if !conn.live() {
+            self.forget(conn);
+        }
+    }
+}
+
+/// Asks the driver to reset the streams nobody listens to, when dropped armed.
+struct SweepOnDrop(Option<mpsc::UnboundedSender<Command>>);
+
+impl Drop for SweepOnDrop {
+    fn drop(&mut self) {
+        if let Some(commands) = self.0.take() {
+            let _ = commands.send(Command::Sweep);
+        }
+    }
+}
+
+/// A response body as the driver delivers it. Dropped before its end, it has
+/// the stream reset; read, it gives the replica more window when a stream's
+/// worth of half a window has been consumed.
+struct ReplicaBody {
+    answers: futures_channel::mpsc::UnboundedReceiver<Event>,
+    id: u32,
+    commands: mpsc::UnboundedSender<Command>,
+    unreleased: u32,
+    done: bool,
+    addr: SocketAddr,
+}
+
+/// Why a response body broke off.
+#[derive(Debug, thiserror::Error)]
+#[error("the answer from {addr} broke off: {reason}")]
+pub struct BodyError {
+    addr: SocketAddr,
+    reason: String,
+}
+
+impl http_body::Body for ReplicaBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            return Poll::Ready(match std::task::ready!(this.answers.poll_next_unpin(cx)) {
+                Some(Event::Data(data)) => {
+                    this.unreleased += data.len() as u32;
+                    if this.unreleased >= conn::STREAM_WINDOW / 2 {
+                        let _ = this.commands.send(Command::Release { id: this.id, n: this.unreleased });
+                        this.unreleased = 0;
+                    }
+                    Some(Ok(Frame::data(data)))
+                }
+                Some(Event::Trailers(trailers)) => {
+                    this.done = true;
+                    Some(Ok(Frame::trailers(trailers)))
+                }
+                Some(Event::Failed(f)) => {
+                    this.done = true;
+                    Some(Err(BodyError { addr: this.addr, reason: f.reason }))
+                }
+                Some(Event::Head { .. }) => continue,
+                None => {
+                    this.done = true;
+                    None
+                }
+            });
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+impl Drop for ReplicaBody {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.commands.send(Command::Sweep);
+        }
     }
 }
 
@@ -252,20 +375,6 @@ async fn whole_body(mut body: Body) -> Result<Bytes, String> {
     all.extend_from_slice(&first);
     all.extend_from_slice(&rest);
     Ok(all.freeze())
-}
-
-/// Pings the replica every [`KEEPALIVE_INTERVAL`]; returns when an answer is
-/// late (the connection is then closed) or pings cannot be sent.
-async fn keepalive(pings: Option<::h2::PingPong>) {
-    let Some(mut pings) = pings else { return std::future::pending().await };
-    loop {
-        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
-        match tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(::h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return std::future::pending().await, // the connection is ending by itself
-            Err(_) => return,
-        }
-    }
 }
 
 impl Service<http::Request<Body>> for H2Endpoint {
