@@ -391,3 +391,122 @@ impl Service<http::Request<Body>> for H2Endpoint {
         Box::pin(async move { this.send(req).await })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use flotilla_sdk::h2serve::{self, CallFuture, Handler};
+    use h2::{RecvStream, server::SendResponse};
+    use http_body_util::BodyExt as _;
+
+    use super::*;
+
+    /// Answers with the request body, in 1000-byte chunks, then trailers
+    /// naming its length; a request to `/hang` gets no answer until the
+    /// client resets it, which is counted.
+    struct Mirror {
+        resets: Arc<AtomicUsize>,
+    }
+
+    impl Handler for Mirror {
+        fn handle(&self, request: http::Request<RecvStream>, mut respond: SendResponse<Bytes>) -> CallFuture {
+            let resets = self.resets.clone();
+            Box::pin(async move {
+                if request.uri().path() == "/hang" {
+                    let reset = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+                    if reset.is_ok() {
+                        resets.fetch_add(1, Ordering::SeqCst);
+                    }
+                    return;
+                }
+                let mut body = request.into_body();
+                let mut all = Vec::new();
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk.unwrap();
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    all.extend_from_slice(&chunk);
+                }
+                let response =
+                    http::Response::builder().header("content-type", "application/grpc").body(()).unwrap();
+                let mut send = respond.send_response(response, false).unwrap();
+                for chunk in all.chunks(1000) {
+                    send.reserve_capacity(chunk.len());
+                    while send.capacity() < chunk.len() {
+                        std::future::poll_fn(|cx| send.poll_capacity(cx)).await.unwrap().unwrap();
+                    }
+                    send.send_data(Bytes::copy_from_slice(chunk), false).unwrap();
+                }
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                trailers.insert("x-length", HeaderValue::from_str(&all.len().to_string()).unwrap());
+                send.send_trailers(trailers).unwrap();
+            })
+        }
+    }
+
+    async fn mirror() -> (SocketAddr, Arc<AtomicUsize>, tokio::sync::oneshot::Sender<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let resets = Arc::new(AtomicUsize::new(0));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handler = Arc::new(Mirror { resets: resets.clone() });
+        tokio::spawn(h2serve::serve(listener, handler, async move {
+            let _ = stopped.await;
+        }));
+        (addr, resets, stop)
+    }
+
+    fn request(path: &str, body: Bytes) -> http::Request<Body> {
+        let mut request = http::Request::new(Body::new(http_body_util::Full::new(body)));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = http::Uri::try_from(path).unwrap();
+        request.headers_mut().insert("content-type", HeaderValue::from_static("application/grpc"));
+        request
+    }
+
+    #[tokio::test]
+    async fn bodies_larger_than_every_window_cross_both_ways_with_trailers() {
+        let (addr, _, _stop) = mirror().await;
+        let endpoint = H2Endpoint::new(addr, Duration::from_secs(5));
+        // 3 MiB: beyond the replica's stream window (1 MiB) and a frame (16 KiB).
+        let body: Bytes = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect::<Vec<u8>>().into();
+        for _ in 0..3 {
+            let response = endpoint.send(request("/mirror", body.clone())).await.unwrap();
+            assert_eq!(response.status(), http::StatusCode::OK);
+            assert_eq!(response.headers()["content-type"], "application/grpc");
+            let collected = response.into_body().collect().await.unwrap();
+            let trailers = collected.trailers().cloned().expect("trailers");
+            assert_eq!(trailers["grpc-status"], "0");
+            assert_eq!(trailers["x-length"], (3 << 20).to_string().as_str());
+            assert!(collected.to_bytes() == body, "the answer is the request, byte for byte");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_before_its_answer_resets_its_stream() {
+        let (addr, resets, _stop) = mirror().await;
+        let endpoint = H2Endpoint::new(addr, Duration::from_secs(5));
+        let call = endpoint.send(request("/hang", Bytes::from_static(b"x")));
+        assert!(tokio::time::timeout(Duration::from_millis(200), call).await.is_err(), "no answer comes");
+        // The connection goes on serving, and the replica saw the reset.
+        let response = endpoint.send(request("/mirror", Bytes::from_static(b"again"))).await.unwrap();
+        let answer = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&answer[..], b"again");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while resets.load(Ordering::SeqCst) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the replica never saw the stream reset");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error_that_never_sent() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let endpoint = H2Endpoint::new(addr, Duration::from_secs(5));
+        let error = endpoint.send(request("/mirror", Bytes::new())).await.unwrap_err();
+        assert!(error.refused() && error.never_sent(), "{error}");
+    }
+}

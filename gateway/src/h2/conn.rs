@@ -26,7 +26,7 @@ use std::{
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 use futures_channel::mpsc as events;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use tokio::{net::TcpStream, sync::mpsc};
+use tokio::{io::AsyncWrite as _, net::TcpStream, sync::mpsc};
 
 /// The connection preface every client sends first.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -361,8 +361,21 @@ impl Driver {
             let id = self.next_id;
             self.next_id += 2;
             let end = open.body.is_empty();
-            let block = self.encoder.request(&open);
-            self.headers(id, &block, end);
+            // The block is encoded in place, after room for its frame's head.
+            let start = self.wbuf.len();
+            self.wbuf.put_bytes(0, 9);
+            self.encoder.request(&open, &mut self.wbuf);
+            let len = self.wbuf.len() - start - 9;
+            if len <= self.peer.max_frame {
+                let flags = END_HEADERS | if end { END_STREAM } else { 0 };
+                let mut head = [0u8; 9];
+                frame_head(&mut &mut head[..], len, HEADERS, flags, id);
+                self.wbuf[start..start + 9].copy_from_slice(&head);
+            } else {
+                let block = self.wbuf.split_off(start + 9);
+                self.wbuf.truncate(start);
+                self.headers(id, &block, end);
+            }
             self.streams.insert(
                 id,
                 Stream {
@@ -424,18 +437,16 @@ impl Driver {
     fn read(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, Ended>> {
         for _ in 0..READS_PER_POLL {
             self.rbuf.reserve(READ_CHUNK);
-            match self.io.try_read_buf(&mut self.rbuf) {
-                Ok(0) => {
+            // tokio's own read: a read shorter than the room given marks the
+            // socket drained, so no second read is spent to learn it.
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
+                Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(Ended { reason: "the replica closed the connection".into() }));
                 }
-                Ok(_) => self.frames()?,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => match self.io.poll_read_ready(cx) {
-                    Poll::Ready(Ok(())) => continue,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(io_ended(&e))),
-                    Poll::Pending => return Poll::Ready(Ok(false)),
-                },
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Poll::Ready(Err(io_ended(&e))),
+                Poll::Ready(Ok(_)) => self.frames()?,
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(io_ended(&e))),
+                Poll::Pending => return Poll::Ready(Ok(false)),
             }
         }
         Poll::Ready(Ok(true))
@@ -444,15 +455,14 @@ impl Driver {
     /// Writes what is queued until the socket takes no more.
     fn write(&mut self, cx: &mut Context<'_>) -> Result<(), Ended> {
         while !self.wbuf.is_empty() {
-            match self.io.try_write(&self.wbuf) {
-                Ok(n) => self.wbuf.advance(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => match self.io.poll_write_ready(cx) {
-                    Poll::Ready(Ok(())) => continue,
-                    Poll::Ready(Err(e)) => return Err(io_ended(&e)),
-                    Poll::Pending => return Ok(()),
-                },
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_ended(&e)),
+            match Pin::new(&mut self.io).poll_write(cx, &self.wbuf) {
+                Poll::Ready(Ok(0)) => {
+                    return Err(Ended { reason: "the connection took no more bytes".into() });
+                }
+                Poll::Ready(Ok(n)) => self.wbuf.advance(n),
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Poll::Ready(Err(e)) => return Err(io_ended(&e)),
+                Poll::Pending => return Ok(()),
             }
         }
         self.flushed_id = self.next_id.saturating_sub(2);
@@ -840,8 +850,7 @@ fn fail(events: &events::UnboundedSender<Event>, unsent: bool, reason: String) {
     let _ = events.unbounded_send(Event::Failed(Failure { unsent, reason }));
 }
 
-fn frame_head(buf: &mut BytesMut, len: usize, kind: u8, flags: u8, id: u32) {
-    buf.reserve(9 + len);
+fn frame_head(buf: &mut impl bytes::BufMut, len: usize, kind: u8, flags: u8, id: u32) {
     buf.put_u8((len >> 16) as u8);
     buf.put_u8((len >> 8) as u8);
     buf.put_u8(len as u8);
@@ -898,28 +907,26 @@ impl Encoder {
         }
     }
 
-    /// The request's header block.
-    pub(super) fn request(&mut self, open: &Open) -> BytesMut {
-        let mut block = BytesMut::with_capacity(128);
+    /// Appends the request's header block to `block`.
+    pub(super) fn request(&mut self, open: &Open, block: &mut BytesMut) {
         if std::mem::take(&mut self.announce_zero) {
             block.put_u8(0x20); // dynamic table size update: 0
         }
         if open.method == http::Method::POST {
             block.put_u8(0x80 | 3); // :method POST, in the static table
         } else {
-            self.field(&mut block, Some(2), b":method", open.method.as_str().as_bytes(), false);
+            self.field(block, Some(2), b":method", open.method.as_str().as_bytes(), false);
         }
         block.put_u8(0x80 | 6); // :scheme http
-        self.field(&mut block, Some(4), b":path", open.path.as_str().as_bytes(), false);
-        self.field(&mut block, Some(1), b":authority", open.authority.as_bytes(), false);
+        self.field(block, Some(4), b":path", open.path.as_str().as_bytes(), false);
+        self.field(block, Some(1), b":authority", open.authority.as_bytes(), false);
         for (name, value) in &open.headers {
             if is_connection_specific(name, value) {
                 continue;
             }
             let index = static_name(name.as_str());
-            self.field(&mut block, index, name.as_str().as_bytes(), value.as_bytes(), value.is_sensitive());
+            self.field(block, index, name.as_str().as_bytes(), value.as_bytes(), value.is_sensitive());
         }
-        block
     }
 
     fn field(
@@ -1047,7 +1054,8 @@ mod tests {
         headers.insert("x-long", HeaderValue::from_str(&long).unwrap());
         let request = open(headers);
         let mut encoder = Encoder::new();
-        let block = encoder.request(&request);
+        let mut block = BytesMut::new();
+        encoder.request(&request, &mut block);
         let mut decoder = loona_hpack::Decoder::new();
         let fields = decoder.decode(&block).unwrap();
         let text: Vec<(String, String)> = fields
@@ -1073,7 +1081,8 @@ mod tests {
 
         // The same request again: every field but the sensitive one and the one
         // too long to index is now one byte, and the peer's table agrees.
-        let again = encoder.request(&request);
+        let mut again = BytesMut::new();
+        encoder.request(&request, &mut again);
         let fields = decoder.decode(&again).unwrap();
         let again_text: Vec<(String, String)> = fields
             .into_iter()
@@ -1094,15 +1103,19 @@ mod tests {
         let request = open(headers);
         let mut encoder = Encoder::new();
         let mut decoder = loona_hpack::Decoder::new();
-        decoder.decode(&encoder.request(&request)).unwrap();
+        let mut first = BytesMut::new();
+        encoder.request(&request, &mut first);
+        decoder.decode(&first).unwrap();
         encoder.peer_table_size(0);
-        let block = encoder.request(&request);
+        let mut block = BytesMut::new();
+        encoder.request(&request, &mut block);
         assert_eq!(block[0], 0x20, "the block opens with a table size update to 0");
         decoder.set_max_allowed_table_size(0);
         let fields = decoder.decode(&block).unwrap();
         assert_eq!(fields.len(), 5);
         assert_eq!(fields[4], (b"content-type".to_vec(), b"application/grpc".to_vec()));
-        let block = encoder.request(&request);
+        let mut block = BytesMut::new();
+        encoder.request(&request, &mut block);
         assert_ne!(block[0], 0x20, "announced once");
         assert_eq!(decoder.decode(&block).unwrap().len(), 5);
     }
