@@ -188,6 +188,8 @@ pub(super) struct Driver {
     keepalive: Keepalive,
     fields: FieldCache,
     encoder: Encoder,
+    /// A caller went away since the last sweep.
+    sweep: bool,
 }
 
 /// The response header fields seen recently, as `http` types: a replica
@@ -273,6 +275,7 @@ impl Driver {
             keepalive,
             fields: FieldCache::default(),
             encoder: Encoder::new(),
+            sweep: false,
         }
     }
 
@@ -290,6 +293,9 @@ impl Driver {
                         Poll::Pending => break,
                     }
                 }
+            }
+            if self.sweep {
+                self.sweep();
             }
             self.open_waiting();
             self.send_blocked();
@@ -332,16 +338,21 @@ impl Driver {
                     window_update(&mut self.wbuf, id, n);
                 }
             }
-            Command::Sweep => {
-                let gone: Vec<u32> =
-                    self.streams.iter().filter(|(_, s)| s.events.is_closed()).map(|(id, _)| *id).collect();
-                for id in gone {
-                    self.streams.remove(&id);
-                    rst_stream(&mut self.wbuf, id, CANCEL);
-                }
-                self.waiting.retain(|o| !o.events.is_closed());
-            }
+            // One pass after the commands at hand, however many callers left.
+            Command::Sweep => self.sweep = true,
         }
+    }
+
+    /// Resets the streams whose callers went away, and forgets their waiting requests.
+    fn sweep(&mut self) {
+        self.sweep = false;
+        let gone: Vec<u32> =
+            self.streams.iter().filter(|(_, s)| s.events.is_closed()).map(|(id, _)| *id).collect();
+        for id in gone {
+            self.streams.remove(&id);
+            rst_stream(&mut self.wbuf, id, CANCEL);
+        }
+        self.waiting.retain(|o| !o.events.is_closed());
     }
 
     /// Opens the waiting requests the peer's stream limit allows.
