@@ -17,6 +17,7 @@ mod conn;
 use std::{
     future::Future,
     net::SocketAddr,
+    panic::AssertUnwindSafe,
     pin::Pin,
     sync::{
         Arc,
@@ -30,7 +31,7 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use conn::{Command, Driver, Event, Failure, Keepalive, Open};
 use flotilla_sdk::h2serve::YieldOnWake;
-use futures_util::StreamExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use http::HeaderValue;
 use http_body::Frame;
 use http_body_util::BodyExt;
@@ -171,8 +172,15 @@ impl H2Endpoint {
         let spread = flotilla_sdk::h2serve::many_threads();
         tokio::spawn(async move {
             let mut driver = driver;
-            if let Err(error) = YieldOnWake::new(&mut driver, move || spread).await {
-                tracing::debug!(%addr, %error, "Replica connection ended");
+            let driven = AssertUnwindSafe(YieldOnWake::new(&mut driver, move || spread)).catch_unwind().await;
+            match driven {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::debug!(%addr, %error, "Replica connection ended"),
+                Err(_) => {
+                    // A bug, not the replica's doing: its calls still get an answer.
+                    tracing::error!(%addr, "The connection's driver panicked; its calls fail");
+                    driver.fail_all("the gateway's connection driver failed");
+                }
             }
         });
         let conn = Arc::new(Conn { commands, closed });
@@ -200,7 +208,7 @@ impl H2Endpoint {
             whole_body(body).await.map_err(|reason| EndpointError::Request { addr: self.addr, reason })?;
         let path =
             head.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        let (events, mut answers) = futures_channel::mpsc::unbounded();
+        let (events, answers) = futures_channel::mpsc::unbounded();
         let mut open = Box::new(Open {
             method: head.method,
             path,
@@ -229,11 +237,11 @@ impl H2Endpoint {
         }
         // Dropped before the answer's head (a deadline, a client that went
         // away): the stream is reset, so the replica stops working on it.
-        let mut sweep = SweepOnDrop(Some(conn.commands.clone()));
-        let first = answers.next().await;
-        sweep.0 = None;
+        let mut waiting = Waiting { answers: Some(answers), commands: conn.commands.clone() };
+        let first = waiting.answers.as_mut().expect("set above").next().await;
         match first {
             Some(Event::Head { id, status, headers, end }) => {
+                let answers = waiting.answers.take().expect("set above");
                 let mut response = http::Response::new(Body::new(ReplicaBody {
                     answers,
                     id,
@@ -258,10 +266,15 @@ impl H2Endpoint {
                 addr: self.addr,
                 reason: "the replica answered without a response head".to_owned(),
             }),
-            // The driver ended with the request still in its queue.
+            // The driver tells every request it took how it ended, and every
+            // one still queued that it was never sent; going quiet means it
+            // failed, maybe after sending this one.
             None => {
                 self.forget(&conn);
-                Err(EndpointError::Unsent { addr: self.addr, reason: "the connection closed".to_owned() })
+                Err(EndpointError::Call {
+                    addr: self.addr,
+                    reason: "the connection ended without a word on this call".to_owned(),
+                })
             }
         }
     }
@@ -273,13 +286,19 @@ impl H2Endpoint {
     }
 }
 
-/// Asks the driver to reset the streams nobody listens to, when dropped armed.
-struct SweepOnDrop(Option<mpsc::UnboundedSender<Command>>);
+/// A call waiting for its answer's head. Dropped while it still waits, it
+/// closes its channel and then asks the driver to reset the streams nobody
+/// listens to (in that order: the driver must find this one closed).
+struct Waiting {
+    answers: Option<futures_channel::mpsc::UnboundedReceiver<Event>>,
+    commands: mpsc::UnboundedSender<Command>,
+}
 
-impl Drop for SweepOnDrop {
+impl Drop for Waiting {
     fn drop(&mut self) {
-        if let Some(commands) = self.0.take() {
-            let _ = commands.send(Command::Sweep);
+        if let Some(mut answers) = self.answers.take() {
+            answers.close();
+            let _ = self.commands.send(Command::Sweep);
         }
     }
 }
@@ -351,6 +370,8 @@ impl http_body::Body for ReplicaBody {
 impl Drop for ReplicaBody {
     fn drop(&mut self) {
         if !self.done {
+            // Closed first, so that the sweep finds this stream abandoned.
+            self.answers.close();
             let _ = self.commands.send(Command::Sweep);
         }
     }
@@ -498,6 +519,198 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "the replica never saw the stream reset");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// A replica that reads until the client's first request (stream 1) is
+    /// in, answers with `frames` (after an empty SETTINGS), then reads until
+    /// the client closes. What it read after the request comes back.
+    async fn scripted(frames: Vec<u8>) -> (SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let replica = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut buf = vec![0u8; 64 << 10];
+            // The preface, then frames until stream 1's HEADERS.
+            let mut at = 24;
+            'request: loop {
+                let n = socket.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client closed before its request");
+                seen.extend_from_slice(&buf[..n]);
+                while seen.len() >= at + 9 {
+                    let len = usize::from(seen[at]) << 16
+                        | usize::from(seen[at + 1]) << 8
+                        | usize::from(seen[at + 2]);
+                    if seen.len() < at + 9 + len {
+                        break;
+                    }
+                    let id = u32::from_be_bytes([seen[at + 5], seen[at + 6], seen[at + 7], seen[at + 8]]);
+                    let kind = seen[at + 3];
+                    at += 9 + len;
+                    if kind == 0x1 && id == 1 {
+                        break 'request;
+                    }
+                }
+            }
+            socket.write_all(&frame(0x4, 0, 0, &[])).await.unwrap();
+            socket.write_all(&frames).await.unwrap();
+            let mut after = seen.split_off(at);
+            while let Ok(n) = socket.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                after.extend_from_slice(&buf[..n]);
+            }
+            after
+        });
+        (addr, replica)
+    }
+
+    fn frame(kind: u8, flags: u8, id: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut v = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        v.extend_from_slice(&id.to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// The frames in `bytes` as (type, flags, stream id, payload).
+    fn frames_in(bytes: &[u8]) -> Vec<(u8, u8, u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while bytes.len() >= at + 9 {
+            let len =
+                usize::from(bytes[at]) << 16 | usize::from(bytes[at + 1]) << 8 | usize::from(bytes[at + 2]);
+            let id = u32::from_be_bytes([bytes[at + 5], bytes[at + 6], bytes[at + 7], bytes[at + 8]]);
+            let Some(payload) = bytes.get(at + 9..at + 9 + len) else { break };
+            out.push((bytes[at + 3], bytes[at + 4], id, payload.to_vec()));
+            at += 9 + len;
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_header_flood_fails_the_call_without_a_panic_and_not_as_unsent() {
+        // 25,000 distinct names: past the header list limit, and past what a
+        // HeaderMap can hold (it panics on a plain append).
+        let mut block = vec![0x88]; // :status 200
+        for i in 0..25_000u32 {
+            block.extend_from_slice(&[0x00, 5, b'x']);
+            block.extend_from_slice(format!("{i:04x}").as_bytes());
+            block.push(0);
+        }
+        let mut frames = Vec::new();
+        let mut chunks = block.chunks(16_384).peekable();
+        frames.extend(frame(0x1, 0, 1, chunks.next().unwrap()));
+        while let Some(chunk) = chunks.next() {
+            frames.extend(frame(0x9, if chunks.peek().is_none() { 0x4 } else { 0 }, 1, chunk));
+        }
+        let (addr, _replica) = scripted(frames).await;
+        let endpoint = H2Endpoint::new(addr, Duration::from_secs(5));
+        let error = endpoint.send(request("/create", Bytes::from_static(b"x"))).await.unwrap_err();
+        assert!(!error.never_sent(), "the replica had the request: {error}");
+        assert!(error.to_string().contains("header list exceeds"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn stream_errors_from_the_replica_fail_the_call_as_sent() {
+        // A WINDOW_UPDATE that overflows the stream's window.
+        let (addr, _replica) = scripted(frame(0x8, 0, 1, &0x7fff_ffffu32.to_be_bytes())).await;
+        let endpoint = H2Endpoint::new(addr, Duration::from_secs(5));
+        let error = endpoint.send(request("/create", Bytes::from_static(b"x"))).await.unwrap_err();
+        assert!(!error.never_sent() && error.to_string().contains("window"), "{error}");
+
+        // DATA before the response's headers.
+        let (addr, _replica) = scripted(frame(0x0, 0x1, 1, b"early")).await;
+        let endpoint = H2Endpoint::new(addr, Duration::from_secs(5));
+        let error = endpoint.send(request("/create", Bytes::from_static(b"x"))).await.unwrap_err();
+        assert!(!error.never_sent() && error.to_string().contains("before the response headers"), "{error}");
+
+        // Trailers that do not end the stream: the body fails.
+        let mut frames = frame(0x1, 0x4, 1, &[0x88]);
+        frames.extend(frame(
+            0x1,
+            0x4,
+            1,
+            &[0x00, 11, b'g', b'r', b'p', b'c', b'-', b's', b't', b'a', b't', b'u', b's', 1, b'0'],
+        ));
+        let (addr, _replica) = scripted(frames).await;
+        let endpoint = H2Endpoint::new(addr, Duration::from_secs(5));
+        let response = endpoint.send(request("/create", Bytes::from_static(b"x"))).await.unwrap();
+        let error = response.into_body().collect().await.unwrap_err();
+        assert!(error.to_string().contains("do not end the stream"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn padding_is_given_back_to_the_stream_window_at_once() {
+        let mut frames = frame(0x1, 0x4, 1, &[0x88]);
+        // 8 bytes of data in 1-byte frames, each with 255 bytes of padding.
+        let mut padded = vec![255, b'd'];
+        padded.extend([0u8; 255]);
+        for _ in 0..8 {
+            frames.extend(frame(0x0, 0x8, 1, &padded));
+        }
+        frames.extend(frame(0x0, 0x1, 1, b""));
+        let (addr, replica) = scripted(frames).await;
+        let endpoint = H2Endpoint::new(addr, Duration::from_secs(5));
+        let response = endpoint.send(request("/stream", Bytes::new())).await.unwrap();
+        let data = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&data[..], b"dddddddd");
+        drop(endpoint); // the connection closes, and the replica returns what it read
+        let after = tokio::time::timeout(Duration::from_secs(5), replica).await.unwrap().unwrap();
+        let given_back: u32 = frames_in(&after)
+            .iter()
+            .filter(|(kind, _, id, _)| *kind == 0x8 && *id == 1)
+            .map(|(_, _, _, p)| u32::from_be_bytes([p[0], p[1], p[2], p[3]]))
+            .sum();
+        assert_eq!(given_back, 8 * 256, "each frame's padding (and its length byte) comes back");
+    }
+
+    #[tokio::test]
+    async fn a_call_the_replica_read_is_not_unsent_when_the_connection_breaks() {
+        use tokio::io::AsyncReadExt as _;
+        // B, then A (the one that matters), then C, on one connection. B and C
+        // carry 16 MiB of headers, so the socket is still taking C's bytes when
+        // the replica, having read all of A, closes the connection.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let replica = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut seen: Vec<u8> = Vec::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = socket.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client closed first");
+                seen.extend_from_slice(&buf[..n]);
+                // A's path, then its header block's end and its 10-byte DATA frame.
+                if let Some(at) = seen.windows(7).position(|w| w == b"/create")
+                    && seen.len() > at + 64
+                {
+                    return; // dropped with bytes unread: the client's writes fail
+                }
+                let keep = seen.len().saturating_sub(8);
+                seen.drain(..keep);
+            }
+        });
+        let endpoint = H2Endpoint::new(addr, Duration::from_secs(5));
+        let big = "v".repeat(16 << 20);
+        let with_big = |path: &str| {
+            let mut r = request(path, Bytes::new());
+            r.headers_mut().insert("x-big", HeaderValue::from_str(&big).unwrap());
+            r
+        };
+        // Polled in this order, the three queue in this order (the first
+        // connects; the others wait for it in line).
+        let (b, a, c) = tokio::join!(
+            endpoint.send(with_big("/bigB")),
+            endpoint.send(request("/create", Bytes::from_static(b"x"))),
+            endpoint.send(with_big("/bigC")),
+        );
+        replica.await.unwrap();
+        let a = a.unwrap_err();
+        assert!(!a.never_sent(), "the replica read all of A: {a}");
+        assert!(b.is_err() && c.is_err());
     }
 
     #[tokio::test]

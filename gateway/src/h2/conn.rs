@@ -39,6 +39,14 @@ const MAX_FRAME: usize = 16_384;
 const HEADER_TABLE: usize = 4096;
 /// The largest response header block we collect (HEADERS plus CONTINUATIONs).
 const MAX_HEADER_BLOCK: usize = 256 << 10;
+/// The largest decoded response header list we take (names, values and 32
+/// bytes per field, as `SETTINGS_MAX_HEADER_LIST_SIZE` counts), announced to the peer.
+const MAX_HEADER_LIST: usize = 64 << 10;
+/// DATA payloads up to this size are copied out of the read buffer, so a
+/// response held by a slow reader does not keep a whole read buffer alive.
+const COPY_BELOW: usize = 4096;
+/// What our keepalive pings carry ("flotilla"): an ACK must echo it.
+const PING_PAYLOAD: u64 = 0x666c_6f74_696c_6c61;
 /// Socket reads per wakeup before the driver lets other tasks run.
 const READS_PER_POLL: usize = 16;
 /// Bytes read at a time.
@@ -144,6 +152,11 @@ struct Stream {
     sent_end: bool,
     /// Whether the response head has come (later HEADERS are trailers).
     got_head: bool,
+    /// Where its HEADERS frame starts in the connection's outgoing bytes: the
+    /// request cannot have reached the peer while fewer bytes were written.
+    head_at: u64,
+    /// How much more the peer may send on it before we give window back.
+    recv_window: i64,
 }
 
 /// The peer's settings that the client obeys.
@@ -175,9 +188,12 @@ pub(super) struct Driver {
     /// Streams with body left to send, in the order they became blocked.
     blocked: VecDeque<u32>,
     next_id: u32,
-    /// Every stream up to this id had its HEADERS written to the socket.
-    flushed_id: u32,
+    /// Bytes the socket has taken so far.
+    written: u64,
     conn_send_window: i64,
+    /// How much more the peer may send on the connection, and what we have
+    /// received but not yet given back.
+    conn_recv_window: i64,
     conn_recv_unacked: u32,
     peer: PeerSettings,
     partial: Option<PartialHeaders>,
@@ -245,12 +261,14 @@ impl Driver {
     ) -> Self {
         let mut wbuf = BytesMut::with_capacity(16 << 10);
         wbuf.put_slice(PREFACE);
-        // ENABLE_PUSH = 0, INITIAL_WINDOW_SIZE = STREAM_WINDOW.
-        frame_head(&mut wbuf, 12, SETTINGS, 0, 0);
+        // ENABLE_PUSH = 0, INITIAL_WINDOW_SIZE = STREAM_WINDOW, MAX_HEADER_LIST_SIZE.
+        frame_head(&mut wbuf, 18, SETTINGS, 0, 0);
         wbuf.put_u16(0x2);
         wbuf.put_u32(0);
         wbuf.put_u16(0x4);
         wbuf.put_u32(STREAM_WINDOW);
+        wbuf.put_u16(0x6);
+        wbuf.put_u32(MAX_HEADER_LIST as u32);
         window_update(&mut wbuf, 0, CONNECTION_WINDOW - 65_535);
         let mut decoder = loona_hpack::Decoder::new();
         decoder.set_max_allowed_table_size(HEADER_TABLE);
@@ -265,8 +283,9 @@ impl Driver {
             waiting: VecDeque::new(),
             blocked: VecDeque::new(),
             next_id: 1,
-            flushed_id: 0,
+            written: 0,
             conn_send_window: 65_535,
+            conn_recv_window: i64::from(CONNECTION_WINDOW),
             conn_recv_unacked: 0,
             peer: PeerSettings { max_frame: MAX_FRAME, initial_window: 65_535, max_streams: usize::MAX },
             partial: None,
@@ -334,7 +353,8 @@ impl Driver {
                 }
             }
             Command::Release { id, n } => {
-                if self.streams.contains_key(&id) {
+                if let Some(stream) = self.streams.get_mut(&id) {
+                    stream.recv_window += i64::from(n);
                     window_update(&mut self.wbuf, id, n);
                 }
             }
@@ -374,6 +394,7 @@ impl Driver {
             let end = open.body.is_empty();
             // The block is encoded in place, after room for its frame's head.
             let start = self.wbuf.len();
+            let head_at = self.written + start as u64;
             self.wbuf.put_bytes(0, 9);
             self.encoder.request(&open, &mut self.wbuf);
             let len = self.wbuf.len() - start - 9;
@@ -395,6 +416,8 @@ impl Driver {
                     send_window: self.peer.initial_window,
                     sent_end: end,
                     got_head: false,
+                    head_at,
+                    recv_window: i64::from(STREAM_WINDOW),
                 },
             );
             if !end {
@@ -470,13 +493,15 @@ impl Driver {
                 Poll::Ready(Ok(0)) => {
                     return Err(Ended { reason: "the connection took no more bytes".into() });
                 }
-                Poll::Ready(Ok(n)) => self.wbuf.advance(n),
+                Poll::Ready(Ok(n)) => {
+                    self.written += n as u64;
+                    self.wbuf.advance(n);
+                }
                 Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Poll::Ready(Err(e)) => return Err(io_ended(&e)),
                 Poll::Pending => return Ok(()),
             }
         }
-        self.flushed_id = self.next_id.saturating_sub(2);
         Ok(())
     }
 
@@ -488,7 +513,7 @@ impl Driver {
                 }));
             }
             frame_head(&mut self.wbuf, 8, PING, 0, 0);
-            self.wbuf.put_u64(0x666c_6f74_696c_6c61); // "flotilla"
+            self.wbuf.put_u64(PING_PAYLOAD);
             self.keepalive.awaiting = true;
             let next = tokio::time::Instant::now() + self.keepalive.timeout;
             self.keepalive.timer.as_mut().reset(next);
@@ -537,21 +562,53 @@ impl Driver {
                 if id == 0 {
                     return Err(self.protocol(PROTOCOL_ERROR, "DATA on stream 0".into()));
                 }
+                // The whole payload, padding included, counts against both windows.
                 let size = payload.len() as u32;
+                self.conn_recv_window -= i64::from(size);
+                if self.conn_recv_window < 0 {
+                    return Err(
+                        self.protocol(FLOW_CONTROL_ERROR, "the replica overran the connection window".into())
+                    );
+                }
+                // The connection's window is given back as data arrives (each
+                // stream's own window bounds what waits for a slow reader).
                 self.conn_recv_unacked += size;
                 if self.conn_recv_unacked >= CONNECTION_WINDOW / 2 {
                     window_update(&mut self.wbuf, 0, self.conn_recv_unacked);
+                    self.conn_recv_window += i64::from(self.conn_recv_unacked);
                     self.conn_recv_unacked = 0;
                 }
                 let data = self.unpad(flags, &mut payload)?;
-                if let Some(stream) = self.streams.get_mut(&id) {
-                    if !data.is_empty() && stream.events.unbounded_send(Event::Data(data.freeze())).is_err() {
-                        self.reset(id, CANCEL);
+                let padding = size - data.len() as u32;
+                let Some(stream) = self.streams.get_mut(&id) else { return Ok(()) };
+                if !stream.got_head {
+                    self.reset(
+                        id,
+                        PROTOCOL_ERROR,
+                        "the replica sent DATA before the response headers".into(),
+                    );
+                    return Ok(());
+                }
+                stream.recv_window -= i64::from(size);
+                if stream.recv_window < 0 {
+                    self.reset(id, FLOW_CONTROL_ERROR, "the replica overran the stream window".into());
+                    return Ok(());
+                }
+                if padding > 0 && flags & END_STREAM == 0 {
+                    // Nobody reads padding: it is given back at once.
+                    stream.recv_window += i64::from(padding);
+                    window_update(&mut self.wbuf, id, padding);
+                }
+                if !data.is_empty() {
+                    let data =
+                        if data.len() <= COPY_BELOW { Bytes::copy_from_slice(&data) } else { data.freeze() };
+                    if stream.events.unbounded_send(Event::Data(data)).is_err() {
+                        self.reset(id, CANCEL, "the caller went away".into());
                         return Ok(());
                     }
-                    if flags & END_STREAM != 0 {
-                        self.received_end(id);
-                    }
+                }
+                if flags & END_STREAM != 0 {
+                    self.received_end(id);
                 }
             }
             HEADERS => {
@@ -621,7 +678,7 @@ impl Driver {
                 if flags & ACK == 0 {
                     frame_head(&mut self.wbuf, 8, PING, ACK, 0);
                     self.wbuf.put_slice(&payload);
-                } else if self.keepalive.awaiting {
+                } else if self.keepalive.awaiting && payload[..] == PING_PAYLOAD.to_be_bytes() {
                     self.keepalive.awaiting = false;
                     let next = tokio::time::Instant::now() + self.keepalive.interval;
                     self.keepalive.timer.as_mut().reset(next);
@@ -640,7 +697,12 @@ impl Driver {
                     return Err(self.protocol(FRAME_SIZE_ERROR, "a malformed WINDOW_UPDATE".into()));
                 }
                 let increment = i64::from(payload.get_u32() & 0x7fff_ffff);
-                if id == 0 {
+                if increment == 0 {
+                    if id == 0 {
+                        return Err(self.protocol(PROTOCOL_ERROR, "a connection WINDOW_UPDATE of 0".into()));
+                    }
+                    self.reset(id, PROTOCOL_ERROR, "the replica sent a WINDOW_UPDATE of 0".into());
+                } else if id == 0 {
                     self.conn_send_window += increment;
                     if self.conn_send_window > i64::from(i32::MAX) {
                         return Err(
@@ -650,7 +712,11 @@ impl Driver {
                 } else if let Some(stream) = self.streams.get_mut(&id) {
                     stream.send_window += increment;
                     if stream.send_window > i64::from(i32::MAX) {
-                        self.reset(id, FLOW_CONTROL_ERROR);
+                        self.reset(
+                            id,
+                            FLOW_CONTROL_ERROR,
+                            "the replica overflowed the stream's send window".into(),
+                        );
                     }
                 }
             }
@@ -681,8 +747,19 @@ impl Driver {
         let mut status = None;
         let mut headers = HeaderMap::new();
         let mut malformed = None;
+        // Past the list limit the block is still decoded to its end (the
+        // table must stay in step), but nothing more is kept.
+        let mut list_size = 0usize;
         let fields = &mut self.fields;
         let decoded = self.decoder.decode_with_cb(block, |name, value| {
+            list_size += name.len() + value.len() + 32;
+            if malformed.is_some() {
+                return;
+            }
+            if list_size > MAX_HEADER_LIST {
+                malformed = Some(format!("the response's header list exceeds {MAX_HEADER_LIST} bytes"));
+                return;
+            }
             if name.first() == Some(&b':') {
                 if &name[..] == b":status" {
                     status = StatusCode::from_bytes(&value).ok();
@@ -693,7 +770,9 @@ impl Driver {
             }
             match fields.get(&name, &value) {
                 Some((n, v)) => {
-                    headers.append(n, v);
+                    if headers.try_append(n, v).is_err() {
+                        malformed = Some("the response has too many header fields".to_owned());
+                    }
                 }
                 None => {
                     malformed =
@@ -708,30 +787,34 @@ impl Driver {
         }
         let Some(stream) = self.streams.get_mut(&id) else { return Ok(()) };
         if let Some(why) = malformed {
-            let events = stream.events.clone();
-            self.reset(id, PROTOCOL_ERROR);
-            fail(&events, false, why);
+            self.reset(id, PROTOCOL_ERROR, why);
             return Ok(());
         }
         let event = if stream.got_head {
+            if !end_stream {
+                self.reset(id, PROTOCOL_ERROR, "the replica sent trailers that do not end the stream".into());
+                return Ok(());
+            }
             Event::Trailers(headers)
         } else {
             match status {
-                Some(s) if s.is_informational() => return Ok(()),
+                Some(s) if s.is_informational() && !end_stream => return Ok(()),
+                Some(s) if s.is_informational() => {
+                    self.reset(id, PROTOCOL_ERROR, "an informational response ended the stream".into());
+                    return Ok(());
+                }
                 Some(status) => {
                     stream.got_head = true;
                     Event::Head { id, status, headers, end: end_stream }
                 }
                 None => {
-                    let events = stream.events.clone();
-                    self.reset(id, PROTOCOL_ERROR);
-                    fail(&events, false, "the response has no :status".to_owned());
+                    self.reset(id, PROTOCOL_ERROR, "the response has no :status".into());
                     return Ok(());
                 }
             }
         };
         if stream.events.unbounded_send(event).is_err() {
-            self.reset(id, CANCEL);
+            self.reset(id, CANCEL, "the caller went away".into());
             return Ok(());
         }
         if end_stream {
@@ -763,8 +846,15 @@ impl Driver {
                             .protocol(FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE too large".into()));
                     }
                     let delta = i64::from(value) - self.peer.initial_window;
+                    let mut overflow = false;
                     for stream in self.streams.values_mut() {
                         stream.send_window += delta;
+                        overflow |= stream.send_window > i64::from(i32::MAX);
+                    }
+                    if overflow {
+                        return Err(
+                            self.protocol(FLOW_CONTROL_ERROR, "a stream's send window overflowed".into())
+                        );
                     }
                     self.peer.initial_window = i64::from(value);
                 }
@@ -802,8 +892,11 @@ impl Driver {
         }
     }
 
-    fn reset(&mut self, id: u32, code: u32) {
-        self.streams.remove(&id);
+    /// Resets stream `id` with `code`; its caller, if still there, learns `reason`.
+    fn reset(&mut self, id: u32, code: u32, reason: String) {
+        if let Some(stream) = self.streams.remove(&id) {
+            fail(&stream.events, false, reason);
+        }
         rst_stream(&mut self.wbuf, id, code);
     }
 
@@ -812,15 +905,22 @@ impl Driver {
         frame_head(&mut self.wbuf, 8, GOAWAY, 0, 0);
         self.wbuf.put_u32(0);
         self.wbuf.put_u32(code);
-        let _ = self.io.try_write(&self.wbuf);
+        if let Ok(n) = self.io.try_write(&self.wbuf) {
+            self.written += n as u64;
+            self.wbuf.advance(n);
+        }
         Ended { reason: format!("the replica broke the HTTP/2 protocol ({}): {reason}", code_name(code)) }
     }
 
-    /// Tells every stream and waiting request that the connection ended.
-    fn fail_all(&mut self, reason: &str) {
+    /// Tells every stream and waiting request that the connection ended. A
+    /// stream counts as never sent only if the socket never took the first
+    /// byte of its HEADERS (streams the peer's GOAWAY refused were told so
+    /// already).
+    pub(super) fn fail_all(&mut self, reason: &str) {
         self.closed.store(true, Ordering::Release);
-        for (id, stream) in self.streams.drain() {
-            fail(&stream.events, id > self.flushed_id, reason.to_owned());
+        let written = self.written;
+        for (_, stream) in self.streams.drain() {
+            fail(&stream.events, stream.head_at >= written, reason.to_owned());
         }
         for open in self.waiting.drain(..) {
             fail(&open.events, true, reason.to_owned());
