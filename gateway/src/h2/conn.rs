@@ -299,48 +299,44 @@ impl Driver {
     }
 
     fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Ended>> {
-        {
-            let mut again = false;
-            if !self.orphaned {
-                loop {
-                    match self.commands.poll_recv(cx) {
-                        Poll::Ready(Some(c)) => self.command(c),
-                        Poll::Ready(None) => {
-                            self.orphaned = true;
-                            break;
-                        }
-                        Poll::Pending => break,
+        if !self.orphaned {
+            loop {
+                match self.commands.poll_recv(cx) {
+                    Poll::Ready(Some(c)) => self.command(c),
+                    Poll::Ready(None) => {
+                        self.orphaned = true;
+                        break;
                     }
+                    Poll::Pending => break,
                 }
             }
-            if self.sweep {
-                self.sweep();
-            }
-            self.open_waiting();
-            self.send_blocked();
-            match self.read(cx) {
-                Poll::Ready(Ok(more)) => again |= more,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {}
-            }
-            self.open_waiting();
-            self.send_blocked();
-            if let Err(e) = self.write(cx) {
-                return Poll::Ready(Err(e));
-            }
-            if let Poll::Ready(r) = self.poll_keepalive(cx) {
-                return Poll::Ready(r);
-            }
-            let idle = self.streams.is_empty() && self.waiting.is_empty() && self.wbuf.is_empty();
-            if idle && (self.orphaned || self.going_away.is_some()) {
-                return Poll::Ready(Ok(()));
-            }
-            if again {
-                // A full budget was read: let other tasks run before reading more.
-                cx.waker().wake_by_ref();
-            }
-            Poll::Pending
         }
+        if self.sweep {
+            self.sweep();
+        }
+        self.open_waiting();
+        self.send_blocked();
+        let again = match self.read(cx) {
+            Ok(more) => more,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        self.open_waiting();
+        self.send_blocked();
+        if let Err(e) = self.write(cx) {
+            return Poll::Ready(Err(e));
+        }
+        if let Poll::Ready(r) = self.poll_keepalive(cx) {
+            return Poll::Ready(r);
+        }
+        let idle = self.streams.is_empty() && self.waiting.is_empty() && self.wbuf.is_empty();
+        if idle && (self.orphaned || self.going_away.is_some()) {
+            return Poll::Ready(Ok(()));
+        }
+        if again {
+            // A full budget was read: let other tasks run before reading more.
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
     }
 
     fn command(&mut self, command: Command) {
@@ -467,23 +463,24 @@ impl Driver {
         self.blocked = still;
     }
 
-    /// Reads and handles what the socket has. `Ok(true)`: the read budget ran out with more to read.
-    fn read(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, Ended>> {
+    /// Reads and handles what the socket has (the waker is registered for
+    /// more). `Ok(true)`: the read budget ran out with more to read.
+    fn read(&mut self, cx: &mut Context<'_>) -> Result<bool, Ended> {
         for _ in 0..READS_PER_POLL {
             self.rbuf.reserve(READ_CHUNK);
             // tokio's own read: a read shorter than the room given marks the
             // socket drained, so no second read is spent to learn it.
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
                 Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(Ended { reason: "the replica closed the connection".into() }));
+                    return Err(Ended { reason: "the replica closed the connection".into() });
                 }
                 Poll::Ready(Ok(_)) => self.frames()?,
                 Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(io_ended(&e))),
-                Poll::Pending => return Poll::Ready(Ok(false)),
+                Poll::Ready(Err(e)) => return Err(io_ended(&e)),
+                Poll::Pending => return Ok(false),
             }
         }
-        Poll::Ready(Ok(true))
+        Ok(true)
     }
 
     /// Writes what is queued until the socket takes no more.
