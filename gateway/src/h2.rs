@@ -157,12 +157,9 @@ impl H2Endpoint {
         let _ = stream.set_nodelay(true);
         let closed = Arc::new(AtomicBool::new(false));
         let (commands, receiver) = mpsc::unbounded_channel();
-        let driver = Driver::new(
-            stream,
-            receiver,
-            closed.clone(),
-            Keepalive::new(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT),
-        );
+        let keepalive = Keepalive::new(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT);
+        // A request waits for the replica's stream limit as long as for a connection.
+        let driver = Driver::new(stream, receiver, closed.clone(), keepalive, self.connect_timeout);
         let addr = self.addr;
         // Woken by a call with a request to send, the driver first lets the
         // other ready calls queue theirs: one write for them all. (On one
@@ -182,6 +179,7 @@ impl H2Endpoint {
                     driver.fail_all("the gateway's connection driver failed");
                 }
             }
+            driver.turn_away_late_requests().await;
         });
         let conn = Arc::new(Conn { commands, closed });
         self.conn.store(Some(conn.clone()));
@@ -591,9 +589,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_header_flood_fails_the_call_without_a_panic_and_not_as_unsent() {
-        // 25,000 distinct names: past the header list limit, and past what a
-        // HeaderMap can hold (it panics on a plain append).
+    async fn header_floods_fail_the_call_without_a_panic_and_not_as_unsent() {
+        // A small block that decodes to a long list: one 4000-byte field
+        // entered in the table, then twenty one-byte references to it.
+        let mut block = vec![0x88, 0x40, 5];
+        block.extend_from_slice(b"x-big");
+        // 4000 as a 7-bit-prefix integer: 127, then 3873 = 33 + 30 × 128.
+        block.extend_from_slice(&[0x7f, 0x80 | 33, 30]);
+        block.extend(std::iter::repeat_n(b'v', 4000));
+        block.extend([0xbe; 20]);
+        let (addr, _replica) = scripted(frame(0x1, 0x5, 1, &block)).await;
+        let endpoint = H2Endpoint::new(addr, Duration::from_secs(5));
+        let error = endpoint.send(request("/create", Bytes::from_static(b"x"))).await.unwrap_err();
+        assert!(!error.never_sent() && error.to_string().contains("header list exceeds"), "{error}");
+
+        // 25,000 distinct names (a HeaderMap panics past 24,576 on a plain
+        // append), in a block over the size limit: the connection ends.
         let mut block = vec![0x88]; // :status 200
         for i in 0..25_000u32 {
             block.extend_from_slice(&[0x00, 5, b'x']);
@@ -609,8 +620,7 @@ mod tests {
         let (addr, _replica) = scripted(frames).await;
         let endpoint = H2Endpoint::new(addr, Duration::from_secs(5));
         let error = endpoint.send(request("/create", Bytes::from_static(b"x"))).await.unwrap_err();
-        assert!(!error.never_sent(), "the replica had the request: {error}");
-        assert!(error.to_string().contains("header list exceeds"), "{error}");
+        assert!(!error.never_sent() && error.to_string().contains("too large"), "{error}");
     }
 
     #[tokio::test]
@@ -665,6 +675,63 @@ mod tests {
             .map(|(_, _, _, p)| u32::from_be_bytes([p[0], p[1], p[2], p[3]]))
             .sum();
         assert_eq!(given_back, 8 * 256, "each frame's padding (and its length byte) comes back");
+    }
+
+    #[tokio::test]
+    async fn a_call_waiting_for_a_stream_the_replica_never_allows_fails_as_unsent() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (limited, limit_known) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut buf = vec![0u8; 64 << 10];
+            let mut limited = Some(limited);
+            let mut sent_limit = false;
+            loop {
+                let n = socket.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                seen.extend_from_slice(&buf[..n]);
+                let frames = frames_in(&seen[24.min(seen.len())..]);
+                if !sent_limit && frames.iter().any(|(kind, _, id, _)| *kind == 0x1 && *id == 1) {
+                    // Stream 1 is open (and never answered); from now on, no stream at all.
+                    socket.write_all(&frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 0])).await.unwrap();
+                    sent_limit = true;
+                }
+                if sent_limit && frames.iter().any(|(kind, flags, _, _)| *kind == 0x4 && *flags == 0x1) {
+                    // The client acknowledged the limit.
+                    if let Some(tell) = limited.take() {
+                        let _ = tell.send(());
+                    }
+                }
+            }
+        });
+        let endpoint = H2Endpoint::new(addr, Duration::from_millis(300));
+        let first = endpoint.clone();
+        let _hanging = tokio::spawn(async move { first.send(request("/hang", Bytes::new())).await });
+        tokio::time::timeout(Duration::from_secs(5), limit_known).await.unwrap().unwrap();
+        let error =
+            tokio::time::timeout(Duration::from_secs(5), endpoint.send(request("/create", Bytes::new())))
+                .await
+                .expect("the waiting call gives up")
+                .unwrap_err();
+        assert!(error.never_sent() && error.to_string().contains("allowed no new stream"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_specific_response_header_fails_the_call() {
+        // :status 200, then "connection: close" as a literal.
+        let mut block = vec![0x88, 0x00, 10];
+        block.extend_from_slice(b"connection");
+        block.push(5);
+        block.extend_from_slice(b"close");
+        let (addr, _replica) = scripted(frame(0x1, 0x5, 1, &block)).await;
+        let endpoint = H2Endpoint::new(addr, Duration::from_secs(5));
+        let error = endpoint.send(request("/create", Bytes::from_static(b"x"))).await.unwrap_err();
+        assert!(!error.never_sent() && error.to_string().contains("connection-specific"), "{error}");
     }
 
     #[tokio::test]

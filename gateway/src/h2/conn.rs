@@ -37,16 +37,20 @@ const CONNECTION_WINDOW: u32 = 4 << 20;
 const MAX_FRAME: usize = 16_384;
 /// The decoder's table limit (the protocol's default `SETTINGS_HEADER_TABLE_SIZE`).
 const HEADER_TABLE: usize = 4096;
-/// The largest response header block we collect (HEADERS plus CONTINUATIONs).
-const MAX_HEADER_BLOCK: usize = 256 << 10;
 /// The largest decoded response header list we take (names, values and 32
 /// bytes per field, as `SETTINGS_MAX_HEADER_LIST_SIZE` counts), announced to the peer.
 const MAX_HEADER_LIST: usize = 64 << 10;
+/// The largest response header block we collect (HEADERS plus CONTINUATIONs).
+/// An honest block is smaller than the list it decodes to; this also bounds
+/// the decoding work a replica can demand with one block.
+const MAX_HEADER_BLOCK: usize = MAX_HEADER_LIST;
+/// Past this many queued outgoing bytes the driver stops reading until the
+/// peer takes some: a peer that sends PINGs or SETTINGS and never reads
+/// cannot grow the queue of our answers without bound.
+const MAX_QUEUED_WRITE: usize = 4 << 20;
 /// DATA payloads up to this size are copied out of the read buffer, so a
 /// response held by a slow reader does not keep a whole read buffer alive.
 const COPY_BELOW: usize = 4096;
-/// What our keepalive pings carry ("flotilla"): an ACK must echo it.
-const PING_PAYLOAD: u64 = 0x666c_6f74_696c_6c61;
 /// Socket reads per wakeup before the driver lets other tasks run.
 const READS_PER_POLL: usize = 16;
 /// Bytes read at a time.
@@ -183,8 +187,11 @@ pub(super) struct Driver {
     wbuf: BytesMut,
     decoder: loona_hpack::Decoder<'static>,
     streams: HashMap<u32, Stream>,
-    /// Requests waiting for the peer's stream limit.
-    waiting: VecDeque<Box<Open>>,
+    /// Requests waiting for the peer's stream limit, with when they give up.
+    waiting: VecDeque<(tokio::time::Instant, Box<Open>)>,
+    /// How long a request may wait for the peer's stream limit, and the timer for the oldest.
+    queue_timeout: Duration,
+    queue_timer: Pin<Box<tokio::time::Sleep>>,
     /// Streams with body left to send, in the order they became blocked.
     blocked: VecDeque<u32>,
     next_id: u32,
@@ -243,11 +250,13 @@ pub(super) struct Keepalive {
     pub timeout: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
     awaiting: bool,
+    /// The payload of the last ping sent (a counter, so an old or forged ACK does not count).
+    sent: u64,
 }
 
 impl Keepalive {
     pub(super) fn new(interval: Duration, timeout: Duration) -> Self {
-        Self { interval, timeout, timer: Box::pin(tokio::time::sleep(interval)), awaiting: false }
+        Self { interval, timeout, timer: Box::pin(tokio::time::sleep(interval)), awaiting: false, sent: 0 }
     }
 }
 
@@ -258,6 +267,7 @@ impl Driver {
         commands: mpsc::UnboundedReceiver<Command>,
         closed: Arc<AtomicBool>,
         keepalive: Keepalive,
+        queue_timeout: Duration,
     ) -> Self {
         let mut wbuf = BytesMut::with_capacity(16 << 10);
         wbuf.put_slice(PREFACE);
@@ -281,6 +291,8 @@ impl Driver {
             decoder,
             streams: HashMap::new(),
             waiting: VecDeque::new(),
+            queue_timeout,
+            queue_timer: Box::pin(tokio::time::sleep(queue_timeout)),
             blocked: VecDeque::new(),
             next_id: 1,
             written: 0,
@@ -316,9 +328,14 @@ impl Driver {
         }
         self.open_waiting();
         self.send_blocked();
-        let again = match self.read(cx) {
-            Ok(more) => more,
-            Err(e) => return Poll::Ready(Err(e)),
+        // While the peer is not taking our bytes, its frames wait in the socket.
+        let again = if self.wbuf.len() < MAX_QUEUED_WRITE {
+            match self.read(cx) {
+                Ok(more) => more,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        } else {
+            false
         };
         self.open_waiting();
         self.send_blocked();
@@ -328,6 +345,7 @@ impl Driver {
         if let Poll::Ready(r) = self.poll_keepalive(cx) {
             return Poll::Ready(r);
         }
+        self.poll_queue_timeout(cx);
         let idle = self.streams.is_empty() && self.waiting.is_empty() && self.wbuf.is_empty();
         if idle && (self.orphaned || self.going_away.is_some()) {
             return Poll::Ready(Ok(()));
@@ -345,7 +363,8 @@ impl Driver {
                 if self.closed.load(Ordering::Acquire) || self.going_away.is_some() {
                     fail(&open.events, true, "the connection was closing".to_owned());
                 } else {
-                    self.waiting.push_back(open);
+                    let give_up = tokio::time::Instant::now() + self.queue_timeout;
+                    self.waiting.push_back((give_up, open));
                 }
             }
             Command::Release { id, n } => {
@@ -368,13 +387,13 @@ impl Driver {
             self.streams.remove(&id);
             rst_stream(&mut self.wbuf, id, CANCEL);
         }
-        self.waiting.retain(|o| !o.events.is_closed());
+        self.waiting.retain(|(_, o)| !o.events.is_closed());
     }
 
     /// Opens the waiting requests the peer's stream limit allows.
     fn open_waiting(&mut self) {
         while self.streams.len() < self.peer.max_streams
-            && let Some(open) = self.waiting.pop_front()
+            && let Some((_, open)) = self.waiting.pop_front()
         {
             if open.events.is_closed() {
                 continue;
@@ -509,8 +528,9 @@ impl Driver {
                     reason: format!("the replica did not answer a ping within {:?}", self.keepalive.timeout),
                 }));
             }
+            self.keepalive.sent = self.keepalive.sent.wrapping_add(1);
             frame_head(&mut self.wbuf, 8, PING, 0, 0);
-            self.wbuf.put_u64(PING_PAYLOAD);
+            self.wbuf.put_u64(self.keepalive.sent);
             self.keepalive.awaiting = true;
             let next = tokio::time::Instant::now() + self.keepalive.timeout;
             self.keepalive.timer.as_mut().reset(next);
@@ -520,6 +540,35 @@ impl Driver {
             }
         }
         Poll::Pending
+    }
+
+    /// Fails the requests that waited longer than `queue_timeout` for the
+    /// peer's stream limit (never encoded: safe to send elsewhere), and sets the
+    /// timer for the oldest one left.
+    fn poll_queue_timeout(&mut self, cx: &mut Context<'_>) {
+        loop {
+            let Some((give_up, _)) = self.waiting.front() else { return };
+            if *give_up > tokio::time::Instant::now() {
+                let give_up = *give_up;
+                if self.queue_timer.deadline() != give_up {
+                    self.queue_timer.as_mut().reset(give_up);
+                }
+                if self.queue_timer.as_mut().poll(cx).is_pending() {
+                    return;
+                }
+                continue;
+            }
+            let (_, open) = self.waiting.pop_front().expect("front exists");
+            let limit = self.peer.max_streams;
+            fail(
+                &open.events,
+                true,
+                format!(
+                    "the replica allowed no new stream within {:?} (its limit: {limit})",
+                    self.queue_timeout
+                ),
+            );
+        }
     }
 
     /// Handles every whole frame in the read buffer.
@@ -675,7 +724,7 @@ impl Driver {
                 if flags & ACK == 0 {
                     frame_head(&mut self.wbuf, 8, PING, ACK, 0);
                     self.wbuf.put_slice(&payload);
-                } else if self.keepalive.awaiting && payload[..] == PING_PAYLOAD.to_be_bytes() {
+                } else if self.keepalive.awaiting && payload[..] == self.keepalive.sent.to_be_bytes() {
                     self.keepalive.awaiting = false;
                     let next = tokio::time::Instant::now() + self.keepalive.interval;
                     self.keepalive.timer.as_mut().reset(next);
@@ -766,6 +815,9 @@ impl Driver {
                 return;
             }
             match fields.get(&name, &value) {
+                Some((n, v)) if is_connection_specific(&n, &v) => {
+                    malformed = Some(format!("the response carries the connection-specific header {n:?}"));
+                }
                 Some((n, v)) => {
                     if headers.try_append(n, v).is_err() {
                         malformed = Some("the response has too many header fields".to_owned());
@@ -884,7 +936,7 @@ impl Driver {
                 fail(&s.events, true, reason.clone());
             }
         }
-        for open in self.waiting.drain(..) {
+        for (_, open) in self.waiting.drain(..) {
             fail(&open.events, true, reason.clone());
         }
     }
@@ -899,6 +951,13 @@ impl Driver {
 
     /// A connection error: GOAWAY with `code` is queued, and the connection ends.
     fn protocol(&mut self, code: u32, reason: String) -> Ended {
+        // Requests not yet on the wire stay off it (they fail as never sent,
+        // free to go elsewhere): the queue is cut where the first of them starts.
+        let written = self.written;
+        if let Some(first_unsent) = self.streams.values().map(|s| s.head_at).filter(|at| *at >= written).min()
+        {
+            self.wbuf.truncate((first_unsent - written) as usize);
+        }
         frame_head(&mut self.wbuf, 8, GOAWAY, 0, 0);
         self.wbuf.put_u32(0);
         self.wbuf.put_u32(code);
@@ -919,13 +978,25 @@ impl Driver {
         for (_, stream) in self.streams.drain() {
             fail(&stream.events, stream.head_at >= written, reason.to_owned());
         }
-        for open in self.waiting.drain(..) {
+        for (_, open) in self.waiting.drain(..) {
             fail(&open.events, true, reason.to_owned());
         }
         self.commands.close();
         while let Ok(command) = self.commands.try_recv() {
             if let Command::Open(open) = command {
                 fail(&open.events, true, reason.to_owned());
+            }
+        }
+    }
+
+    /// After the end: answers every request a caller was still putting in the
+    /// closed queue (a send can be half done when the queue closes; `try_recv`
+    /// in [`Driver::fail_all`] does not wait for it, this does).
+    pub(super) async fn turn_away_late_requests(&mut self) {
+        self.commands.close();
+        while let Some(command) = self.commands.recv().await {
+            if let Command::Open(open) = command {
+                fail(&open.events, true, "the connection closed".to_owned());
             }
         }
     }
