@@ -531,26 +531,15 @@ mod tests {
             let mut seen = Vec::new();
             let mut buf = vec![0u8; 64 << 10];
             // The preface, then frames until stream 1's HEADERS.
-            let mut at = 24;
-            'request: loop {
+            let at = loop {
                 let n = socket.read(&mut buf).await.unwrap();
                 assert!(n > 0, "the client closed before its request");
                 seen.extend_from_slice(&buf[..n]);
-                while seen.len() >= at + 9 {
-                    let len = usize::from(seen[at]) << 16
-                        | usize::from(seen[at + 1]) << 8
-                        | usize::from(seen[at + 2]);
-                    if seen.len() < at + 9 + len {
-                        break;
-                    }
-                    let id = u32::from_be_bytes([seen[at + 5], seen[at + 6], seen[at + 7], seen[at + 8]]);
-                    let kind = seen[at + 3];
-                    at += 9 + len;
-                    if kind == 0x1 && id == 1 {
-                        break 'request;
-                    }
+                let frames = frames_in(&seen[24.min(seen.len())..]);
+                if let Some(k) = frames.iter().position(|(kind, _, id, _)| *kind == 0x1 && *id == 1) {
+                    break 24 + frames[..=k].iter().map(|f| 9 + f.3.len()).sum::<usize>();
                 }
-            }
+            };
             socket.write_all(&frame(0x4, 0, 0, &[])).await.unwrap();
             socket.write_all(&frames).await.unwrap();
             let mut after = seen.split_off(at);

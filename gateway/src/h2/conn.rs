@@ -83,7 +83,7 @@ const CANCEL: u32 = 0x8;
 const COMPRESSION_ERROR: u32 = 0x9;
 
 /// The name of an HTTP/2 error code, for messages.
-pub(super) fn code_name(code: u32) -> &'static str {
+fn code_name(code: u32) -> &'static str {
     match code {
         0x0 => "NO_ERROR",
         0x1 => "PROTOCOL_ERROR",
@@ -246,8 +246,8 @@ impl FieldCache {
 
 /// Pings the peer every `interval`; a ping unanswered for `timeout` ends the connection.
 pub(super) struct Keepalive {
-    pub interval: Duration,
-    pub timeout: Duration,
+    interval: Duration,
+    timeout: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
     awaiting: bool,
     /// The payload of the last ping sent (a counter, so an old or forged ACK does not count).
@@ -1056,7 +1056,7 @@ fn rst_stream(buf: &mut BytesMut, id: u32, code: u32) {
 /// copy of the table cannot drift from this one. Values marked sensitive
 /// (the request id and the remaining deadline, different on every call) are
 /// never entered.
-pub(super) struct Encoder {
+struct Encoder {
     /// (name, value) in the order entered: entry `k` has index `62 + len - 1 - k`.
     entries: Vec<(Bytes, Bytes)>,
     size: usize,
@@ -1071,7 +1071,7 @@ impl Encoder {
     /// The longest value worth an entry.
     const MAX_INDEXED_VALUE: usize = 128;
 
-    pub(super) fn new() -> Self {
+    fn new() -> Self {
         Self { entries: Vec::new(), size: 0, max: HEADER_TABLE, announce_zero: false }
     }
 
@@ -1087,7 +1087,7 @@ impl Encoder {
     }
 
     /// Appends the request's header block to `block`.
-    pub(super) fn request(&mut self, open: &Open, block: &mut BytesMut) {
+    fn request(&mut self, open: &Open, block: &mut BytesMut) {
         if std::mem::take(&mut self.announce_zero) {
             block.put_u8(0x20); // dynamic table size update: 0
         }
