@@ -384,8 +384,7 @@ impl Driver {
         let gone: Vec<u32> =
             self.streams.iter().filter(|(_, s)| s.events.is_closed()).map(|(id, _)| *id).collect();
         for id in gone {
-            self.streams.remove(&id);
-            rst_stream(&mut self.wbuf, id, CANCEL);
+            self.reset(id, CANCEL, "the caller went away".into());
         }
         self.waiting.retain(|(_, o)| !o.events.is_closed());
     }
