@@ -28,10 +28,7 @@ use flotilla_proto::{
 };
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tonic::{
-    Request,
-    transport::{Channel, Endpoint},
-};
+use tonic::Request;
 
 use crate::{procs, workload::Workload};
 
@@ -224,16 +221,92 @@ fn push_sample(samples: &mut Vec<String>, e: &str) {
 ///
 /// # Errors
 /// When one cannot be established.
-pub async fn connect(target: SocketAddr, n: usize, timeout: Duration) -> anyhow::Result<Vec<Channel>> {
-    let endpoint = Endpoint::from_shared(format!("http://{target}"))?
-        .tcp_nodelay(true)
-        .connect_timeout(timeout)
-        .timeout(timeout);
-    let mut channels = Vec::with_capacity(n);
+pub async fn connect(target: SocketAddr, n: usize, timeout: Duration) -> anyhow::Result<Vec<Connection>> {
+    let mut connections = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
-        channels.push(endpoint.connect().await.with_context(|| format!("connecting to {target}"))?);
+        let connected = tokio::time::timeout(timeout, Connection::open(target))
+            .await
+            .map_err(|_| anyhow::anyhow!("no connection within {timeout:?}"))
+            .and_then(|c| c)
+            .with_context(|| format!("connecting to {target}"))?;
+        connections.push(connected);
     }
-    Ok(channels)
+    Ok(connections)
+}
+
+/// One HTTP/2 connection that tonic's generated clients call through.
+///
+/// hyper's HTTP/2 client connection, without tonic's `Channel` around it:
+/// the channel's buffer runs every call through a task of its own, which on
+/// this 2-core machine cost the load generator about as much CPU per call as
+/// the server it measures (the load generator shares the cores with the
+/// servers, so what it spends they lose). Calls still use tonic's codec and
+/// generated clients, as a Rust agent client would.
+#[derive(Clone)]
+pub struct Connection {
+    send: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
+    authority: http::uri::Authority,
+}
+
+impl Connection {
+    async fn open(target: SocketAddr) -> anyhow::Result<Self> {
+        let socket = tokio::net::TcpStream::connect(target).await?;
+        socket.set_nodelay(true)?;
+        let (send, connection) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .initial_stream_window_size(1 << 20)
+                .initial_connection_window_size(4 << 20)
+                .handshake(hyper_util::rt::TokioIo::new(socket))
+                .await?;
+        tokio::spawn(async move {
+            // Ends when the server closes the connection or every handle is dropped.
+            let _ = connection.await;
+        });
+        Ok(Self { send, authority: target.to_string().parse()? })
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Connection {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, hyper::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), hyper::Error>> {
+        self.send.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        // The generated clients set the path only; HTTP/2 needs :scheme and :authority.
+        let mut parts = std::mem::take(request.uri_mut()).into_parts();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(self.authority.clone());
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+        Box::pin(self.send.send_request(request))
+    }
+}
+
+/// The async runtime a load runs on: with 1 (the default of both bench
+/// binaries) one thread for everything, else `threads` worker threads.
+///
+/// The load generator shares the machine's two cores with the servers it
+/// measures. On one thread a call's wakeups stay on that thread; with two,
+/// every answer wakes a worker on the other core, and the generator cost
+/// 28-30 µs of CPU per GetTask against 12-14 µs on one (at c=64, RESULTS.md),
+/// CPU that the servers under test lost. One thread carries more than
+/// 60,000 GetTask a second, far above what any target here serves.
+///
+/// # Errors
+/// When the runtime cannot start.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
+    }
 }
 
 /// What the run shares between the coordinator and the workers.
@@ -258,13 +331,13 @@ struct Tally {
 /// The clients one worker calls through.
 #[derive(Clone)]
 struct Clients {
-    agent: AsyncAgentServiceClient<Channel>,
-    sync: SyncAgentServiceClient<Channel>,
-    metadata: AgentMetadataServiceClient<Channel>,
+    agent: AsyncAgentServiceClient<Connection>,
+    sync: SyncAgentServiceClient<Connection>,
+    metadata: AgentMetadataServiceClient<Connection>,
 }
 
 impl Clients {
-    fn new(channel: Channel) -> Self {
+    fn new(channel: Connection) -> Self {
         Self {
             agent: AsyncAgentServiceClient::new(channel.clone()),
             sync: SyncAgentServiceClient::new(channel.clone()),

@@ -88,6 +88,10 @@ struct Cli {
     /// about one core's budget; 0 is the servers' own default, one per CPU.
     #[arg(long, default_value_t = 1, value_name = "N")]
     server_threads: usize,
+    /// Runtime threads of the load generator (this process). One, the
+    /// default, costs the least CPU per call, and the servers share the cores with it.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    client_threads: u16,
 }
 
 /// The resolved plan.
@@ -165,7 +169,7 @@ fn main() -> ExitCode {
         eprintln!("flotilla-compare: {e:#}");
         return ExitCode::FAILURE;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match flotilla_benches::load::runtime(cli.client_threads.into()) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("flotilla-compare: cannot start the async runtime: {e}");
@@ -556,7 +560,15 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         "targets alternate: within each scenario × concurrency every target runs back to back, in an order \
          that rotates from cell to cell and round to round, so drift hits them alike"
             .to_owned(),
-        format!("HTTP/2 connections per load: min(concurrency, {})", plan.connections),
+        format!(
+            "HTTP/2 connections per load: min(concurrency, {}); the load generator (tonic's generated clients \
+             over hyper's HTTP/2 client connection) runs on {}",
+            plan.connections,
+            match cli.client_threads {
+                1 => "one runtime thread (`--client-threads 1`)".to_owned(),
+                n => format!("{n} runtime threads (`--client-threads {n}`)"),
+            }
+        ),
         if cli.pin {
             format!(
                 "pinned (`--pin`): every server process runs under `taskset -c {SERVER_CPU}` (all servers of a \
