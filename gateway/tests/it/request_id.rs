@@ -73,6 +73,15 @@ impl Logged {
         .await
     }
 
+    /// The admin address from the "listening" line, waited for (bounded).
+    async fn admin_addr(&self) -> SocketAddr {
+        eventually("the process logs its admin address", Duration::from_secs(10), || async {
+            self.find(|v| v["fields"]["admin"].is_string())
+                .and_then(|v| v["fields"]["admin"].as_str().and_then(|a| a.parse().ok()))
+        })
+        .await
+    }
+
     /// The call line carrying `request_id` for `method`, waited for (bounded).
     async fn call_line(&self, who: &str, request_id: &str, method: &str) -> Value {
         let what = format!("{who} logs {method} with request_id {request_id:?}");
@@ -206,4 +215,55 @@ async fn get(
 
 fn code_text(code: tonic::Code) -> &'static str {
     flotilla_gateway::proxy::code_name(code)
+}
+
+/// `--threads 1` runs tokio's current-thread scheduler: signals, the listener,
+/// the call and its forwarding all share one thread. SIGTERM must still let the
+/// call in flight finish, and the process then exit 0.
+#[tokio::test]
+async fn a_one_thread_gateway_finishes_the_call_in_flight_on_sigterm() {
+    use flotilla_proto::service::sync_agent_service_client::SyncAgentServiceClient;
+    use prost_types::value::Kind;
+
+    let echo = Logged::spawn(&echo_binary(), &[]);
+    let echo_addr = echo.grpc_addr().await;
+    let mut gateway = Logged::spawn(
+        Path::new(env!("CARGO_BIN_EXE_flotilla-gateway")),
+        &[("FLOTILLA_PLUGINS", format!("echo=static://{echo_addr}"))],
+    );
+    let (addr, admin) = (gateway.grpc_addr().await, gateway.admin_addr().await);
+    let header = admin::ExecuteTaskSyncRequest {
+        part: Some(admin::execute_task_sync_request::Part::Header(admin::CreateRequestHeader {
+            template: Some(echo_template("echo_sync", &[("duration_ms", Kind::NumberValue(700.0))])),
+            ..Default::default()
+        })),
+    };
+    let body = admin::ExecuteTaskSyncRequest {
+        part: Some(admin::execute_task_sync_request::Part::Inputs(inputs(4))),
+    };
+    let mut client = SyncAgentServiceClient::new(flotilla_testkit::channel(addr));
+    let call = tokio::spawn(async move {
+        let mut stream = client.execute_task_sync(tokio_stream::iter([header, body])).await?.into_inner();
+        stream.message().await
+    });
+    eventually("the call to be in flight", Duration::from_secs(10), || async {
+        let (_, metrics) = flotilla_testkit::http_get(admin, "/metrics").await;
+        metrics.contains("flotilla_gateway_in_flight_requests 1").then_some(())
+    })
+    .await;
+    let pid = gateway.child.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
+    assert!(killed.success(), "kill -TERM {pid}");
+    let answer =
+        call.await.expect("the call task").expect("the call in flight succeeds").expect("one answer");
+    let Some(admin::execute_task_sync_response::Res::Header(h)) = answer.res else {
+        panic!("no header: {answer:?}")
+    };
+    assert_eq!(h.resource.expect("a resource").outputs, Some(inputs(4)));
+    let status = eventually("the gateway to exit", Duration::from_secs(10), || {
+        let exited = gateway.child.try_wait().expect("wait on the gateway");
+        async move { exited }
+    })
+    .await;
+    assert!(status.success(), "the gateway exits 0 after SIGTERM: {status}");
 }
