@@ -281,13 +281,14 @@ impl Proxy {
                 let value = never_indexed(value);
                 req.headers_mut().insert(header::GRPC_TIMEOUT.clone(), value);
             }
-            let sent = backend.call(req);
+            // The call's future is made where it is awaited: a `let` first
+            // would keep a second copy of it in this future's state.
             let result = match (remaining, deadline) {
-                (Some(r), Some(d)) => match tokio::time::timeout(r, sent).await {
+                (Some(r), Some(d)) => match tokio::time::timeout(r, backend.call(req)).await {
                     Ok(result) => result,
                     Err(_) => return Err((Some(index), expired(d))),
                 },
-                _ => sent.await,
+                _ => backend.call(req).await,
             };
             // Retry only what cannot start a second job: idempotent methods after a
             // failure, anything when the request provably never reached a replica.

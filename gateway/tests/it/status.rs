@@ -86,3 +86,71 @@ async fn the_route_timeout_caps_a_slow_call_with_deadline_exceeded() {
     assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
     assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
 }
+
+/// A plugin whose `create` never finishes, and says when its call is dropped.
+#[derive(Clone)]
+struct Stuck {
+    started: std::sync::Arc<tokio::sync::Notify>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct SetOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl flotilla_sdk::Plugin for Stuck {
+    fn agents(&self) -> Vec<flotilla_sdk::AgentSpec> {
+        vec![flotilla_sdk::AgentSpec::asynchronous("Stuck Agent", "stuck")]
+    }
+
+    async fn create(
+        &self,
+        _: &flotilla_sdk::Call,
+        _: admin::CreateTaskRequest,
+    ) -> Result<admin::CreateTaskResponse, flotilla_sdk::PluginError> {
+        let _guard = SetOnDrop(self.dropped.clone());
+        self.started.notify_one();
+        std::future::pending().await
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_gives_up_cancels_the_call_at_the_plugin() {
+    let stuck = Stuck { started: Default::default(), dropped: Default::default() };
+    let service = spawn_plugin(stuck.clone()).await;
+    let gw = spawn_gateway(vec![plugin("stuck", format!("static://{}", service.addr))], |_| {}).await;
+    let mut client = gw.async_client();
+    let call = tokio::spawn(async move {
+        client
+            .create_task(admin::CreateTaskRequest {
+                inputs: Some(inputs(1)),
+                template: Some(echo_template("stuck", &[])),
+                ..Default::default()
+            })
+            .await
+    });
+    tokio::time::timeout(Duration::from_secs(5), stuck.started.notified())
+        .await
+        .expect("the call reaches the plugin");
+    assert!(!stuck.dropped.load(std::sync::atomic::Ordering::SeqCst));
+    // The client gives up: its stream is reset (RST_STREAM), and the gateway
+    // must reset its own stream to the plugin in turn.
+    call.abort();
+    flotilla_testkit::eventually("the plugin's call to be dropped", Duration::from_secs(5), || async {
+        stuck.dropped.load(std::sync::atomic::Ordering::SeqCst).then_some(())
+    })
+    .await;
+    flotilla_testkit::eventually(
+        "the gateway to count no call in flight",
+        Duration::from_secs(5),
+        || async {
+            let (_, metrics) = flotilla_testkit::http_get(gw.admin, "/metrics").await;
+            metrics.contains("flotilla_gateway_in_flight_requests 0").then_some(())
+        },
+    )
+    .await;
+}

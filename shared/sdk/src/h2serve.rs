@@ -413,18 +413,37 @@ where
 }
 
 /// Runs `work` until it finishes, or until the client resets the stream (`None`).
-pub async fn until_reset<F: Future>(respond: &mut SendResponse<Bytes>, work: F) -> Option<F::Output> {
-    let mut work = std::pin::pin!(work);
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(output) = work.as_mut().poll(cx) {
+///
+/// A plain future rather than an `async fn`: an `async fn` would keep `work`
+/// twice (its argument, and the pinned local it is moved to), and the call's
+/// future is the biggest thing a call allocates (measured on the gateway's
+/// forwarding future: 16.8 KB before, about half after).
+pub fn until_reset<F: Future>(respond: &mut SendResponse<Bytes>, work: F) -> UntilReset<'_, F> {
+    UntilReset { respond, work }
+}
+
+pin_project_lite::pin_project! {
+    /// The future [`until_reset`] returns.
+    pub struct UntilReset<'a, F> {
+        respond: &'a mut SendResponse<Bytes>,
+        #[pin]
+        work: F,
+    }
+}
+
+impl<F: Future> Future for UntilReset<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(output) = this.work.poll(cx) {
             return Poll::Ready(Some(output));
         }
-        match respond.poll_reset(cx) {
+        match this.respond.poll_reset(cx) {
             Poll::Ready(_) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
-    })
-    .await
+    }
 }
 
 /// Writes `response` to the stream: its headers, then its body's frames as the
