@@ -268,13 +268,16 @@ impl Connection {
 
 impl tower::Service<http::Request<tonic::body::Body>> for Connection {
     type Response = http::Response<hyper::body::Incoming>;
-    type Error = hyper::Error;
+    type Error = tower::BoxError;
     type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, hyper::Error>> + Send + 'static>,
+        Box<dyn std::future::Future<Output = Result<Self::Response, tower::BoxError>> + Send + 'static>,
     >;
 
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), hyper::Error>> {
-        self.send.poll_ready(cx)
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), tower::BoxError>> {
+        self.send.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
@@ -282,10 +285,12 @@ impl tower::Service<http::Request<tonic::body::Body>> for Connection {
         let mut parts = std::mem::take(request.uri_mut()).into_parts();
         parts.scheme = Some(http::uri::Scheme::HTTP);
         parts.authority = Some(self.authority.clone());
-        if let Ok(uri) = http::Uri::from_parts(parts) {
-            *request.uri_mut() = uri;
+        match http::Uri::from_parts(parts) {
+            Ok(uri) => *request.uri_mut() = uri,
+            Err(e) => return Box::pin(std::future::ready(Err(format!("request URI: {e}").into()))),
         }
-        Box::pin(self.send.send_request(request))
+        let sent = self.send.send_request(request);
+        Box::pin(async move { sent.await.map_err(Into::into) })
     }
 }
 
@@ -365,11 +370,15 @@ pub async fn run(
     // GetTask reads one task, created once.
     let get_request = if config.scenario == Scenario::Get {
         let mut agent = clients[0].agent.clone();
-        let created = agent
-            .create_task(with_timeout(workload.create.clone(), config.call_timeout))
-            .await
-            .context("creating the task that GetTask reads")?
-            .into_inner();
+        let created = tokio::time::timeout(
+            config.call_timeout,
+            agent.create_task(with_timeout(workload.create.clone(), config.call_timeout)),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {:?}", config.call_timeout))
+        .and_then(|r| r.map_err(anyhow::Error::from))
+        .context("creating the task that GetTask reads")?
+        .into_inner();
         Some(Arc::new(workload.get(created.resource_meta)))
     } else {
         None
@@ -509,6 +518,12 @@ async fn worker(
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
         let took = started.elapsed();
+        if outcome.is_err() {
+            // A failure can come back without the call ever waiting (a
+            // connection the server closed): let the other workers and the
+            // coordinator run before trying again, on this one thread.
+            tokio::task::yield_now().await;
+        }
         // An operation counts when it started inside the window and ended before it closed.
         if !measuring || (!counted && shared.stop.load(Ordering::Relaxed)) {
             if outcome.is_err() && !measuring {

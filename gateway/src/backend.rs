@@ -17,7 +17,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -262,6 +262,9 @@ pub struct Endpoints {
     metrics: Metrics,
     /// This plugin's `flotilla_gateway_ejections_total`.
     ejections: prometheus::IntCounter,
+    /// Thread balancers in existence: while there are none, the one-replica
+    /// path need not look for one to drop.
+    balancers: AtomicUsize,
 }
 
 impl Endpoints {
@@ -369,6 +372,7 @@ impl Endpoints {
 
     /// A new balancer fed with the current replicas and every change from now on.
     fn subscribe(&self) -> Balancer {
+        self.balancers.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         let mut subscribers = self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for state in self.states.load().iter() {
@@ -386,8 +390,8 @@ impl Endpoints {
     /// call, a cancel channel and a latency-tracking wrapper per call) was
     /// about 5% of the gateway's instructions per forwarded call. The call
     /// goes through [`send_to`] all the same, so ejection behaves as through
-    /// the balancer. (Its peak-EWMA estimate of that replica is then not fed:
-    /// when a second replica joins, both start from the default estimate,
+    /// the balancer. (No peak-EWMA estimate is kept meanwhile: when a second
+    /// replica joins, a new balancer starts both from the default estimate,
     /// which decays toward the measured latencies within seconds.)
     async fn balanced_call(&self, req: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
         let only = match self.states.load().as_slice() {
@@ -395,6 +399,15 @@ impl Endpoints {
             _ => None,
         };
         if let Some(state) = only {
+            // A balancer this thread made while there were more replicas is
+            // dropped: unpolled, it would hold the removed replicas'
+            // connections open and queue every discovery change. Should the
+            // plugin grow again, a new one starts from the set as it is then.
+            if self.balancers.load(Ordering::Relaxed) > 0
+                && BALANCERS.with(|all| all.borrow_mut().remove(&self.id)).is_some()
+            {
+                self.balancers.fetch_sub(1, Ordering::Relaxed);
+            }
             return send_to(&state.endpoint, &state, &self.plugin, &self.ejections, req).await;
         }
         let mut req = Some(req);
@@ -409,6 +422,7 @@ impl Endpoints {
                     Poll::Ready(Err(e)) => {
                         // A balancer that failed (its change stream ended) is rebuilt on next use.
                         all.remove(&self.id);
+                        self.balancers.fetch_sub(1, Ordering::Relaxed);
                         Poll::Ready(Err(e))
                     }
                     Poll::Pending => Poll::Pending,
@@ -449,6 +463,7 @@ impl Backend {
             states: ArcSwap::default(),
             metrics: metrics.clone(),
             ejections: metrics.ejections.with_label_values(&[&plugin.name]),
+            balancers: AtomicUsize::new(0),
         });
         Self { plugin, endpoints, budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2) }
     }

@@ -234,7 +234,7 @@ async fn a_one_thread_gateway_finishes_the_call_in_flight_on_sigterm() {
     let (addr, admin) = (gateway.grpc_addr().await, gateway.admin_addr().await);
     let header = admin::ExecuteTaskSyncRequest {
         part: Some(admin::execute_task_sync_request::Part::Header(admin::CreateRequestHeader {
-            template: Some(echo_template("echo_sync", &[("duration_ms", Kind::NumberValue(700.0))])),
+            template: Some(echo_template("echo_sync", &[("duration_ms", Kind::NumberValue(2500.0))])),
             ..Default::default()
         })),
     };
@@ -254,6 +254,18 @@ async fn a_one_thread_gateway_finishes_the_call_in_flight_on_sigterm() {
     let pid = gateway.child.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
     assert!(killed.success(), "kill -TERM {pid}");
+    // The gateway took the signal while the call still runs: it drains, it does not just exit.
+    eventually("the gateway to log that it is shutting down", Duration::from_secs(10), || async {
+        gateway
+            .find(|v| v["fields"]["message"].as_str().is_some_and(|m| m.starts_with("Shutting down")))
+            .map(|_| ())
+    })
+    .await;
+    assert!(!call.is_finished(), "the call ended before the gateway began to drain: nothing was shown");
+    assert!(
+        gateway.child.try_wait().expect("wait on the gateway").is_none(),
+        "the gateway exited with a call in flight"
+    );
     let answer =
         call.await.expect("the call task").expect("the call in flight succeeds").expect("one answer");
     let Some(admin::execute_task_sync_response::Res::Header(h)) = answer.res else {

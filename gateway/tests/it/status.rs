@@ -123,7 +123,11 @@ async fn a_client_that_gives_up_cancels_the_call_at_the_plugin() {
     let stuck = Stuck { started: Default::default(), dropped: Default::default() };
     let service = spawn_plugin(stuck.clone()).await;
     let gw = spawn_gateway(vec![plugin("stuck", format!("static://{}", service.addr))], |_| {}).await;
-    let mut client = gw.async_client();
+    // The connection stays up (this channel outlives the call), so only the
+    // call's stream is reset, not the whole connection.
+    let channel = gw.channel();
+    let mut client =
+        flotilla_proto::service::async_agent_service_client::AsyncAgentServiceClient::new(channel.clone());
     let call = tokio::spawn(async move {
         client
             .create_task(admin::CreateTaskRequest {
@@ -153,4 +157,9 @@ async fn a_client_that_gives_up_cancels_the_call_at_the_plugin() {
         },
     )
     .await;
+    // The same connection still serves.
+    flotilla_proto::service::agent_metadata_service_client::AgentMetadataServiceClient::new(channel)
+        .list_agents(admin::ListAgentsRequest {})
+        .await
+        .expect("the connection survives the reset of one of its streams");
 }

@@ -416,8 +416,9 @@ where
 ///
 /// A plain future rather than an `async fn`: an `async fn` would keep `work`
 /// twice (its argument, and the pinned local it is moved to), and the call's
-/// future is the biggest thing a call allocates (measured on the gateway's
-/// forwarding future: 16.8 KB before, about half after).
+/// future is the biggest thing a call allocates (with the gateway's
+/// `forward` building its deadline future in place as well, the gateway's
+/// per-call future went from 16.8 KB to 4.4 KB).
 pub fn until_reset<F: Future>(respond: &mut SendResponse<Bytes>, work: F) -> UntilReset<'_, F> {
     UntilReset { respond, work }
 }
