@@ -232,18 +232,11 @@ async fn a_one_thread_gateway_finishes_the_call_in_flight_on_sigterm() {
         &[("FLOTILLA_PLUGINS", format!("echo=static://{echo_addr}"))],
     );
     let (addr, admin) = (gateway.grpc_addr().await, gateway.admin_addr().await);
-    let header = admin::ExecuteTaskSyncRequest {
-        part: Some(admin::execute_task_sync_request::Part::Header(admin::CreateRequestHeader {
-            template: Some(echo_template("echo_sync", &[("duration_ms", Kind::NumberValue(2500.0))])),
-            ..Default::default()
-        })),
-    };
-    let body = admin::ExecuteTaskSyncRequest {
-        part: Some(admin::execute_task_sync_request::Part::Inputs(inputs(4))),
-    };
+    let messages =
+        sync_messages(echo_template("echo_sync", &[("duration_ms", Kind::NumberValue(2500.0))]), inputs(4));
     let mut client = SyncAgentServiceClient::new(flotilla_testkit::channel(addr));
     let call = tokio::spawn(async move {
-        let mut stream = client.execute_task_sync(tokio_stream::iter([header, body])).await?.into_inner();
+        let mut stream = client.execute_task_sync(tokio_stream::iter(messages)).await?.into_inner();
         stream.message().await
     });
     eventually("the call to be in flight", Duration::from_secs(10), || async {

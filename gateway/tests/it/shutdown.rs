@@ -13,18 +13,11 @@ use crate::support::*;
 async fn shutdown_lets_the_call_in_flight_finish() {
     let echo = spawn_plugin(Echo::default()).await;
     let gw = spawn_gateway(vec![plugin("echo", format!("static://{}", echo.addr))], |_| {}).await;
-    let header = admin::ExecuteTaskSyncRequest {
-        part: Some(admin::execute_task_sync_request::Part::Header(admin::CreateRequestHeader {
-            template: Some(echo_template("echo_sync", &[("duration_ms", Kind::NumberValue(700.0))])),
-            ..Default::default()
-        })),
-    };
-    let body = admin::ExecuteTaskSyncRequest {
-        part: Some(admin::execute_task_sync_request::Part::Inputs(inputs(9))),
-    };
+    let messages =
+        sync_messages(echo_template("echo_sync", &[("duration_ms", Kind::NumberValue(700.0))]), inputs(9));
     let mut client = gw.sync_client();
     let call = tokio::spawn(async move {
-        let mut stream = client.execute_task_sync(tokio_stream::iter([header, body])).await?.into_inner();
+        let mut stream = client.execute_task_sync(tokio_stream::iter(messages)).await?.into_inner();
         stream.message().await
     });
     eventually("the call to be in flight", Duration::from_secs(5), || async {

@@ -241,3 +241,16 @@ pub(crate) async fn spawn_recorder() -> (SocketAddr, Recorder) {
     tokio::spawn(server.serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)));
     (addr, recorder)
 }
+
+/// The two messages of an ExecuteTaskSync call: the header carrying `template`, then `inputs`.
+pub(crate) fn sync_messages(
+    template: core::TaskTemplate,
+    inputs: core::LiteralMap,
+) -> [admin::ExecuteTaskSyncRequest; 2] {
+    use admin::execute_task_sync_request::Part;
+    let header = admin::CreateRequestHeader { template: Some(template), ..Default::default() };
+    [
+        admin::ExecuteTaskSyncRequest { part: Some(Part::Header(header)) },
+        admin::ExecuteTaskSyncRequest { part: Some(Part::Inputs(inputs)) },
+    ]
+}
