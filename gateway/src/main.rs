@@ -2,19 +2,20 @@
 
 use std::process::ExitCode;
 
+use clap::Parser;
+use flotilla_gateway::Config;
+use flotilla_telemetry::{CommonArgs, config::process_env};
+
 /// mimalloc rather than glibc's malloc: the gateway allocates and frees a
 /// couple of dozen blocks per forwarded call, in batches of as many calls as
 /// are in flight, which overflow glibc's small per-thread caches (its malloc
 /// and free were 14% of the gateway's instructions per call). Measured: 6%
-/// less gateway CPU per GetTask at c=64, the same peak RSS (with `no_thp`,
-/// see the workspace Cargo.toml). The plugin services keep glibc's: they wait
+/// less gateway CPU per GetTask at c=64, the same peak RSS under that load
+/// (with `no_thp`, see the workspace Cargo.toml), a higher one with 64 KiB
+/// requests (benches/RESULTS.md). The plugin services keep glibc's: they wait
 /// on external APIs, and there memory per service counts more than CPU per call.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-use clap::Parser;
-use flotilla_gateway::Config;
-use flotilla_telemetry::{CommonArgs, config::process_env};
 
 /// The Flotilla routing gateway: one gRPC endpoint serving Flyte's agent
 /// services, routing each task type to the plugin service that runs it.
