@@ -158,3 +158,44 @@ async fn a_failed_lookup_keeps_the_last_good_replicas() {
     assert_eq!(metric(gw.admin, DISCOVERED).await, 3.0);
     gets(&gw, &meta, 30).await;
 }
+
+/// Established server-side TCP connections on `addr`, read from /proc/net/tcp.
+fn established_to(addr: SocketAddr) -> usize {
+    let SocketAddr::V4(v4) = addr else { panic!("{addr}: the replicas here listen on IPv4") };
+    // The kernel prints the address as the in-memory u32 (so 127.0.0.3 is 0300007F), the port as a number.
+    let local = format!("{:08X}:{:04X}", u32::from_le_bytes(v4.ip().octets()), v4.port());
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp is readable");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"01") // 01: ESTABLISHED
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn shrinking_to_one_replica_closes_the_connection_to_the_one_that_left() {
+    let (replicas, port) = replicas_on_one_port().await;
+    let all: Vec<&RunningService> = replicas.iter().collect();
+    let mut dns = Dnsmasq::start(&a_zone(&all[..2])).await;
+    let gw = dns_gateway(format!("dns://echo.flotilla.test:{port}"), &dns).await;
+    wait_discovered(&gw, 2.0).await;
+    let meta = create(&gw).await;
+    // Two replicas: calls go through the balancer, which connects to both.
+    gets(&gw, &meta, 30).await;
+    let leaving = replicas[1].addr;
+    assert!(established_to(leaving) >= 1, "the gateway has no connection to {leaving}");
+
+    // One is left: calls go to it directly, and nothing may keep the other's connection open.
+    dns.set(&a_zone(&all[..1])).await;
+    wait_discovered(&gw, 1.0).await;
+    gets(&gw, &meta, 10).await;
+    eventually(
+        "the gateway to close its connection to the replica that left",
+        Duration::from_secs(10),
+        || async { (established_to(leaving) == 0).then_some(()) },
+    )
+    .await;
+}
