@@ -383,7 +383,8 @@ impl Endpoints {
     }
 
     /// Sends `req` to the one replica there is, or else through this
-    /// thread's balancer (made on first use).
+    /// thread's balancer (made on first use); with no replica ready, fails at
+    /// once with [`NoEndpoints`].
     ///
     /// With one replica p2c has nothing to choose between, and its ready-cache
     /// bookkeeping (the endpoint moved out of the ready set and back on every
@@ -394,9 +395,17 @@ impl Endpoints {
     /// replica joins, a new balancer starts both from the default estimate,
     /// which decays toward the measured latencies within seconds.)
     async fn balanced_call(&self, req: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
-        let only = match self.states.load().as_slice() {
-            [one] if one.is_ready() => Some(one.clone()),
-            _ => None,
+        // One look at the replicas answers both questions: is any ready (if
+        // not, fail at once), and is there only the one.
+        let only = {
+            let states = self.states.load();
+            if !states.iter().any(|s| s.is_ready()) {
+                return Err(NoEndpoints { discovered: states.len() }.into());
+            }
+            match states.as_slice() {
+                [one] => Some(one.clone()),
+                _ => None,
+            }
         };
         if let Some(state) = only {
             // A balancer this thread made while there were more replicas is
@@ -478,7 +487,6 @@ impl Backend {
     /// # Errors
     /// [`NoEndpoints`], or the connection error of the replica tried.
     pub async fn call(&self, req: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
-        self.endpoints.any_ready()?;
         self.endpoints.balanced_call(req).await
     }
 }
@@ -501,10 +509,7 @@ impl Service<http::Request<Body>> for MetadataService {
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let endpoints = self.endpoints.clone();
-        Box::pin(async move {
-            endpoints.any_ready().map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-            endpoints.balanced_call(req).await.map_err(to_status)
-        })
+        Box::pin(async move { endpoints.balanced_call(req).await.map_err(to_status) })
     }
 }
 
