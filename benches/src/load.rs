@@ -224,75 +224,30 @@ fn push_sample(samples: &mut Vec<String>, e: &str) {
 pub async fn connect(target: SocketAddr, n: usize, timeout: Duration) -> anyhow::Result<Vec<Connection>> {
     let mut connections = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
-        let connected = tokio::time::timeout(timeout, Connection::open(target))
+        let connection = Connection::new(target, timeout);
+        tokio::time::timeout(timeout, connection.connect())
             .await
             .map_err(|_| anyhow::anyhow!("no connection within {timeout:?}"))
-            .and_then(|c| c)
+            .and_then(|c| c.map_err(anyhow::Error::from))
             .with_context(|| format!("connecting to {target}"))?;
-        connections.push(connected);
+        connections.push(connection);
     }
     Ok(connections)
 }
 
-/// One HTTP/2 connection that tonic's generated clients call through.
+/// One HTTP/2 connection that tonic's generated clients call through: the
+/// gateway's own client connection ([`flotilla_gateway::h2`]), which sends a
+/// call's headers and whole body in one write and costs about half the
+/// instructions of the `h2` crate's client.
 ///
-/// hyper's HTTP/2 client connection, without tonic's `Channel` around it:
-/// the channel's buffer runs every call through a task of its own, about 8%
-/// of the load generator's CPU per call on one runtime thread (RESULTS.md).
-/// The load generator shares the cores with the servers, so what it spends
-/// they lose. Calls still use tonic's codec and generated clients, as a Rust
-/// agent client would.
-#[derive(Clone)]
-pub struct Connection {
-    send: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
-    authority: http::uri::Authority,
-}
-
-impl Connection {
-    async fn open(target: SocketAddr) -> anyhow::Result<Self> {
-        let socket = tokio::net::TcpStream::connect(target).await?;
-        socket.set_nodelay(true)?;
-        let (send, connection) =
-            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .initial_stream_window_size(1 << 20)
-                .initial_connection_window_size(4 << 20)
-                .handshake(hyper_util::rt::TokioIo::new(socket))
-                .await?;
-        tokio::spawn(async move {
-            // Ends when the server closes the connection or every handle is dropped.
-            let _ = connection.await;
-        });
-        Ok(Self { send, authority: target.to_string().parse()? })
-    }
-}
-
-impl tower::Service<http::Request<tonic::body::Body>> for Connection {
-    type Response = http::Response<hyper::body::Incoming>;
-    type Error = tower::BoxError;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, tower::BoxError>> + Send + 'static>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), tower::BoxError>> {
-        self.send.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
-        // The generated clients set the path only; HTTP/2 needs :scheme and :authority.
-        let mut parts = std::mem::take(request.uri_mut()).into_parts();
-        parts.scheme = Some(http::uri::Scheme::HTTP);
-        parts.authority = Some(self.authority.clone());
-        match http::Uri::from_parts(parts) {
-            Ok(uri) => *request.uri_mut() = uri,
-            Err(e) => return Box::pin(std::future::ready(Err(format!("request URI: {e}").into()))),
-        }
-        let sent = self.send.send_request(request);
-        Box::pin(async move { sent.await.map_err(Into::into) })
-    }
-}
+/// The load generator shares the two cores with the servers it measures, so
+/// the CPU it spends per call they lose, whichever target it drives: over
+/// hyper's client (the `h2` crate) it spent 12-13 µs of CPU per GetTask at
+/// c=64, as much as the gateway itself (RESULTS.md, fifteenth run). tonic's
+/// `Channel` is left out for the same reason: its buffer runs every call
+/// through a task of its own. Calls still go through tonic's codec and
+/// generated clients, as a Rust agent client's would.
+pub type Connection = flotilla_gateway::h2::H2Endpoint;
 
 /// The async runtime a load runs on: with 1 (the default of both bench
 /// binaries) one thread for everything, else `threads` worker threads.

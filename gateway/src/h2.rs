@@ -136,6 +136,15 @@ impl H2Endpoint {
         }
     }
 
+    /// Connects now instead of on the first call (a connection that closes
+    /// later is still remade by the next call).
+    ///
+    /// # Errors
+    /// [`EndpointError::Connect`] when no connection can be made.
+    pub async fn connect(&self) -> Result<(), EndpointError> {
+        self.connection().await.map(drop)
+    }
+
     fn live_conn(&self) -> Option<Arc<Conn>> {
         self.conn.load_full().filter(|c| c.live())
     }

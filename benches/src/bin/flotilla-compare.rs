@@ -562,7 +562,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             .to_owned(),
         format!(
             "HTTP/2 connections per load: min(concurrency, {}); the load generator (tonic's generated clients \
-             over hyper's HTTP/2 client connection) runs on {}",
+             over the gateway's own HTTP/2 client connection) runs on {}",
             plan.connections,
             match cli.client_threads {
                 1 => "one runtime thread (`--client-threads 1`)".to_owned(),
