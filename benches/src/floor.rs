@@ -30,6 +30,11 @@ pub struct Floor {
     pub p99: Duration,
     /// Round trips measured.
     pub samples: usize,
+    /// CPU time (user + system, from `/proc`) of the answering process per
+    /// round trip, warmup included.
+    pub echo_cpu: Duration,
+    /// The same for the relay, when there is one.
+    pub relay_cpu: Option<Duration>,
 }
 
 /// Bytes each way per round trip (about a GetTask request's size).
@@ -129,6 +134,9 @@ impl Drop for Role {
 /// # Errors
 /// When the processes or loopback sockets cannot be made.
 pub fn loopback_rtt(exe: &Path, n: usize, relay: bool) -> std::io::Result<Floor> {
+    if n == 0 {
+        return Err(std::io::Error::other("the floor needs at least one round trip"));
+    }
     let (echo, echo_port) = Role::start(exe, "echo")?;
     let (relay, port) = if relay {
         let (r, port) = Role::start(exe, &format!("relay:{echo_port}"))?;
@@ -136,17 +144,26 @@ pub fn loopback_rtt(exe: &Path, n: usize, relay: bool) -> std::io::Result<Floor>
     } else {
         (None, echo_port)
     };
-    let floor = ping_pong(SocketAddr::from(([127, 0, 0, 1], port)), n)?;
+    let (samples, client) = ping_pong(SocketAddr::from(([127, 0, 0, 1], port)), n)?;
+    // Read while the processes still run: they exit when the client hangs up.
+    let round_trips = n + n / 10;
+    let cpu = |role: &Role| {
+        crate::procs::cpu_seconds(role.0.id()).map(|s| Duration::from_secs_f64(s / round_trips as f64))
+    };
+    let echo_cpu = cpu(&echo)?;
+    let relay_cpu = relay.as_ref().map(cpu).transpose()?;
+    drop(client);
     if let Some(r) = relay {
         r.finish()?;
     }
     echo.finish()?;
-    Ok(floor)
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+    Ok(Floor { p50: at(0.5), p99: at(0.99), samples: samples.len(), echo_cpu, relay_cpu })
 }
 
-/// `n` timed round trips to `addr` after a warmup of a tenth as many; the
-/// connection is closed before returning, which ends the processes behind it.
-fn ping_pong(addr: SocketAddr, n: usize) -> std::io::Result<Floor> {
+/// `n` timed round trips to `addr` after a warmup of a tenth as many, sorted;
+/// and the connection, whose closing ends the processes behind it.
+fn ping_pong(addr: SocketAddr, n: usize) -> std::io::Result<(Vec<Duration>, TcpStream)> {
     let mut client = TcpStream::connect(addr)?;
     client.set_nodelay(true)?;
     let mut buf = [7u8; MESSAGE];
@@ -160,8 +177,6 @@ fn ping_pong(addr: SocketAddr, n: usize) -> std::io::Result<Floor> {
             samples.push(started.elapsed());
         }
     }
-    drop(client);
     samples.sort_unstable();
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
-    Ok(Floor { p50: at(0.5), p99: at(0.99), samples: samples.len() })
+    Ok((samples, client))
 }

@@ -12,7 +12,14 @@ fn a_ping_pong_direct_and_through_a_relay_measures_ordered_percentiles() {
         let floor = loopback_rtt(Path::new(COMPARE), 200, relay).unwrap();
         assert_eq!(floor.samples, 200);
         assert!(floor.p50 > Duration::ZERO && floor.p50 <= floor.p99, "relay {relay}: {floor:?}");
+        assert_eq!(floor.relay_cpu.is_some(), relay, "{floor:?}");
     }
+}
+
+#[test]
+fn no_round_trips_is_an_error_not_a_panic() {
+    let err = loopback_rtt(Path::new(COMPARE), 0, false).unwrap_err();
+    assert!(err.to_string().contains("at least one round trip"), "{err}");
 }
 
 #[test]
