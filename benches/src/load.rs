@@ -243,7 +243,8 @@ pub async fn connect(target: SocketAddr, n: usize, timeout: Duration) -> anyhow:
 /// The load generator shares the two cores with the servers it measures, so
 /// the CPU it spends per call they lose, whichever target it drives: over
 /// hyper's client (the `h2` crate) it spent 12-13 µs of CPU per GetTask at
-/// c=64, as much as the gateway itself (RESULTS.md, fifteenth run). tonic's
+/// c=64, as much as the gateway itself; over this one, 81k instructions per
+/// call fell to 50k (RESULTS.md, notes on the sixteenth run). tonic's
 /// `Channel` is left out for the same reason: its buffer runs every call
 /// through a task of its own. Calls still go through tonic's codec and
 /// generated clients, as a Rust agent client's would.
