@@ -1,10 +1,11 @@
 //! The machine's floor for one request and answer: a bare TCP ping-pong on
 //! 127.0.0.1 (blocking sockets, no HTTP/2, no protobuf), from this process
 //! to a separate one that answers, and again through a third process that
-//! only relays, as the gateway does. Separate processes, not threads: on
-//! the VMs measured here a relay thread added 10-30% to the round trip and a
-//! relay process 50-60% (switching between address spaces, and where the
-//! kernel puts each task it wakes), and the servers measured are processes.
+//! only relays, as the gateway does. Separate processes, not threads: the
+//! servers measured are processes, and on the VM measured a relay thread
+//! added 10-30% to the round trip where a relay process added 10-60%,
+//! varying from run to run (switching between address spaces, and where the
+//! kernel puts each task it wakes).
 //!
 //! The other processes are an executable that calls [`serve_role_if_asked`]
 //! first thing in `main` (`flotilla-compare` does), started again with

@@ -156,11 +156,11 @@ fn pick<T>(smoke: bool, full: T, small: T) -> T {
     if smoke { small } else { full }
 }
 
-/// With `--pin`: where the servers run, and where the load generator does.
 /// The load generator runs in this process: mimalloc for the reason `flotilla-bench` gives.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// With `--pin`: where the servers run, and where the load generator does.
 const SERVER_CPU: &str = "0";
 const LOAD_CPU: &str = "1";
 
