@@ -4,6 +4,7 @@
 mod balancing;
 mod dns;
 mod load;
+mod logs;
 mod request_id;
 mod routing;
 mod shutdown;

@@ -29,11 +29,18 @@ pub fn settle_allocator() {
 
 /// Starts logging to stderr. `filter` uses `RUST_LOG` syntax (`info`, `flotilla_gateway=debug`).
 ///
+/// Text logs are coloured only when stderr is a terminal and `NO_COLOR` is
+/// unset or empty: a log file, a pipe or a container's log driver gets plain
+/// text that tools can search (`admin=127.0.0.1:9090`, not escape codes).
+///
 /// Calling it twice is harmless: the second call is ignored (tests start several servers).
 pub fn init_tracing(format: LogFormat, filter: &str) {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
     let _ = match format {
         LogFormat::Json => builder.json().with_current_span(false).try_init(),
         LogFormat::Text => builder.try_init(),
