@@ -248,9 +248,24 @@ fn categories(agent: &admin::Agent) -> impl Iterator<Item = Category> + '_ {
     agent.supported_task_categories.iter().map(Category::from)
 }
 
-/// The gateway's own `AgentMetadataService`: the union over the fleet.
+/// The gateway's own `AgentMetadataService`: the union over the fleet. Its
+/// calls are counted in `flotilla_gateway_requests_total` and timed like the
+/// forwarded ones, under `plugin="none"` (the gateway answers them itself).
 #[derive(Clone)]
 pub struct FleetMetadata(pub Arc<Fleet>);
+
+impl FleetMetadata {
+    /// Counts and times one call that started at `started`.
+    fn record<T>(&self, method: &str, started: std::time::Instant, result: &Result<T, Status>) {
+        let code = match result {
+            Ok(_) => tonic::Code::Ok,
+            Err(status) => status.code(),
+        };
+        let metrics = &self.0.metrics;
+        metrics.requests.with_label_values(&["none", method, flotilla_sdk::wire::code_name(code)]).inc();
+        metrics.duration.with_label_values(&["none", method]).observe(started.elapsed().as_secs_f64());
+    }
+}
 
 #[tonic::async_trait]
 impl AgentMetadataService for FleetMetadata {
@@ -258,9 +273,10 @@ impl AgentMetadataService for FleetMetadata {
         &self,
         request: Request<admin::GetAgentRequest>,
     ) -> Result<Response<admin::GetAgentResponse>, Status> {
+        let started = std::time::Instant::now();
         let name = request.into_inner().name;
         let state = self.0.state();
-        match state.agents.iter().find(|a| a.name == name) {
+        let result = match state.agents.iter().find(|a| a.name == name) {
             Some(a) => Ok(Response::new(admin::GetAgentResponse { agent: Some(a.clone()) })),
             None => {
                 let known: Vec<&str> = state.agents.iter().map(|a| a.name.as_str()).collect();
@@ -269,13 +285,18 @@ impl AgentMetadataService for FleetMetadata {
                     known.join(", ")
                 )))
             }
-        }
+        };
+        self.record("GetAgent", started, &result);
+        result
     }
 
     async fn list_agents(
         &self,
         _request: Request<admin::ListAgentsRequest>,
     ) -> Result<Response<admin::ListAgentsResponse>, Status> {
-        Ok(Response::new(admin::ListAgentsResponse { agents: self.0.state().agents.clone() }))
+        let started = std::time::Instant::now();
+        let result = Ok(Response::new(admin::ListAgentsResponse { agents: self.0.state().agents.clone() }));
+        self.record("ListAgents", started, &result);
+        result
     }
 }

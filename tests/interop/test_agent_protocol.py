@@ -529,6 +529,33 @@ def test_gateway_metrics_count_requests(async_stub, gateway_admin_addr, http_get
     assert "flotilla_gateway_requests_total" in body
 
 
+def _counter(body: str, name: str, **labels) -> float:
+    """The value of the sample of `name` whose labels include `labels` (0 when absent)."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    for line in body.splitlines():
+        if line.startswith(name + "{") and all(w in line for w in want):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_gateway_metrics_count_its_own_metadata_calls(metadata_stub, gateway_admin_addr, http_get):
+    def counts():
+        _, _, body = http_get(f"http://{gateway_admin_addr}/metrics")
+        name = "flotilla_gateway_requests_total"
+        return (
+            _counter(body, name, method="ListAgents", code="OK"),
+            _counter(body, name, method="GetAgent", code="OK"),
+            _counter(body, name, method="GetAgent", code="NOT_FOUND"),
+        )
+
+    before = counts()
+    list_agents(metadata_stub)
+    metadata_stub.GetAgent(agent_pb2.GetAgentRequest(name=list_agents(metadata_stub)[0].name))
+    expect_rpc_error(grpc.StatusCode.NOT_FOUND, lambda: metadata_stub.GetAgent(agent_pb2.GetAgentRequest(name="nope")))
+    after = counts()
+    assert (after[0] - before[0], after[1] - before[1], after[2] - before[2]) == (2, 1, 1), (before, after)
+
+
 def test_echo_metrics_use_flytekit_names(async_stub, echo_admin_addr, http_get):
     echo_round_trip(async_stub)
     status, content_type, body = http_get(f"http://{echo_admin_addr}/metrics")
