@@ -14,7 +14,7 @@
 //! [[plugins]]
 //! name = "echo"
 //! discovery = "static://127.0.0.1:8001,127.0.0.1:8002"   # or dns://echo:8000, srv://_grpc._tcp.echo.service.consul
-//! nameserver = "127.0.0.1:8600"  # optional, for dns:// and srv://; default: the system resolver
+//! nameserver = "127.0.0.1:8600"  # optional, for dns:// and srv:// (ignored by static://); default: the system resolver
 //! timeout = "5s"                # cap on every call to this plugin (the caller's deadline may be shorter)
 //! timeouts = { GetTask = "3s" } # per-method caps, overriding `timeout`
 //! categories = ["echo:0"]       # optional pins, for services whose ListAgents is missing
@@ -369,21 +369,23 @@ impl Config {
             }
             let target =
                 parse_target(&p.discovery).map_err(|e| problems.push(format!("plugins[{i}].discovery: {e}")));
-            let nameserver = match (&p.nameserver, &target) {
-                (None, _) => None,
-                (Some(ns), Ok(Target::Static(_))) => {
-                    problems.push(format!(
-                        "plugins[{i}].nameserver: {ns:?} is only used by dns:// and srv:// discovery"
-                    ));
+            let nameserver = match p.nameserver.as_deref().map(parse_nameserver) {
+                None => None,
+                Some(Err(e)) => {
+                    problems.push(format!("plugins[{i}].nameserver: {e}"));
                     None
                 }
-                (Some(ns), _) => match parse_nameserver(ns) {
-                    Ok(a) => Some(a),
-                    Err(e) => {
-                        problems.push(format!("plugins[{i}].nameserver: {e}"));
-                        None
-                    }
-                },
+                // Harmless beside static addresses (switching a plugin from
+                // srv:// to static:// need not mean deleting the line): ignored, said once.
+                Some(Ok(ns)) if matches!(target, Ok(Target::Static(_))) => {
+                    tracing::warn!(
+                        plugin = %p.name,
+                        %ns,
+                        "plugins[{i}].nameserver is ignored: static:// discovery does not use DNS"
+                    );
+                    None
+                }
+                Some(Ok(ns)) => Some(ns),
             };
             let mut timeouts = HashMap::new();
             for (method, t) in &p.timeouts {
@@ -488,8 +490,24 @@ mod tests {
             timeouts = { GetTsk = "1s" }
         "#);
         let problems = Config::validate(c, vec![]).unwrap_err();
-        assert_eq!(problems.len(), 2, "{problems:#?}");
-        assert!(problems.iter().any(|p| p.contains("\"GetTsk\" is not a method")));
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(problems[0].contains("\"GetTsk\" is not a method"), "{problems:#?}");
+        // A nameserver beside static addresses is ignored (not an error); a malformed one is named.
+        let ok = |discovery: &str, ns: &str| {
+            Config::validate(
+                raw(&format!(
+                    "[[plugins]]\nname = \"a\"\ndiscovery = \"{discovery}\"\nnameserver = \"{ns}\"\n"
+                )),
+                vec![],
+            )
+        };
+        assert_eq!(ok("static://10.0.0.5:8000", "127.0.0.1:8600").unwrap().plugins[0].nameserver, None);
+        assert_eq!(
+            ok("dns://echo:8000", "127.0.0.1:8600").unwrap().plugins[0].nameserver,
+            Some("127.0.0.1:8600".parse().unwrap())
+        );
+        let problems = ok("static://10.0.0.5:8000", "not an address").unwrap_err();
+        assert!(problems[0].starts_with("plugins[0].nameserver: "), "{problems:#?}");
     }
 
     #[test]
