@@ -192,13 +192,29 @@ impl Proxy {
         };
         // Counted down when the call ends, however it ends (a client reset drops this future).
         let _in_flight = InFlight::enter(&self.metrics.in_flight);
-        match self.forward(method, parts, body, &mut call).await {
+        // ExecuteTaskSync: the part of the caller's stream after its header and
+        // inputs, read to its end before the answer ends (see `read_leading`).
+        let mut rest = None;
+        let left = match method {
+            Method::ExecuteTaskSync => {
+                parts.headers.get(&header::GRPC_TIMEOUT).and_then(|v| parse_grpc_timeout(v.as_bytes()))
+            }
+            _ => None,
+        };
+        let response = match self.forward(method, parts, body, &mut call, &mut rest).await {
             Ok(r) => r,
             Err((backend, status)) => {
                 let metrics = backend.map_or(&self.unrouted, |i| &self.by_plugin[i]);
                 metrics.record(method, status.code() as i32, &call, status.message());
                 status.into_http()
             }
+        };
+        match rest {
+            Some(rest) => {
+                let left = left.map(|d| d.saturating_sub(call.started.elapsed()));
+                h2serve::end_after_drain(response, rest, left).map(Body::new)
+            }
+            None => response,
         }
     }
 
@@ -208,12 +224,20 @@ impl Proxy {
         parts: http::request::Parts,
         body: RecvBody,
         call: &mut CallLog,
+        rest: &mut Option<RecvBody>,
     ) -> Result<Response<Body>, (Option<usize>, Status)> {
         let none = |s: Status| (None, s);
         let started = call.started;
-        let request = h2serve::read_request(body, self.max_request_bytes, method == Method::ExecuteTaskSync)
-            .await
-            .map_err(none)?;
+        // ExecuteTaskSync goes on once its header and inputs are in: the
+        // replica gets those two and the end of the stream, like propeller sends them.
+        let request = if method == Method::ExecuteTaskSync {
+            let (messages, more) =
+                h2serve::read_leading(body, self.max_request_bytes, 2).await.map_err(none)?;
+            *rest = more;
+            messages
+        } else {
+            h2serve::read_request(body, self.max_request_bytes).await.map_err(none)?
+        };
         if request[0] != 0 {
             return Err(none(Status::unimplemented(
                 "compressed requests are not supported by the gateway; send them uncompressed",

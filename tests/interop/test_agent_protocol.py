@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -417,6 +418,42 @@ def test_execute_task_sync_echo_answers_one_succeeded_header(sync_stub):
     (only,) = responses
     assert only.WhichOneof("res") == "header", f"response carries {only.WhichOneof('res')!r}"
     assert_succeeded_with(only.header.resource, inputs)
+
+
+@pytest.mark.parametrize("type_name", ["echo_sync", "no_such_type"])
+@pytest.mark.parametrize("target", ["gateway", "echo"])
+def test_execute_task_sync_answers_before_the_client_closes_its_side(request, target, type_name):
+    """Upstream's server answers once it has the header and the inputs, so a
+    client may wait for that answer before it closes its side of the stream.
+    An answer comes at once and the call ends OK once the client has closed;
+    an error ends the call at once."""
+    stub = request.getfixturevalue("sync_stub" if target == "gateway" else "echo_sync_stub")
+    inputs = sample_inputs()
+    answered = threading.Event()
+
+    def requests():
+        yield from sync_requests(type_name, inputs)
+        # The stream stays open until the answer is in (bounded: the call's deadline fails the test).
+        answered.wait(RPC_TIMEOUT)
+
+    call = stub.ExecuteTaskSync(requests(), timeout=RPC_TIMEOUT)
+    try:
+        first = next(call)
+    except grpc.RpcError as err:
+        answered.set()
+        assert type_name == "no_such_type", f"{err.code()}: {err.details()}"
+        assert err.code() == grpc.StatusCode.NOT_FOUND, f"{err.code()}: {err.details()}"
+        assert "no_such_type" in (err.details() or "")
+        return
+    finally:
+        was_open = not answered.is_set()
+        answered.set()
+    assert was_open, "the answer came only after the client closed its side"
+    assert type_name == "echo_sync", f"an answer for {type_name}: {first}"
+    assert first.WhichOneof("res") == "header"
+    assert_succeeded_with(first.header.resource, inputs)
+    assert list(call) == [], "more than one answer"
+    assert call.code() == grpc.StatusCode.OK, (call.code(), call.details())
 
 
 def test_execute_task_sync_unknown_type_is_not_found(sync_stub):

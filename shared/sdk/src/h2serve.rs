@@ -262,38 +262,21 @@ pub fn message_end(buf: &[u8]) -> usize {
     FRAME_HEADER_LEN + u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize
 }
 
-/// Reads the whole request body: one message for unary methods, the whole
-/// stream for a client-streaming one (`streaming`: ExecuteTaskSync, whose
-/// client sends a header and the inputs, then closes). Every message
-/// is held to `limit` as it arrives, and a stream to twice that in all.
-/// (The gateway holds a body whole so that it can retry it on another replica.)
-pub async fn read_request(mut body: RecvBody, limit: usize, streaming: bool) -> Result<Bytes, Status> {
+/// Reads a unary request's body to its end: exactly one message, held to
+/// `limit` as it arrives. (The gateway holds a body whole so that it can
+/// retry it on another replica.)
+pub async fn read_request<B>(mut body: B, limit: usize) -> Result<Bytes, Status>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     let mut limiter = FrameLimiter::new(limit);
-    let total_limit =
-        if streaming { limit.saturating_mul(2) } else { limit.saturating_add(FRAME_HEADER_LEN) };
     let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
     let mut have = 0usize;
     let mut need: Option<usize> = None;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            let status = Status::from_error(e.into());
-            if status.code() == Code::ResourceExhausted {
-                status
-            } else {
-                Status::cancelled(format!("reading the request failed: {}", status.message()))
-            }
-        })?;
-        let Ok(data) = frame.into_data() else { continue }; // trailers from a client: ignore
-        if data.is_empty() {
-            continue; // the empty DATA frame some clients end a stream with
-        }
+    while let Some(data) = next_data(&mut body).await? {
         limiter.feed(&data).map_err(Status::from)?;
         have += data.len();
-        if have > total_limit {
-            return Err(Status::resource_exhausted(format!(
-                "the request stream is more than {total_limit} bytes, the limit for the whole stream"
-            )));
-        }
         chunks.push(data);
         if need.is_none() && have >= FRAME_HEADER_LEN {
             // Almost always the first chunk holds the whole header: no copy then.
@@ -303,7 +286,7 @@ pub async fn read_request(mut body: RecvBody, limit: usize, streaming: bool) -> 
             });
         }
         // A unary body holds one message: refuse more at once rather than buffer it.
-        if !streaming && need.is_some_and(|n| have > n) {
+        if need.is_some_and(|n| have > n) {
             return Err(Status::invalid_argument("a unary request body must hold exactly one message"));
         }
     }
@@ -316,6 +299,101 @@ pub async fn read_request(mut body: RecvBody, limit: usize, streaming: bool) -> 
         )));
     }
     Ok(if chunks.len() == 1 { chunks.pop().expect("one chunk") } else { concat(&chunks, have) })
+}
+
+/// Reads the first `count` messages of a client stream, each held to `limit`
+/// as it arrives, or fewer when the stream ends first (at least one).
+///
+/// ExecuteTaskSync's client sends the header and the inputs, and upstream's
+/// server answers once it has those two: a client may wait for the answer
+/// before it closes its side. So this returns as soon as the messages are in,
+/// with their bytes and, unless the stream has already ended, the rest of it,
+/// which the caller must read to its end ([`drain`]) before it finishes the
+/// response: a server that stops reading makes HTTP/2 reset the stream, and
+/// loaded clients then see errors.
+pub async fn read_leading<B>(mut body: B, limit: usize, count: usize) -> Result<(Bytes, Option<B>), Status>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(2);
+    let mut have = 0usize;
+    // Where the next message starts, and how many whole messages precede it.
+    let (mut next, mut whole) = (0usize, 0usize);
+    while whole < count {
+        let Some(data) = next_data(&mut body).await? else { break };
+        have += data.len();
+        chunks.push(data);
+        while whole < count && have >= next + FRAME_HEADER_LEN {
+            let size = u32::from_be_bytes(std::array::from_fn(|i| byte_at(&chunks, next + 1 + i))) as usize;
+            if size > limit {
+                return Err(crate::wire::TooLarge { size: size as u64, limit }.into());
+            }
+            if have < next + FRAME_HEADER_LEN + size {
+                break;
+            }
+            next += FRAME_HEADER_LEN + size;
+            whole += 1;
+        }
+    }
+    if whole < count && have > next {
+        return Err(Status::invalid_argument(format!(
+            "the request stream ended inside its message {} ({} bytes of it arrived)",
+            whole + 1,
+            have - next
+        )));
+    }
+    if whole == 0 {
+        return Err(Status::invalid_argument("the request stream holds no complete gRPC message"));
+    }
+    // Bytes past the last message read belong to the rest, which is only drained.
+    let messages = match chunks.first() {
+        Some(c) if c.len() >= next => c.slice(..next),
+        _ => concat(&chunks, have).slice(..next),
+    };
+    let rest = (!body.is_end_stream()).then_some(body);
+    Ok((messages, rest))
+}
+
+/// Reads `rest` of a request stream to its end and drops what it holds (see [`read_leading`]).
+pub async fn drain(mut rest: RecvBody) {
+    while let Some(Ok(_)) = rest.frame().await {}
+}
+
+/// The body's next non-empty DATA chunk, `None` at its end; a failure as the
+/// status to answer with (the client's reset, a size limit).
+async fn next_data<B>(body: &mut B) -> Result<Option<Bytes>, Status>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            let status = Status::from_error(e.into());
+            if status.code() == Code::ResourceExhausted {
+                status
+            } else {
+                Status::cancelled(format!("reading the request failed: {}", status.message()))
+            }
+        })?;
+        match frame.into_data() {
+            // The empty DATA frame some clients end a stream with carries nothing.
+            Ok(data) if !data.is_empty() => return Ok(Some(data)),
+            _ => {} // trailers from a client: ignore
+        }
+    }
+    Ok(None)
+}
+
+/// The byte at offset `i` of the concatenation of `chunks` (which holds it).
+fn byte_at(chunks: &[Bytes], mut i: usize) -> u8 {
+    for c in chunks {
+        if i < c.len() {
+            return c[i];
+        }
+        i -= c.len();
+    }
+    unreachable!("byte_at past the end of the chunks")
 }
 
 fn first_bytes(chunks: &[Bytes], n: usize) -> Vec<u8> {
@@ -388,6 +466,104 @@ impl Body for RecvBody {
 
     fn is_end_stream(&self) -> bool {
         self.done || self.recv.is_end_stream()
+    }
+}
+
+/// `response` for a call whose request stream still has `rest` to come:
+/// headers and messages go out at once, the trailers once `rest` has been read
+/// to its end (or `left` has passed). A trailers-only response (an error
+/// status in the headers) goes out at once, and `rest` is read to its end
+/// behind it (a task of its own), so that a client still sending is not cut
+/// off by a reset. See [`read_leading`].
+pub fn end_after_drain<B: Body>(
+    response: Response<B>,
+    rest: RecvBody,
+    left: Option<Duration>,
+) -> Response<HoldEnd<B>> {
+    let drain = bounded_drain(rest, left);
+    let drain: Option<DrainFuture> =
+        if response.headers().contains_key("grpc-status") && response.body().is_end_stream() {
+            tokio::spawn(drain);
+            None
+        } else {
+            Some(Box::pin(drain))
+        };
+    response.map(|inner| HoldEnd { inner, drain, state: Hold::Body })
+}
+
+/// [`drain`] for at most `left`, when given.
+pub async fn bounded_drain(rest: RecvBody, left: Option<Duration>) {
+    match left {
+        Some(left) => {
+            let _ = tokio::time::timeout(left, drain(rest)).await;
+        }
+        None => drain(rest).await,
+    }
+}
+
+type DrainFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+enum Hold {
+    /// Passing the inner body's frames on.
+    Body,
+    /// The inner body has ended: this (its trailers, or none) goes once the drain is done.
+    Ending(Option<HeaderMap>),
+    Done,
+}
+
+pin_project_lite::pin_project! {
+    /// The body [`end_after_drain`] returns.
+    pub struct HoldEnd<B> {
+        #[pin]
+        inner: B,
+        drain: Option<DrainFuture>,
+        state: Hold,
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for HoldEnd<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let mut this = self.project();
+        loop {
+            match this.state {
+                Hold::Done => return Poll::Ready(None),
+                Hold::Ending(trailers) => {
+                    if let Some(drain) = this.drain.as_mut() {
+                        ready!(drain.as_mut().poll(cx));
+                        *this.drain = None;
+                    }
+                    let trailers = trailers.take();
+                    *this.state = Hold::Done;
+                    return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
+                }
+                Hold::Body => match ready!(this.inner.as_mut().poll_frame(cx)) {
+                    Some(Ok(frame)) => match frame.into_trailers() {
+                        Ok(trailers) => *this.state = Hold::Ending(Some(trailers)),
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    },
+                    // A body that fails ends the call at once (the pipe sends the failure's trailers).
+                    Some(Err(e)) => {
+                        *this.state = Hold::Done;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    None => *this.state = Hold::Ending(None),
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self.state {
+            Hold::Done => true,
+            Hold::Body => self.drain.is_none() && self.inner.is_end_stream(),
+            Hold::Ending(_) => false,
+        }
     }
 }
 
@@ -559,12 +735,16 @@ where
 
 /// The trailers for a body that broke off after its headers were sent.
 fn failure_trailers(error: &BoxError) -> HeaderMap {
-    let status = match error.downcast_ref::<tonic::Status>() {
-        Some(status) => status.clone(),
-        None => tonic::Status::internal(format!("the response broke off: {error}")),
-    };
-    // The status's own header encoding (grpc-status, percent-encoded grpc-message, details).
-    let mut trailers = status.into_http::<()>().into_parts().0.headers;
+    match error.downcast_ref::<tonic::Status>() {
+        Some(status) => status_trailers(status),
+        None => status_trailers(&tonic::Status::internal(format!("the response broke off: {error}"))),
+    }
+}
+
+/// `status` as trailers after a response's headers: its own header encoding
+/// (grpc-status, percent-encoded grpc-message, details), without the content type.
+pub fn status_trailers(status: &tonic::Status) -> HeaderMap {
+    let mut trailers = status.clone().into_http::<()>().into_parts().0.headers;
     trailers.remove(http::header::CONTENT_TYPE);
     trailers
 }
@@ -607,6 +787,91 @@ mod tests {
     fn counting_waker() -> (std::task::Waker, Arc<Wakes>) {
         let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
         (std::task::Waker::from(wakes.clone()), wakes)
+    }
+
+    /// A gRPC message of `n` bytes of `fill`.
+    fn message(n: usize, fill: u8) -> Vec<u8> {
+        let mut m = vec![0];
+        m.extend_from_slice(&u32::try_from(n).unwrap().to_be_bytes());
+        m.extend(std::iter::repeat_n(fill, n));
+        m
+    }
+
+    type TestBody = http_body_util::StreamBody<
+        futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, std::convert::Infallible>>,
+    >;
+
+    /// A request body of these chunks, then its end, or (`open`) nothing more ever.
+    fn body(chunks: Vec<Vec<u8>>, open: bool) -> TestBody {
+        let frames = futures_util::stream::iter(chunks.into_iter().map(|c| Ok(Frame::data(Bytes::from(c)))));
+        let stream =
+            if open { frames.chain(futures_util::stream::pending()).boxed() } else { frames.boxed() };
+        http_body_util::StreamBody::new(stream)
+    }
+
+    /// Polls `fut` once: its output if it is ready at once.
+    fn now<F: Future>(fut: F) -> Option<F::Output> {
+        let fut = std::pin::pin!(fut);
+        let (waker, _) = counting_waker();
+        match fut.poll(&mut Context::from_waker(&waker)) {
+            Poll::Ready(out) => Some(out),
+            Poll::Pending => None,
+        }
+    }
+
+    #[test]
+    fn leading_messages_are_returned_without_waiting_for_the_end() {
+        let (header, inputs) = (message(10, 1), message(3, 2));
+        let both = [header.clone(), inputs.clone()].concat();
+        // Split at every point, the stream still open: the two messages, and the rest to drain.
+        for cut in 0..=both.len() {
+            let chunks = vec![both[..cut].to_vec(), both[cut..].to_vec()];
+            let (got, rest) = now(read_leading(body(chunks, true), 100, 2)).expect("ready").unwrap();
+            assert_eq!(&got[..], &both[..], "cut at {cut}");
+            assert!(rest.is_some());
+        }
+        // Bytes after the second message are not returned; the rest follows them.
+        let three = [both.clone(), message(4, 3)].concat();
+        let (got, rest) = now(read_leading(body(vec![three], true), 100, 2)).expect("ready").unwrap();
+        assert_eq!(&got[..], &both[..]);
+        assert!(rest.is_some());
+        // A stream that ends after one message gives that one.
+        let (got, _) = now(read_leading(body(vec![header.clone()], false), 100, 2)).expect("ready").unwrap();
+        assert_eq!(&got[..], &header[..]);
+        // Still waiting for the second message's last byte.
+        assert!(now(read_leading(body(vec![both[..both.len() - 1].to_vec()], true), 100, 2)).is_none());
+    }
+
+    #[test]
+    fn leading_messages_are_held_to_the_limit_and_must_be_whole() {
+        let big = [message(10, 1), message(101, 2)].concat();
+        // Refused once the header of the too-large message is in, before its bytes.
+        let e = now(read_leading(body(vec![big[..20].to_vec()], true), 100, 2))
+            .expect("ready")
+            .err()
+            .expect("an error");
+        assert_eq!(e.code(), Code::ResourceExhausted);
+        assert!(e.message().contains("101") && e.message().contains("100"), "{}", e.message());
+        let cut = message(10, 1)[..8].to_vec();
+        let e = now(read_leading(body(vec![cut], false), 100, 2)).expect("ready").err().expect("an error");
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("inside its message 1"), "{}", e.message());
+        let e = now(read_leading(body(vec![], false), 100, 2)).expect("ready").err().expect("an error");
+        assert_eq!(e.code(), Code::InvalidArgument);
+    }
+
+    #[test]
+    fn a_unary_body_is_one_whole_message() {
+        let one = message(5, 7);
+        let got = now(read_request(body(vec![one[..3].to_vec(), one[3..].to_vec()], false), 10)).unwrap();
+        assert_eq!(&got.unwrap()[..], &one[..]);
+        let two = [one.clone(), one.clone()].concat();
+        let e = now(read_request(body(vec![two], false), 10)).unwrap().unwrap_err();
+        assert!(e.message().contains("exactly one message"), "{}", e.message());
+        let e = now(read_request(body(vec![message(11, 0)], false), 10)).unwrap().unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted);
+        let e = now(read_request(body(vec![one[..6].to_vec()], false), 10)).unwrap().unwrap_err();
+        assert!(e.message().contains("ended after 6 of the 10 bytes"), "{}", e.message());
     }
 
     #[test]
