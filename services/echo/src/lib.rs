@@ -30,6 +30,11 @@ pub const ECHO: &str = "echo";
 pub const ECHO_SYNC: &str = "echo_sync";
 /// Default largest inputs carried in `resource_meta` (encoded protobuf bytes).
 pub const DEFAULT_MAX_INLINE_BYTES: usize = 3 * 1024 * 1024;
+/// The largest `resource_meta` echo hands out, whatever `max_inline_bytes`
+/// allows: the answer that carries it must fit the 4 MiB message limit that
+/// gRPC clients (grpc-go in propeller, grpcio) apply by default, less room for
+/// the answer's own framing. (Base64 makes 3 MiB of inputs 4 MiB of meta.)
+pub const MAX_META_BYTES: usize = 4 * 1024 * 1024 - 64;
 
 /// The echo plugin.
 #[derive(Clone, Debug)]
@@ -188,6 +193,13 @@ impl Plugin for Echo {
             inputs,
         };
         let resource_meta = serde_json::to_vec(&meta).map_err(|e| PluginError::Internal(e.to_string()))?;
+        if resource_meta.len() > MAX_META_BYTES {
+            return Err(PluginError::InvalidArgument(format!(
+                "echo carries its inputs in resource_meta, and these would make it {} bytes, more than the \
+                 {MAX_META_BYTES} bytes that fit a gRPC client's default 4 MiB message limit",
+                resource_meta.len()
+            )));
+        }
         Ok(admin::CreateTaskResponse { resource_meta })
     }
 

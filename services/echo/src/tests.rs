@@ -94,6 +94,43 @@ async fn inputs_too_large_for_resource_meta_are_refused_at_create() {
 }
 
 #[tokio::test]
+async fn inputs_whose_meta_would_not_fit_a_default_grpc_message_are_refused_at_create() {
+    let blob = |n: usize| {
+        let lit = Literal {
+            value: Some(literal::Value::Scalar(Box::new(Scalar {
+                value: Some(scalar::Value::Binary(flotilla_sdk::proto::core::Binary {
+                    value: vec![7; n],
+                    ..Default::default()
+                })),
+            }))),
+            ..Default::default()
+        };
+        LiteralMap { literals: [("b".to_owned(), lit)].into() }
+    };
+    // Exactly the default inline limit: base64 takes the meta past 4 MiB.
+    let inputs = blob(DEFAULT_MAX_INLINE_BYTES - 64);
+    assert!(inputs.encoded_len() <= DEFAULT_MAX_INLINE_BYTES);
+    let e = Echo::default()
+        .create(&call(), admin::CreateTaskRequest { inputs: Some(inputs), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, PluginError::InvalidArgument(_)), "{e:?}");
+    assert!(e.to_string().contains("4 MiB"), "{e}");
+    // Half of that fits, and its meta is within the bound.
+    let ok = Echo::default()
+        .create(
+            &call(),
+            admin::CreateTaskRequest {
+                inputs: Some(blob(DEFAULT_MAX_INLINE_BYTES / 2)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(ok.resource_meta.len() <= MAX_META_BYTES);
+}
+
+#[tokio::test]
 async fn garbage_resource_meta_is_invalid_argument() {
     let e = Echo::default()
         .get(&call(), admin::GetTaskRequest { resource_meta: b"{nope".to_vec(), ..Default::default() })
