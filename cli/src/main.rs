@@ -78,6 +78,10 @@ struct Target {
     /// Give up on each call after this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     timeout: f64,
+    /// Bearer token for a gateway that requires one (its `auth_token_file`);
+    /// sent as `authorization: Bearer <token>`.
+    #[arg(long, value_name = "TOKEN", env = "FLOTILLA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 fn main() -> ExitCode {

@@ -14,7 +14,12 @@ use flotilla_proto::{
     },
 };
 use serde::Deserialize;
-use tonic::{Request, transport::Channel};
+use tonic::{
+    Request,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
 
 use crate::{Target, literals};
 
@@ -49,16 +54,43 @@ fn default_output_prefix() -> String {
     "file:///tmp/flotilla/outputs".to_owned()
 }
 
-async fn channel(target: &Target) -> anyhow::Result<Channel> {
+/// A connection to the gateway whose calls carry the `--token`, when one is given.
+type Conn = InterceptedService<Channel, Bearer>;
+
+async fn channel(target: &Target) -> anyhow::Result<Conn> {
     let timeout = call_timeout(target)?;
-    tonic::transport::Endpoint::from_shared(format!("http://{}", target.gateway))?
+    let bearer = match target.token.as_deref().map(str::trim) {
+        Some(token) => {
+            let usable = !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic());
+            let value = usable.then(|| format!("Bearer {token}").parse().ok()).flatten();
+            Some(value.context(
+                "--token (or FLOTILLA_TOKEN) must be a non-empty token of visible ASCII characters, without spaces",
+            )?)
+        }
+        None => None,
+    };
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", target.gateway))?
         .connect_timeout(timeout)
         .timeout(timeout)
         .connect()
         .await
         .with_context(|| {
             format!("cannot reach the gateway at {} (is `flotilla up` running?)", target.gateway)
-        })
+        })?;
+    Ok(InterceptedService::new(channel, Bearer(bearer)))
+}
+
+/// Adds `authorization: Bearer <token>` to every call, when there is a token.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
 }
 
 fn call_timeout(target: &Target) -> anyhow::Result<Duration> {
@@ -233,7 +265,7 @@ pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::
 }
 
 async fn get_resource(
-    client: &mut AsyncAgentServiceClient<Channel>,
+    client: &mut AsyncAgentServiceClient<Conn>,
     category: &admin::TaskCategory,
     meta: &[u8],
 ) -> anyhow::Result<admin::Resource> {

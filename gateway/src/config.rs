@@ -10,6 +10,7 @@
 //! shutdown_grace = "30s"
 //! dns_ttl_floor = "1s"          # re-resolve no sooner than this, whatever the records' TTL
 //! dns_ttl_ceiling = "30s"       # and no later than this (Docker's DNS says 600 s)
+//! auth_token_file = "/etc/secrets/flotilla-tokens"  # optional: callers must send `authorization: Bearer <token>`
 //!
 //! [[plugins]]
 //! name = "echo"
@@ -24,10 +25,13 @@ use std::{
     collections::HashMap,
     fmt,
     net::{SocketAddr, ToSocketAddrs},
+    path::PathBuf,
     time::Duration,
 };
 
 use flotilla_sdk::Category;
+
+use crate::auth::Auth;
 use flotilla_telemetry::{
     CommonArgs,
     config::{self, ConfigError, Env, HumanDuration, Listeners},
@@ -38,6 +42,19 @@ use serde::Deserialize;
 pub const ENV_MAX_REQUEST_BYTES: &str = "FLOTILLA_MAX_REQUEST_BYTES";
 /// Environment variable overriding `refresh_interval`.
 pub const ENV_REFRESH_INTERVAL: &str = "FLOTILLA_REFRESH_INTERVAL";
+/// Environment variable overriding `shutdown_grace`.
+pub const ENV_SHUTDOWN_GRACE: &str = "FLOTILLA_SHUTDOWN_GRACE";
+/// Environment variable overriding `connect_timeout`.
+pub const ENV_CONNECT_TIMEOUT: &str = "FLOTILLA_CONNECT_TIMEOUT";
+/// Environment variable overriding `dns_ttl_floor`.
+pub const ENV_DNS_TTL_FLOOR: &str = "FLOTILLA_DNS_TTL_FLOOR";
+/// Environment variable overriding `dns_ttl_ceiling`.
+pub const ENV_DNS_TTL_CEILING: &str = "FLOTILLA_DNS_TTL_CEILING";
+/// Environment variable overriding `auth_token_file`.
+pub const ENV_AUTH_TOKEN_FILE: &str = "FLOTILLA_AUTH_TOKEN_FILE";
+/// Environment variable holding one more accepted token (see [`crate::auth`]);
+/// there is no file key for it, so that tokens stay out of configuration files.
+pub const ENV_AUTH_TOKEN: &str = crate::auth::FROM_ENV;
 /// Environment variable replacing the whole `[[plugins]]` list:
 /// `name=discovery;name=discovery` (for example `echo=static://127.0.0.1:8001`).
 pub const ENV_PLUGINS: &str = "FLOTILLA_PLUGINS";
@@ -62,6 +79,12 @@ pub struct GatewayConfig {
     pub dns_ttl_floor: HumanDuration,
     /// DNS answers are re-resolved no later than this after a lookup.
     pub dns_ttl_ceiling: HumanDuration,
+    /// A file of bearer tokens callers must present (one per line); unset:
+    /// no authentication (see [`crate::auth`]).
+    pub auth_token_file: Option<PathBuf>,
+    /// One more accepted token, from `FLOTILLA_AUTH_TOKEN` only.
+    #[serde(skip)]
+    pub auth_token: Option<String>,
     /// The plugin services behind the gateway.
     pub plugins: Vec<PluginConfig>,
 }
@@ -77,6 +100,8 @@ impl Default for GatewayConfig {
             shutdown_grace: HumanDuration(Duration::from_secs(30)),
             dns_ttl_floor: HumanDuration(Duration::from_secs(1)),
             dns_ttl_ceiling: HumanDuration(Duration::from_secs(30)),
+            auth_token_file: None,
+            auth_token: None,
             plugins: Vec::new(),
         }
     }
@@ -181,6 +206,10 @@ pub struct Config {
     pub dns_ttl_floor: Duration,
     /// Latest re-resolution after a DNS lookup.
     pub dns_ttl_ceiling: Duration,
+    /// Who may call, when authentication is on.
+    pub auth: Option<Auth>,
+    /// Where the tokens came from (file and/or environment), for `--check-config`.
+    pub auth_sources: String,
     /// The plugin services.
     pub plugins: Vec<Plugin>,
 }
@@ -192,6 +221,12 @@ impl fmt::Display for Config {
         writeln!(f, "refresh_interval = {}", HumanDuration(self.refresh_interval))?;
         writeln!(f, "dns_ttl_floor = {}", HumanDuration(self.dns_ttl_floor))?;
         writeln!(f, "dns_ttl_ceiling = {}", HumanDuration(self.dns_ttl_ceiling))?;
+        match &self.auth {
+            Some(auth) => {
+                writeln!(f, "auth = bearer, {} token(s) from {}", auth.tokens(), self.auth_sources)?
+            }
+            None => writeln!(f, "auth = off")?,
+        }
         for p in &self.plugins {
             write!(f, "plugin {:?}: {}", p.name, p.target_text)?;
             if let Some(ns) = p.nameserver {
@@ -320,6 +355,17 @@ impl Config {
         (raw.listen, raw.admin_listen) = (listeners.listen, listeners.admin_listen);
         config::override_from_env(env, ENV_MAX_REQUEST_BYTES, &mut raw.max_request_bytes, &mut problems);
         config::override_from_env(env, ENV_REFRESH_INTERVAL, &mut raw.refresh_interval, &mut problems);
+        config::override_from_env(env, ENV_SHUTDOWN_GRACE, &mut raw.shutdown_grace, &mut problems);
+        config::override_from_env(env, ENV_CONNECT_TIMEOUT, &mut raw.connect_timeout, &mut problems);
+        config::override_from_env(env, ENV_DNS_TTL_FLOOR, &mut raw.dns_ttl_floor, &mut problems);
+        config::override_from_env(env, ENV_DNS_TTL_CEILING, &mut raw.dns_ttl_ceiling, &mut problems);
+        if let Some(path) = env(ENV_AUTH_TOKEN_FILE) {
+            raw.auth_token_file = Some(PathBuf::from(path.trim()));
+        }
+        // Read here, never through `override_from_env`: its errors quote the value.
+        if let Some(token) = env(ENV_AUTH_TOKEN) {
+            raw.auth_token = Some(token);
+        }
         if let Some(list) = env(ENV_PLUGINS) {
             match plugins_from_env(&list) {
                 Ok(p) => raw.plugins = p,
@@ -358,6 +404,18 @@ impl Config {
         if raw.connect_timeout.0.is_zero() {
             problems.push("connect_timeout: must be more than zero".to_owned());
         }
+        let auth = Auth::load(raw.auth_token_file.as_deref(), raw.auth_token.as_deref())
+            .map_err(|e| problems.push(e))
+            .ok()
+            .flatten();
+        let auth_sources = [
+            raw.auth_token_file.as_ref().map(|p| p.display().to_string()),
+            raw.auth_token.as_ref().map(|_| ENV_AUTH_TOKEN.to_owned()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" and ");
         let mut names = HashMap::new();
         let mut pinned: HashMap<Category, String> = HashMap::new();
         let mut plugins = Vec::new();
@@ -442,6 +500,8 @@ impl Config {
             shutdown_grace: raw.shutdown_grace.0,
             dns_ttl_floor: raw.dns_ttl_floor.0,
             dns_ttl_ceiling: raw.dns_ttl_ceiling.0,
+            auth,
+            auth_sources,
             plugins,
         })
     }
@@ -508,6 +568,45 @@ mod tests {
         );
         let problems = ok("static://10.0.0.5:8000", "not an address").unwrap_err();
         assert!(problems[0].starts_with("plugins[0].nameserver: "), "{problems:#?}");
+    }
+
+    /// The flags with none given, as the binary would parse them.
+    fn no_flags() -> CommonArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            common: CommonArgs,
+        }
+        <Cli as clap::Parser>::parse_from(["flotilla-gateway"]).common
+    }
+
+    #[test]
+    fn the_environment_overrides_every_setting_and_tokens_are_never_shown() {
+        let env = |name: &str| {
+            Some(
+                match name {
+                    ENV_SHUTDOWN_GRACE => "7s",
+                    ENV_CONNECT_TIMEOUT => "250ms",
+                    ENV_DNS_TTL_FLOOR => "2s",
+                    ENV_DNS_TTL_CEILING => "9s",
+                    ENV_AUTH_TOKEN => "very-secret-token",
+                    _ => return None,
+                }
+                .to_owned(),
+            )
+        };
+        let c = Config::load(&no_flags(), &env).unwrap();
+        assert_eq!(c.shutdown_grace, Duration::from_secs(7));
+        assert_eq!(c.connect_timeout, Duration::from_millis(250));
+        assert_eq!((c.dns_ttl_floor, c.dns_ttl_ceiling), (Duration::from_secs(2), Duration::from_secs(9)));
+        let shown = format!("{c}\n{c:?}");
+        assert!(shown.contains("auth = bearer, 1 token(s) from FLOTILLA_AUTH_TOKEN"), "{shown}");
+        assert!(!shown.contains("very-secret"), "{shown}");
+        assert!(format!("{}", Config::load(&no_flags(), &|_: &str| None).unwrap()).contains("auth = off"));
+        // A token that cannot be used is named by its variable, not quoted.
+        let bad = |name: &str| (name == ENV_AUTH_TOKEN).then(|| "two words".to_owned());
+        let e = Config::load(&no_flags(), &bad).unwrap_err().to_string();
+        assert!(e.contains("FLOTILLA_AUTH_TOKEN") && !e.contains("two words"), "{e}");
     }
 
     #[test]

@@ -17,6 +17,7 @@
 
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod discover;
@@ -141,14 +142,19 @@ impl Gateway {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         flotilla_sdk::set_health(&health, ServingStatus::Serving).await;
-        let proxy = Proxy::new(fleet.clone(), metrics, config.max_request_bytes);
+        let proxy = Proxy::new(fleet.clone(), metrics.clone(), config.max_request_bytes);
         let addr: Option<SocketAddr> = grpc.local_addr().ok();
         let routes = tonic::service::Routes::new(health_service)
             .add_service(AgentMetadataServiceServer::new(FleetMetadata(fleet)));
-        let calls = Arc::new(GatewayCalls { proxy, routes });
+        let calls = Arc::new(GatewayCalls { proxy, routes, auth: config.auth.clone(), metrics });
         let stopping = flotilla_sdk::stopping(&shutdown, readiness.clone(), health, addr);
         readiness.set(true);
-        tracing::info!(?addr, plugins = config.plugins.len(), "Gateway serving");
+        tracing::info!(
+            ?addr,
+            plugins = config.plugins.len(),
+            auth = if config.auth.is_some() { "bearer" } else { "off" },
+            "Gateway serving"
+        );
         let result = flotilla_sdk::with_grace(
             flotilla_sdk::h2serve::serve(grpc, calls, stopping),
             &shutdown,

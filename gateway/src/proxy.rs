@@ -570,16 +570,44 @@ pub struct GatewayCalls {
     pub proxy: Arc<Proxy>,
     /// Health and the gateway's metadata service.
     pub routes: tonic::service::Routes,
+    /// Who may call, when authentication is on (health checks always may).
+    pub auth: Option<crate::auth::Auth>,
+    /// Where refused calls are counted.
+    pub metrics: Metrics,
 }
 
 impl Handler for GatewayCalls {
-    fn handle(&self, request: Request<RecvStream>, respond: SendResponse<Bytes>) -> CallFuture {
+    fn handle(&self, mut request: Request<RecvStream>, respond: SendResponse<Bytes>) -> CallFuture {
+        if let Some(auth) = &self.auth
+            && !request.uri().path().starts_with("/grpc.health.v1.Health/")
+        {
+            if !auth.allows(request.headers().get(http::header::AUTHORIZATION)) {
+                return self.refuse(request.uri().path(), respond);
+            }
+            // The gateway's credentials are not the plugin services' business.
+            request.headers_mut().remove(http::header::AUTHORIZATION);
+        }
         if proxied(request.uri().path()) {
             let proxy = self.proxy.clone();
             Box::pin(async move { proxy.serve(request, respond).await })
         } else {
             Box::pin(h2serve::serve_tower(self.routes.clone(), request, respond))
         }
+    }
+}
+
+impl GatewayCalls {
+    /// Answers a call without an accepted token: UNAUTHENTICATED, counted and logged.
+    fn refuse(&self, path: &str, respond: SendResponse<Bytes>) -> CallFuture {
+        let method =
+            path.rsplit('/').next().filter(|m| crate::config::METHODS.contains(m)).unwrap_or("unknown");
+        self.metrics
+            .requests
+            .with_label_values(&["none", method, code_name(tonic::Code::Unauthenticated)])
+            .inc();
+        tracing::info!(method = path, "Refused a call without an accepted bearer token");
+        h2serve::respond_status(respond, &crate::auth::refusal());
+        Box::pin(std::future::ready(()))
     }
 }
 

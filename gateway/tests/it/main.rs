@@ -1,6 +1,7 @@
 //! Gateway integration tests: the real gateway in-process, in front of real
 //! plugin services on 127.0.0.1.
 
+mod auth;
 mod balancing;
 mod dns;
 mod load;

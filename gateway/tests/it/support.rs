@@ -167,6 +167,8 @@ pub(crate) fn category(name: &str) -> Option<admin::TaskCategory> {
 #[derive(Clone, Default)]
 pub(crate) struct Recorder {
     pub(crate) seen: Arc<Mutex<Vec<Bytes>>>,
+    /// The headers of every call, in order.
+    pub(crate) seen_headers: Arc<Mutex<Vec<http::HeaderMap>>>,
     /// While set, ListAgents answers INTERNAL.
     pub(crate) failing_list: Arc<AtomicBool>,
 }
@@ -187,6 +189,7 @@ impl tower::Service<http::Request<Body>> for Recorder {
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let seen = self.seen.clone();
+        self.seen_headers.lock().unwrap().push(req.headers().clone());
         Box::pin(async move {
             let body = req.into_body().collect().await.unwrap().to_bytes();
             seen.lock().unwrap().push(body);

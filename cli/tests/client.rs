@@ -1,0 +1,100 @@
+//! The `flotilla` subcommands that talk to a running gateway (agents, create,
+//! get, delete), run as the real binary against a gateway and an echo service
+//! on loopback; here the gateway requires a bearer token, which the CLI sends
+//! from `--token` or `FLOTILLA_TOKEN`.
+
+use std::{net::SocketAddr, process::Output};
+
+use flotilla_gateway::{Config, Gateway, config::GatewayConfig, config::PluginConfig};
+use flotilla_telemetry::Shutdown;
+use flotilla_testkit::{bind_loopback, spawn_plugin};
+
+const TOKEN: &str = "cli-test-token-0123";
+
+/// A gateway requiring [`TOKEN`], in front of an echo service.
+async fn gateway() -> (SocketAddr, Shutdown, flotilla_testkit::RunningService) {
+    let echo = spawn_plugin(flotilla_echo::Echo::default()).await;
+    let (grpc, admin) = (bind_loopback().await, bind_loopback().await);
+    let raw = GatewayConfig {
+        listen: grpc.local_addr().unwrap(),
+        admin_listen: admin.local_addr().unwrap(),
+        auth_token: Some(TOKEN.to_owned()),
+        plugins: vec![PluginConfig {
+            name: "echo".into(),
+            discovery: format!("static://{}", echo.addr),
+            nameserver: None,
+            timeout: None,
+            timeouts: Default::default(),
+            categories: vec![],
+        }],
+        ..GatewayConfig::default()
+    };
+    let addr = raw.listen;
+    let gateway = Gateway::start(Config::validate(raw, vec![]).unwrap()).await.unwrap();
+    let shutdown = Shutdown::new();
+    tokio::spawn(gateway.serve(grpc, admin, shutdown.clone()));
+    (addr, shutdown, echo)
+}
+
+/// Runs `flotilla ARGS` (bounded: the CLI's own `--timeout` is 5 s) with `env` set.
+async fn flotilla(args: Vec<String>, env: Vec<(&'static str, String)>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(&args)
+            .args(["--timeout", "5"])
+            .env_remove("FLOTILLA_TOKEN")
+            .env_remove("FLOTILLA_GATEWAY")
+            .envs(env)
+            .output()
+            .expect("flotilla runs")
+    })
+    .await
+    .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test]
+async fn the_cli_sends_its_token_and_a_refusal_is_explained() {
+    let (addr, shutdown, _echo) = gateway().await;
+    let gw = || vec!["--gateway".to_owned(), addr.to_string()];
+
+    let refused = flotilla([vec!["agents".to_owned()], gw()].concat(), vec![]).await;
+    assert!(!refused.status.success());
+    let stderr = text(&refused.stderr);
+    assert!(stderr.contains("Unauthenticated") && stderr.contains("authorization: Bearer"), "{stderr}");
+
+    let listed =
+        flotilla([vec!["agents".to_owned()], gw(), vec!["--token".into(), TOKEN.into()]].concat(), vec![])
+            .await;
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    assert!(text(&listed.stdout).contains("echo"), "{}", text(&listed.stdout));
+
+    // The token from the environment; a task created, read, deleted.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("task.yaml");
+    std::fs::write(&file, "type: echo\ninputs:\n  x: 42\n").unwrap();
+    let env = || vec![("FLOTILLA_TOKEN", TOKEN.to_owned())];
+    let created = flotilla([vec!["create".into(), file.display().to_string()], gw()].concat(), env()).await;
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let handle =
+        text(&created.stdout).split_whitespace().find(|w| w.starts_with("echo:0:")).map(str::to_owned);
+    let handle = handle.unwrap_or_else(|| panic!("no handle in {:?}", text(&created.stdout)));
+    let got = flotilla([vec!["get".into(), handle.clone()], gw()].concat(), env()).await;
+    assert!(got.status.success(), "{}", text(&got.stderr));
+    assert!(text(&got.stdout).contains("42"), "{}", text(&got.stdout));
+    let deleted = flotilla([vec!["delete".into(), handle], gw()].concat(), env()).await;
+    assert!(deleted.status.success(), "{}", text(&deleted.stderr));
+
+    // A token that cannot travel in a header is named as the problem, not sent.
+    let bad = flotilla(
+        [vec!["agents".to_owned()], gw(), vec!["--token".into(), "two words".into()]].concat(),
+        vec![],
+    )
+    .await;
+    assert!(!bad.status.success());
+    assert!(text(&bad.stderr).contains("--token"), "{}", text(&bad.stderr));
+    shutdown.trigger();
+}
