@@ -127,6 +127,11 @@ async fn flytekit_metric_names_are_exported() {
         "flyte_agent_requests_success_total{operation=\"create\",task_type=\"echo\"} 1",
         "flyte_agent_requests_failure_total{error_code=\"404\",operation=\"create\",task_type=\"nope\"} 1",
         "flyte_agent_request_latency_seconds_count{operation=\"create\",task_type=\"echo\"} 1",
+        // flytekit's types: summaries (a count and a sum, no quantiles).
+        "# TYPE flyte_agent_request_latency_seconds summary",
+        "flyte_agent_request_latency_seconds_sum{operation=\"create\",task_type=\"echo\"} ",
+        "# TYPE flyte_agent_input_literal_bytes summary",
+        "flyte_agent_input_literal_bytes_count{task_type=\"echo\"} 1",
     ] {
         assert!(text.contains(needle), "missing {needle} in:\n{text}");
     }

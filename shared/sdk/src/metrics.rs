@@ -1,7 +1,16 @@
 //! The metric families a plugin service exports, under flytekit's names so
 //! existing agent dashboards keep working (`flyte_agent_*`, PROTOCOL.md §3.4).
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, exponential_buckets};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use prometheus::{
+    IntCounterVec, Opts, Registry,
+    core::{Collector, Desc},
+    proto::{LabelPair, Metric, MetricFamily, MetricType, Summary},
+};
 
 /// flytekit's operation label values.
 #[derive(Clone, Copy, Debug)]
@@ -27,8 +36,8 @@ impl Operation {
 pub(crate) struct AgentMetrics {
     success: IntCounterVec,
     failure: IntCounterVec,
-    latency: HistogramVec,
-    input_bytes: HistogramVec,
+    latency: SummaryVec,
+    input_bytes: SummaryVec,
 }
 
 impl AgentMetrics {
@@ -41,17 +50,16 @@ impl AgentMetrics {
             Opts::new("flyte_agent_requests_failure_total", "Agent requests that failed"),
             &["task_type", "operation", "error_code"],
         )?;
-        let latency = HistogramVec::new(
-            HistogramOpts::new("flyte_agent_request_latency_seconds", "Time spent serving agent requests")
-                .buckets(exponential_buckets(0.0005, 2.5, 14)?),
+        // Summaries without quantiles (a count and a sum), as flytekit's
+        // prometheus_client `Summary` exports them.
+        let latency = SummaryVec::new(
+            "flyte_agent_request_latency_seconds",
+            "Time spent serving agent requests",
             &["task_type", "operation"],
         )?;
-        let input_bytes = HistogramVec::new(
-            HistogramOpts::new(
-                "flyte_agent_input_literal_bytes",
-                "Size of CreateTask and ExecuteTaskSync inputs",
-            )
-            .buckets(exponential_buckets(64.0, 4.0, 12)?),
+        let input_bytes = SummaryVec::new(
+            "flyte_agent_input_literal_bytes",
+            "Size of CreateTask and ExecuteTaskSync inputs",
             &["task_type"],
         )?;
         registry.register(Box::new(success.clone()))?;
@@ -63,7 +71,7 @@ impl AgentMetrics {
 
     pub(crate) fn observe(&self, task_type: &str, op: Operation, seconds: f64, error: Option<tonic::Code>) {
         let op = op.label();
-        self.latency.with_label_values(&[task_type, op]).observe(seconds);
+        self.latency.observe(&[task_type, op], seconds);
         match error {
             None => self.success.with_label_values(&[task_type, op]).inc(),
             Some(code) => {
@@ -73,6 +81,84 @@ impl AgentMetrics {
     }
 
     pub(crate) fn input_bytes(&self, task_type: &str, bytes: usize) {
-        self.input_bytes.with_label_values(&[task_type]).observe(bytes as f64);
+        self.input_bytes.observe(&[task_type], bytes as f64);
+    }
+}
+
+/// A Prometheus summary with no quantiles, by label values: each series'
+/// count and sum of observations (the `_count` and `_sum` samples). The
+/// prometheus crate has no summary type; this is the part flytekit exports.
+#[derive(Clone)]
+struct SummaryVec {
+    desc: Desc,
+    label_names: Vec<String>,
+    /// A handful of series (task types × operations), so a list.
+    series: Arc<Mutex<Vec<Series>>>,
+}
+
+/// One series of a [`SummaryVec`]: its label values, count and sum.
+type Series = (Vec<String>, u64, f64);
+
+impl SummaryVec {
+    fn new(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<Self> {
+        let label_names: Vec<String> = labels.iter().map(|l| (*l).to_owned()).collect();
+        let desc = Desc::new(name.to_owned(), help.to_owned(), label_names.clone(), HashMap::new())?;
+        Ok(Self { desc, label_names, series: Arc::default() })
+    }
+
+    /// Adds one observation to the series of `values` (one per label name).
+    fn observe(&self, values: &[&str], value: f64) {
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let same = |k: &[String]| k.iter().map(String::as_str).eq(values.iter().copied());
+        let index = match series.iter().position(|(k, _, _)| same(k)) {
+            Some(i) => i,
+            None => {
+                series.push((values.iter().map(|v| (*v).to_owned()).collect(), 0, 0.0));
+                series.len() - 1
+            }
+        };
+        let (_, count, sum) = &mut series[index];
+        *count += 1;
+        *sum += value;
+    }
+}
+
+impl Collector for SummaryVec {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        if series.is_empty() {
+            return Vec::new();
+        }
+        let mut family = MetricFamily::default();
+        family.set_name(self.desc.fq_name.clone());
+        family.set_help(self.desc.help.clone());
+        family.set_field_type(MetricType::SUMMARY);
+        for (values, count, sum) in series.iter() {
+            let mut metric = Metric::default();
+            let mut labels: Vec<LabelPair> = self
+                .label_names
+                .iter()
+                .zip(values)
+                .map(|(name, value)| {
+                    let mut pair = LabelPair::default();
+                    pair.set_name(name.clone());
+                    pair.set_value(value.clone());
+                    pair
+                })
+                .collect();
+            // By name, as the prometheus crate orders its own series' labels.
+            labels.sort_by(|a, b| a.name().cmp(b.name()));
+            metric.set_label(labels);
+            let mut summary = Summary::default();
+            summary.set_sample_count(*count);
+            summary.set_sample_sum(*sum);
+            metric.set_summary(summary);
+            family.mut_metric().push(metric);
+        }
+        vec![family]
     }
 }

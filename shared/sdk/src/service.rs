@@ -223,8 +223,10 @@ impl<P: Plugin> AsyncAgentService for Services<P> {
     ) -> Result<Response<admin::CreateTaskResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
         let category = template_category(req.template.as_ref());
-        if let (Ok(category), Some(inputs)) = (&category, &req.inputs) {
-            self.metrics.input_bytes(&category.name, inputs.encoded_len());
+        if let Ok(category) = &category {
+            // Like flytekit: every create is observed, one without inputs as 0 bytes.
+            self.metrics
+                .input_bytes(&category.name, req.inputs.as_ref().map_or(0, prost::Message::encoded_len));
         }
         let plugin = self.plugin.clone();
         self.instrumented(
