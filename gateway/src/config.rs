@@ -64,8 +64,10 @@ pub const ENV_PLUGINS: &str = "FLOTILLA_PLUGINS";
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
     /// gRPC listen address.
+    #[serde(deserialize_with = "flotilla_telemetry::config::deserialize_listen_addr")]
     pub listen: SocketAddr,
     /// Admin HTTP listen address.
+    #[serde(deserialize_with = "flotilla_telemetry::config::deserialize_listen_addr")]
     pub admin_listen: SocketAddr,
     /// Largest request message accepted.
     pub max_request_bytes: usize,

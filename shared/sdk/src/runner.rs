@@ -32,8 +32,10 @@ pub const ENV_SHUTDOWN_GRACE: &str = "FLOTILLA_SHUTDOWN_GRACE";
 #[serde(deny_unknown_fields, default)]
 pub struct ServiceConfig {
     /// gRPC listen address.
+    #[serde(deserialize_with = "flotilla_telemetry::config::deserialize_listen_addr")]
     pub listen: SocketAddr,
     /// Admin HTTP listen address.
+    #[serde(deserialize_with = "flotilla_telemetry::config::deserialize_listen_addr")]
     pub admin_listen: SocketAddr,
     /// Largest request message accepted.
     pub max_request_bytes: usize,

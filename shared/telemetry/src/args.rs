@@ -20,12 +20,12 @@ pub struct CommonArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// gRPC listen address (for example 0.0.0.0:8000; port 0 picks a free port).
-    #[arg(long, value_name = "ADDR")]
+    /// gRPC listen address: IP:PORT (0.0.0.0:8000), :PORT or HOST:PORT; port 0 picks a free port.
+    #[arg(long, value_name = "ADDR", value_parser = crate::config::parse_listen_addr)]
     pub listen: Option<SocketAddr>,
 
-    /// Admin HTTP listen address serving /metrics, /livez and /readyz (port 0 picks a free port).
-    #[arg(long, value_name = "ADDR")]
+    /// Admin HTTP listen address serving /metrics, /livez and /readyz (same forms as --listen).
+    #[arg(long, value_name = "ADDR", value_parser = crate::config::parse_listen_addr)]
     pub admin_listen: Option<SocketAddr>,
 
     /// Validate the configuration, print it, and exit (0 when valid, 64 when not).

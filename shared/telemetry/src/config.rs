@@ -82,8 +82,14 @@ pub struct Listeners {
 impl Listeners {
     /// Applies `FLOTILLA_LISTEN` / `FLOTILLA_ADMIN_LISTEN`, then the flags, which win.
     pub fn resolve(&mut self, env: Env<'_>, flags: &crate::CommonArgs, problems: &mut Vec<String>) {
-        override_from_env(env, ENV_LISTEN, &mut self.listen, problems);
-        override_from_env(env, ENV_ADMIN_LISTEN, &mut self.admin_listen, problems);
+        for (name, slot) in [(ENV_LISTEN, &mut self.listen), (ENV_ADMIN_LISTEN, &mut self.admin_listen)] {
+            if let Some(raw) = env(name) {
+                match parse_listen_addr(&raw) {
+                    Ok(addr) => *slot = addr,
+                    Err(e) => problems.push(format!("{name}={raw:?}: {e}")),
+                }
+            }
+        }
         if let Some(a) = flags.listen {
             self.listen = a;
         }
@@ -91,6 +97,49 @@ impl Listeners {
             self.admin_listen = a;
         }
     }
+}
+
+/// A listen address as flags, variables and files may write it: `IP:PORT`
+/// (`0.0.0.0:8000`, `[::]:8000`), `:PORT` for every IPv4 interface, or
+/// `HOST:PORT` with a name that resolves (`localhost:8000`; its first IPv4
+/// address, else its first). Port 0 picks a free port.
+///
+/// # Errors
+/// Says which forms are accepted, or that the name did not resolve.
+pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    if let Some(port) = text.strip_prefix(':') {
+        return port
+            .parse::<u16>()
+            .map(|p| SocketAddr::from(([0, 0, 0, 0], p)))
+            .map_err(|_| format!("{port:?} is not a port number"));
+    }
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let forms = "use IP:PORT (0.0.0.0:8000), :PORT or HOST:PORT";
+    let Some((host, port)) = text.rsplit_once(':') else { return Err(format!("no port: {forms}")) };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("not a listen address: {forms}"));
+    }
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(text)
+        .map_err(|e| format!("{host:?} does not resolve ({e}): {forms}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{host:?} resolves to no address"))
+}
+
+/// Deserializes a listen address written as [`parse_listen_addr`] accepts.
+///
+/// # Errors
+/// As [`parse_listen_addr`].
+pub fn deserialize_listen_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_listen_addr(&s).map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
 }
 
 /// A duration written the human way in config files (`"5s"`, `"250ms"`, `"1m 30s"`).
@@ -130,6 +179,21 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+
+    #[test]
+    fn listen_addresses_take_ip_port_colon_port_and_host_port() {
+        assert_eq!(parse_listen_addr("0.0.0.0:8000").unwrap(), SocketAddr::from(([0, 0, 0, 0], 8000)));
+        assert_eq!(parse_listen_addr(" [::]:9090 ").unwrap().port(), 9090);
+        assert_eq!(parse_listen_addr(":9090").unwrap(), SocketAddr::from(([0, 0, 0, 0], 9090)));
+        assert_eq!(parse_listen_addr(":0").unwrap().port(), 0);
+        let local = parse_listen_addr("localhost:8000").unwrap();
+        assert!(local.ip().is_loopback() && local.port() == 8000, "{local}");
+        for bad in ["8000", ":http", "localhost", "0.0.0.0:99999", ":"] {
+            let e = parse_listen_addr(bad).unwrap_err();
+            assert!(!e.is_empty(), "{bad}");
+        }
+        assert!(parse_listen_addr("8000").unwrap_err().contains(":PORT"));
+    }
 
     #[test]
     fn bad_env_value_is_reported_with_its_name() {
