@@ -167,17 +167,29 @@ impl Fleet {
                 if agent.supported_task_categories.is_empty() {
                     continue;
                 }
-                if let Some(&j) = names.get(&agent.name) {
+                // One name across services: like flytekit's registry, one agent
+                // serving the union of their task types (each still routed to
+                // its own service). A sync and an async agent cannot be one
+                // (propeller reads `is_sync` per agent): both are listed.
+                if let Some(&k) = names.get(&agent.name) {
+                    let first: &mut admin::Agent = &mut agents[k];
+                    if first.is_sync == agent.is_sync {
+                        first.supported_task_categories.append(&mut agent.supported_task_categories);
+                        #[allow(deprecated)]
+                        first.supported_task_types.append(&mut agent.supported_task_types);
+                        continue;
+                    }
                     let msg = format!(
-                        "agent name {:?} is used by plugin services {:?} and {:?}; GetAgent answers the first",
-                        agent.name, self.backends[j].plugin.name, self.backends[i].plugin.name
+                        "agent name {:?} is used by a sync and an async agent (plugin service {:?}); both are \
+                         listed, and GetAgent answers the first",
+                        agent.name, self.backends[i].plugin.name
                     );
                     if reported.insert(msg.clone()) {
                         tracing::warn!("{msg}");
                     }
-                    continue;
+                } else {
+                    names.insert(agent.name.clone(), agents.len());
                 }
-                names.insert(agent.name.clone(), i);
                 agents.push(agent);
             }
         }
@@ -187,7 +199,7 @@ impl Fleet {
             let missing: Vec<&Category> =
                 b.plugin.pins.iter().filter(|c| routes.get(*c) == Some(&i) && !listed.contains(*c)).collect();
             if !missing.is_empty() && !names.contains_key(&b.plugin.name) {
-                names.insert(b.plugin.name.clone(), i);
+                names.insert(b.plugin.name.clone(), agents.len());
                 #[allow(deprecated)]
                 agents.push(admin::Agent {
                     name: b.plugin.name.clone(),

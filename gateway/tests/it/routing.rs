@@ -145,3 +145,61 @@ async fn a_category_claimed_twice_routes_to_the_first_and_is_reported() {
         "{first_metrics}"
     );
 }
+
+/// A plugin with one async agent of a given name serving one task type; its
+/// creates answer with the task type, so a test can see which service answered.
+struct Named {
+    agent: &'static str,
+    task_type: &'static str,
+}
+
+impl flotilla_sdk::Plugin for Named {
+    fn agents(&self) -> Vec<flotilla_sdk::AgentSpec> {
+        vec![flotilla_sdk::AgentSpec::asynchronous(self.agent, self.task_type)]
+    }
+
+    async fn create(
+        &self,
+        _: &flotilla_sdk::Call,
+        _: admin::CreateTaskRequest,
+    ) -> Result<admin::CreateTaskResponse, flotilla_sdk::PluginError> {
+        Ok(admin::CreateTaskResponse { resource_meta: self.task_type.as_bytes().to_vec() })
+    }
+}
+
+#[tokio::test]
+async fn services_sharing_an_agent_name_list_one_agent_with_every_task_type() {
+    // As flytekit's registry does for one name: one agent, the union of the task types.
+    let a = spawn_plugin(Named { agent: "Warehouse Agent", task_type: "load" }).await;
+    let b = spawn_plugin(Named { agent: "Warehouse Agent", task_type: "unload" }).await;
+    let gw = spawn_gateway(
+        vec![plugin("a", format!("static://{}", a.addr)), plugin("b", format!("static://{}", b.addr))],
+        |_| {},
+    )
+    .await;
+    let mut metadata = gw.metadata_client();
+    let agents = metadata.list_agents(admin::ListAgentsRequest {}).await.unwrap().into_inner().agents;
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    let mut types: Vec<&str> = agents[0].supported_task_categories.iter().map(|c| c.name.as_str()).collect();
+    types.sort_unstable();
+    assert_eq!(types, ["load", "unload"]);
+    #[allow(deprecated)]
+    let mut deprecated = agents[0].supported_task_types.clone();
+    deprecated.sort_unstable();
+    assert_eq!(deprecated, ["load", "unload"]);
+    let got = metadata.get_agent(admin::GetAgentRequest { name: "Warehouse Agent".into() }).await.unwrap();
+    assert_eq!(got.into_inner().agent.unwrap().supported_task_categories.len(), 2);
+    // Each task type still goes to its own service.
+    for task_type in ["load", "unload"] {
+        let created = gw
+            .async_client()
+            .create_task(admin::CreateTaskRequest {
+                template: Some(echo_template(task_type, &[])),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(created.resource_meta, task_type.as_bytes());
+    }
+}
