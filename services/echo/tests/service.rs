@@ -111,6 +111,24 @@ async fn the_status_contract_holds() {
 }
 
 #[tokio::test]
+async fn every_task_type_has_its_series_before_its_first_call() {
+    let svc = spawn_plugin(Echo::default()).await;
+    let (status, text) = http_get(svc.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    for needle in [
+        "flyte_agent_requests_success_total{operation=\"create\",task_type=\"echo\"} 0",
+        "flyte_agent_requests_success_total{operation=\"get\",task_type=\"echo\"} 0",
+        "flyte_agent_requests_success_total{operation=\"delete\",task_type=\"echo\"} 0",
+        "flyte_agent_requests_success_total{operation=\"do\",task_type=\"echo_sync\"} 0",
+        "flyte_agent_request_latency_seconds_count{operation=\"do\",task_type=\"echo_sync\"} 0",
+        "flyte_agent_input_literal_bytes_count{task_type=\"echo\"} 0",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in:\n{text}");
+    }
+    assert!(!text.contains("operation=\"do\",task_type=\"echo\""), "{text}");
+}
+
+#[tokio::test]
 async fn flytekit_metric_names_are_exported() {
     let svc = spawn_plugin(Echo::default()).await;
     let mut client = AsyncAgentServiceClient::new(channel(svc.addr));

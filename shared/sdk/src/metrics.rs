@@ -69,6 +69,27 @@ impl AgentMetrics {
         Ok(Self { success, failure, latency, input_bytes })
     }
 
+    /// Starts the success and latency series of every task type the agents
+    /// serve (and input sizes where inputs come), at zero: a dashboard sees
+    /// each task type before its first call.
+    pub(crate) fn declare(&self, agents: &[crate::AgentSpec]) {
+        for agent in agents {
+            let ops: &[Operation] = if agent.is_sync {
+                &[Operation::Do]
+            } else {
+                &[Operation::Create, Operation::Get, Operation::Delete]
+            };
+            for category in &agent.categories {
+                let task_type = category.name.as_str();
+                for op in ops {
+                    let _ = self.success.with_label_values(&[task_type, op.label()]);
+                    self.latency.declare(&[task_type, op.label()]);
+                }
+                self.input_bytes.declare(&[task_type]);
+            }
+        }
+    }
+
     pub(crate) fn observe(&self, task_type: &str, op: Operation, seconds: f64, error: Option<tonic::Code>) {
         let op = op.label();
         self.latency.observe(&[task_type, op], seconds);
@@ -109,18 +130,29 @@ impl SummaryVec {
     /// Adds one observation to the series of `values` (one per label name).
     fn observe(&self, values: &[&str], value: f64) {
         let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
-        let same = |k: &[String]| k.iter().map(String::as_str).eq(values.iter().copied());
-        let index = match series.iter().position(|(k, _, _)| same(k)) {
-            Some(i) => i,
-            None => {
-                series.push((values.iter().map(|v| (*v).to_owned()).collect(), 0, 0.0));
-                series.len() - 1
-            }
-        };
-        let (_, count, sum) = &mut series[index];
+        let (_, count, sum) = series_of(&mut series, values);
         *count += 1;
         *sum += value;
     }
+
+    /// Starts the series of `values` at zero, when it has not started.
+    fn declare(&self, values: &[&str]) {
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        series_of(&mut series, values);
+    }
+}
+
+/// The series of `values` in `series`, added at zero when missing.
+fn series_of<'a>(series: &'a mut Vec<Series>, values: &[&str]) -> &'a mut Series {
+    let same = |k: &[String]| k.iter().map(String::as_str).eq(values.iter().copied());
+    let index = match series.iter().position(|(k, _, _)| same(k)) {
+        Some(i) => i,
+        None => {
+            series.push((values.iter().map(|v| (*v).to_owned()).collect(), 0, 0.0));
+            series.len() - 1
+        }
+    };
+    &mut series[index]
 }
 
 impl Collector for SummaryVec {

@@ -72,8 +72,9 @@ pub(crate) async fn serve_with_registry<P: Plugin>(
 ) -> Result<(), ServeError> {
     let agents = plugin.agents();
     let names: Vec<String> = agents.iter().map(|a| a.name.clone()).collect();
-    let table = Table::new(agents).map_err(ServeError::Agents)?;
     let metrics = AgentMetrics::register(&registry).map_err(ServeError::Metrics)?;
+    metrics.declare(&agents);
+    let table = Table::new(agents).map_err(ServeError::Agents)?;
     let services = Services::new(Arc::new(plugin), table, metrics);
 
     let (health, health_service) = tonic_health::server::health_reporter();
