@@ -109,12 +109,15 @@ impl AgentMetrics {
 /// A Prometheus summary with no quantiles, by label values: each series'
 /// count and sum of observations (the `_count` and `_sum` samples). The
 /// prometheus crate has no summary type; this is the part flytekit exports.
+/// Cloned with every call's services: one shared allocation, not a copy.
 #[derive(Clone)]
-struct SummaryVec {
+struct SummaryVec(Arc<SummaryInner>);
+
+struct SummaryInner {
     desc: Desc,
     label_names: Vec<String>,
     /// A handful of series (task types × operations), so a list.
-    series: Arc<Mutex<Vec<Series>>>,
+    series: Mutex<Vec<Series>>,
 }
 
 /// One series of a [`SummaryVec`]: its label values, count and sum.
@@ -124,12 +127,12 @@ impl SummaryVec {
     fn new(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<Self> {
         let label_names: Vec<String> = labels.iter().map(|l| (*l).to_owned()).collect();
         let desc = Desc::new(name.to_owned(), help.to_owned(), label_names.clone(), HashMap::new())?;
-        Ok(Self { desc, label_names, series: Arc::default() })
+        Ok(Self(Arc::new(SummaryInner { desc, label_names, series: Mutex::default() })))
     }
 
     /// Adds one observation to the series of `values` (one per label name).
     fn observe(&self, values: &[&str], value: f64) {
-        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut series = self.0.series.lock().unwrap_or_else(PoisonError::into_inner);
         let (_, count, sum) = series_of(&mut series, values);
         *count += 1;
         *sum += value;
@@ -137,7 +140,7 @@ impl SummaryVec {
 
     /// Starts the series of `values` at zero, when it has not started.
     fn declare(&self, values: &[&str]) {
-        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut series = self.0.series.lock().unwrap_or_else(PoisonError::into_inner);
         series_of(&mut series, values);
     }
 }
@@ -157,21 +160,22 @@ fn series_of<'a>(series: &'a mut Vec<Series>, values: &[&str]) -> &'a mut Series
 
 impl Collector for SummaryVec {
     fn desc(&self) -> Vec<&Desc> {
-        vec![&self.desc]
+        vec![&self.0.desc]
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let series = self.0.series.lock().unwrap_or_else(PoisonError::into_inner);
         if series.is_empty() {
             return Vec::new();
         }
         let mut family = MetricFamily::default();
-        family.set_name(self.desc.fq_name.clone());
-        family.set_help(self.desc.help.clone());
+        family.set_name(self.0.desc.fq_name.clone());
+        family.set_help(self.0.desc.help.clone());
         family.set_field_type(MetricType::SUMMARY);
         for (values, count, sum) in series.iter() {
             let mut metric = Metric::default();
             let mut labels: Vec<LabelPair> = self
+                .0
                 .label_names
                 .iter()
                 .zip(values)
