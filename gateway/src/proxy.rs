@@ -18,7 +18,7 @@ use flotilla_sdk::{
 };
 use h2::{RecvStream, server::SendResponse};
 use http::{HeaderValue, Request, Response};
-use http_body::Frame;
+use http_body::{Body as _, Frame};
 use tonic::{Code, Status, body::Body};
 use tower::{BoxError, retry::budget::Budget as _};
 
@@ -192,29 +192,13 @@ impl Proxy {
         };
         // Counted down when the call ends, however it ends (a client reset drops this future).
         let _in_flight = InFlight::enter(&self.metrics.in_flight);
-        // ExecuteTaskSync: the part of the caller's stream after its header and
-        // inputs, read to its end before the answer ends (see `read_leading`).
-        let mut rest = None;
-        let left = match method {
-            Method::ExecuteTaskSync => {
-                parts.headers.get(&header::GRPC_TIMEOUT).and_then(|v| parse_grpc_timeout(v.as_bytes()))
-            }
-            _ => None,
-        };
-        let response = match self.forward(method, parts, body, &mut call, &mut rest).await {
+        match self.forward(method, parts, body, &mut call).await {
             Ok(r) => r,
             Err((backend, status)) => {
                 let metrics = backend.map_or(&self.unrouted, |i| &self.by_plugin[i]);
                 metrics.record(method, status.code() as i32, &call, status.message());
                 status.into_http()
             }
-        };
-        match rest {
-            Some(rest) => {
-                let left = left.map(|d| d.saturating_sub(call.started.elapsed()));
-                h2serve::end_after_drain(response, rest, left).map(Body::new)
-            }
-            None => response,
         }
     }
 
@@ -222,19 +206,20 @@ impl Proxy {
         &self,
         method: Method,
         parts: http::request::Parts,
-        body: RecvBody,
+        mut body: RecvBody,
         call: &mut CallLog,
-        rest: &mut Option<RecvBody>,
     ) -> Result<Response<Body>, (Option<usize>, Status)> {
         let none = |s: Status| (None, s);
         let started = call.started;
         // ExecuteTaskSync goes on once its header and inputs are in: the
-        // replica gets those two and the end of the stream, like propeller sends them.
+        // replica gets those two and the end of the stream, like propeller
+        // sends them, and anything after is read behind the call.
         let request = if method == Method::ExecuteTaskSync {
-            let (messages, more) =
-                h2serve::read_leading(body, self.max_request_bytes, 2).await.map_err(none)?;
-            *rest = more;
-            messages
+            let messages = h2serve::read_leading(&mut body, self.max_request_bytes, 2).await;
+            if !body.is_end_stream() {
+                h2serve::drain_behind(body);
+            }
+            messages.map_err(none)?
         } else {
             h2serve::read_request(body, self.max_request_bytes).await.map_err(none)?
         };
@@ -605,7 +590,7 @@ impl GatewayCalls {
             .requests
             .with_label_values(&["none", method, code_name(tonic::Code::Unauthenticated)])
             .inc();
-        tracing::info!(method = path, "Refused a call without an accepted bearer token");
+        tracing::debug!(method = path, "Refused a call without an accepted bearer token");
         h2serve::respond_status(respond, &crate::auth::refusal());
         Box::pin(std::future::ready(()))
     }

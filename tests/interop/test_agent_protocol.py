@@ -424,9 +424,8 @@ def test_execute_task_sync_echo_answers_one_succeeded_header(sync_stub):
 @pytest.mark.parametrize("target", ["gateway", "echo"])
 def test_execute_task_sync_answers_before_the_client_closes_its_side(request, target, type_name):
     """Upstream's server answers once it has the header and the inputs, so a
-    client may wait for that answer before it closes its side of the stream.
-    An answer comes at once and the call ends OK once the client has closed;
-    an error ends the call at once."""
+    client may wait for that answer before it closes its side of the stream:
+    the answer (or the error) must come while the stream is still open."""
     stub = request.getfixturevalue("sync_stub" if target == "gateway" else "echo_sync_stub")
     inputs = sample_inputs()
     answered = threading.Event()

@@ -203,3 +203,38 @@ async fn services_sharing_an_agent_name_list_one_agent_with_every_task_type() {
         assert_eq!(created.resource_meta, task_type.as_bytes());
     }
 }
+
+#[tokio::test]
+async fn execute_task_sync_through_the_gateway_answers_an_open_stream_without_a_reset() {
+    use admin::execute_task_sync_request::Part;
+    let echo = spawn_plugin(Echo::default()).await;
+    let gw = spawn_gateway(vec![plugin("echo", format!("static://{}", echo.addr))], |_| {}).await;
+    for (task_type, code) in [("echo_sync", Code::Ok), ("nope", Code::NotFound)] {
+        let [header, first_inputs] = sync_messages(echo_template(task_type, &[]), inputs(3));
+        let start: bytes::Bytes =
+            [frame(&header.encode_to_vec()), frame(&first_inputs.encode_to_vec())].concat().into();
+        // More after the inputs: ignored (as upstream), read to its end, never reset.
+        let extra =
+            frame(&admin::ExecuteTaskSyncRequest { part: Some(Part::Inputs(inputs(4))) }.encode_to_vec());
+        let seen = flotilla_testkit::call_before_closing(
+            gw.addr,
+            "/flyteidl.service.SyncAgentService/ExecuteTaskSync",
+            start,
+            extra,
+        )
+        .await;
+        assert_eq!(seen.answer.code, code, "{task_type}: {}", seen.answer.message);
+        assert_eq!(
+            seen.reset, None,
+            "{task_type}: the gateway reset a stream the client was still sending on"
+        );
+        assert!(seen.sent_after, "{task_type}");
+        if code == Code::Ok {
+            let answer = admin::ExecuteTaskSyncResponse::decode(seen.answer.messages[0].clone()).unwrap();
+            let Some(admin::execute_task_sync_response::Res::Header(h)) = answer.res else {
+                panic!("{answer:?}")
+            };
+            assert_eq!(h.resource.unwrap().outputs, Some(inputs(3)), "the inputs message, not the extra one");
+        }
+    }
+}

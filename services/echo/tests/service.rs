@@ -185,6 +185,43 @@ async fn shutdown_finishes_the_call_in_flight_then_stops() {
     assert!(tokio::net::TcpStream::connect(svc.addr).await.is_err(), "still accepting after shutdown");
 }
 
+/// The framed header and inputs of an ExecuteTaskSync call for `task_type`.
+fn sync_start(task_type: &str) -> Vec<u8> {
+    use admin::execute_task_sync_request::Part;
+    use prost::Message as _;
+    let message = |part: Part| frame(&admin::ExecuteTaskSyncRequest { part: Some(part) }.encode_to_vec());
+    let header = message(Part::Header(admin::CreateRequestHeader {
+        template: Some(template(task_type, &[])),
+        ..Default::default()
+    }));
+    let inputs = message(Part::Inputs(flotilla_proto::core::LiteralMap::default()));
+    [header, inputs].concat()
+}
+
+#[tokio::test]
+async fn execute_task_sync_answers_an_open_stream_and_reads_the_rest_without_a_reset() {
+    let svc = spawn_plugin(Echo::default()).await;
+    // A client that reads the answer before closing its side, then sends more
+    // (upstream's server ignores it) and closes: never reset.
+    for (task_type, code) in [("echo_sync", Code::Ok), ("nope", Code::NotFound)] {
+        let extra = frame(b"\x12\x00");
+        let seen = flotilla_testkit::call_before_closing(
+            svc.addr,
+            paths::EXECUTE_TASK_SYNC,
+            sync_start(task_type).into(),
+            extra,
+        )
+        .await;
+        assert_eq!(seen.answer.code, code, "{task_type}: {}", seen.answer.message);
+        assert_eq!(seen.answer.messages.len(), usize::from(code == Code::Ok), "{task_type}");
+        assert_eq!(
+            seen.reset, None,
+            "{task_type}: the server reset a stream the client was still sending on"
+        );
+        assert!(seen.sent_after, "{task_type}");
+    }
+}
+
 #[tokio::test]
 async fn execute_task_sync_reads_its_stream_in_order() {
     use admin::execute_task_sync_request::Part;

@@ -12,9 +12,9 @@ use flotilla_proto::{
         agent_metadata_service_server::AgentMetadataService, async_agent_service_server::AsyncAgentService,
     },
 };
-use futures_util::future::{self, Either};
 use h2::{RecvStream, server::SendResponse};
 use http::{HeaderMap, HeaderValue};
+use http_body::Body as _;
 use tonic::{Status, metadata::MetadataMap};
 
 use crate::{
@@ -91,15 +91,16 @@ async fn unary<M, R, F, Fut>(
         call(tonic::Request::from_parts(MetadataMap::from_headers(parts.headers), parts.extensions, message))
             .await
     };
-    answer(respond, deadline, async move { (work.await, None) }).await;
+    answer(respond, deadline, work).await;
 }
 
 /// ExecuteTaskSync: the header and inputs messages (each held to `limit`),
 /// decoded, then the plugin; the one answer goes back like a unary one (see
-/// [`answer`]) as soon as it is ready, as upstream's server does, even if the
-/// client has not closed its side yet. The rest of the request stream is read
-/// to its end before the response ends: a server that stops reading early
-/// makes HTTP/2 reset the stream, and loaded clients see errors.
+/// [`answer`]) as soon as it is ready, as upstream's server answers, even if
+/// the client has not closed its side yet. Whatever the client sends after the
+/// inputs is read to its end behind the call ([`h2serve::drain_behind`]): a
+/// server that stops reading makes HTTP/2 reset the stream, and loaded
+/// clients see errors.
 async fn execute_sync<P: Plugin>(
     request: http::Request<RecvStream>,
     respond: SendResponse<Bytes>,
@@ -111,12 +112,13 @@ async fn execute_sync<P: Plugin>(
     // Boxed: the plugin's future is inside it, and the layers below would
     // otherwise copy all of it (kilobytes) each time they move it.
     let work = Box::pin(async move {
-        let (messages, rest) = match h2serve::read_leading(RecvBody::new(recv), limit, 2).await {
-            Ok((body, rest)) => (decode_all(&body), rest),
-            Err(status) => (Err(status), None),
-        };
+        let mut body = RecvBody::new(recv);
+        let messages = h2serve::read_leading(&mut body, limit, 2).await.and_then(|b| decode_all(&b));
+        if !body.is_end_stream() {
+            h2serve::drain_behind(body);
+        }
         let metadata = MetadataMap::from_headers(parts.headers);
-        (services.execute_sync(&metadata, messages).await.map(tonic::Response::new), rest)
+        services.execute_sync(&metadata, messages).await.map(tonic::Response::new)
     });
     answer(respond, deadline, work).await;
 }
@@ -128,69 +130,28 @@ fn deadline(headers: &http::HeaderMap) -> Option<std::time::Duration> {
 
 /// Runs `work` under `deadline` (DEADLINE_EXCEEDED when it passes) and writes
 /// its outcome: the answer as one message and `grpc-status: 0`, an error as a
-/// trailers-only response. A client reset drops the work. When `work` leaves
-/// part of the request stream unread, the answer goes out at once but the
-/// call's end only once that part has been read (see [`finish_after`]).
+/// trailers-only response. A client reset drops the work.
 async fn answer<R, W>(mut respond: SendResponse<Bytes>, deadline: Option<std::time::Duration>, work: W)
 where
     R: prost::Message,
-    W: Future<Output = (Result<tonic::Response<R>, Status>, Option<RecvBody>)>,
+    W: Future<Output = Result<tonic::Response<R>, Status>>,
 {
-    let started = std::time::Instant::now();
     let work = async move {
         match deadline {
             Some(d) => tokio::time::timeout(d, work).await.unwrap_or_else(|_| {
-                let status = Status::deadline_exceeded(format!(
+                Err(Status::deadline_exceeded(format!(
                     "the caller's deadline of {} passed",
                     flotilla_telemetry::config::HumanDuration(d)
-                ));
-                (Err(status), None)
+                )))
             }),
             None => work.await,
         }
     };
-    let Some((result, rest)) = h2serve::until_reset(&mut respond, work).await else {
-        return; // the client went away
-    };
-    let left = || deadline.map(|d| d.saturating_sub(started.elapsed()));
-    match (result, rest) {
-        (Ok(response), Some(rest)) => finish_after(respond, response, rest, left()).await,
-        (Ok(response), None) => send_message(respond, response),
-        (Err(status), rest) => {
-            // An error goes out at once (as upstream's server aborts the call);
-            // a stream still coming is read to its end behind it, not reset.
-            if let Some(rest) = rest {
-                tokio::spawn(h2serve::bounded_drain(rest, left()));
-            }
-            h2serve::respond_status(respond, &status);
-        }
+    match h2serve::until_reset(&mut respond, work).await {
+        None => {} // the client went away
+        Some(Ok(response)) => send_message(respond, response),
+        Some(Err(status)) => h2serve::respond_status(respond, &status),
     }
-}
-
-/// Sends the answer's headers and message at once; then reads `rest` of the
-/// request stream to its end (or until the client resets the stream, or
-/// `left` of the deadline passes); then `grpc-status: 0`.
-async fn finish_after<R: prost::Message>(
-    mut respond: SendResponse<Bytes>,
-    response: tonic::Response<R>,
-    rest: RecvBody,
-    left: Option<std::time::Duration>,
-) {
-    let (metadata, message, _) = response.into_parts();
-    let buf = match encode(&message) {
-        Ok(buf) => buf,
-        Err(status) => {
-            tokio::spawn(h2serve::bounded_drain(rest, left));
-            return h2serve::respond_status(respond, &status);
-        }
-    };
-    let Some(mut stream) = send_head_and_message(&mut respond, metadata, buf) else { return };
-    let drained = std::pin::pin!(h2serve::bounded_drain(rest, left));
-    let reset = std::pin::pin!(std::future::poll_fn(|cx| stream.poll_reset(cx)));
-    if let Either::Right(_) = future::select(drained, reset).await {
-        return; // the client reset the stream
-    }
-    let _ = stream.send_trailers(ok_trailers());
 }
 
 /// Decodes the gRPC message at the start of `body` as `M`; returns it and the bytes after it.
@@ -231,52 +192,28 @@ fn short_type_name<M>() -> &'static str {
     name.rsplit("::").next().unwrap_or(name)
 }
 
-/// A message in gRPC's framing: the uncompressed flag, its length, its bytes.
-fn encode<R: prost::Message>(message: &R) -> Result<Bytes, Status> {
+/// Sends a unary answer: headers (the response's metadata and the gRPC content
+/// type), the message in one DATA frame, and `grpc-status: 0`.
+fn send_message<R: prost::Message>(mut respond: SendResponse<Bytes>, response: tonic::Response<R>) {
+    let (metadata, message, _) = response.into_parts();
     let len = message.encoded_len();
     let Ok(prefix) = u32::try_from(len) else {
-        return Err(Status::internal(format!(
-            "the answer is {len} bytes, more than a gRPC message can carry"
-        )));
+        let status =
+            Status::internal(format!("the answer is {len} bytes, more than a gRPC message can carry"));
+        return h2serve::respond_status(respond, &status);
     };
     let mut buf = BytesMut::with_capacity(FRAME_HEADER_LEN + len);
     buf.put_u8(0);
     buf.put_u32(prefix);
     message.encode_raw(&mut buf);
-    Ok(buf.freeze())
-}
-
-/// Sends a unary answer: headers (the response's metadata and the gRPC content
-/// type), the message in one DATA frame, and `grpc-status: 0`.
-fn send_message<R: prost::Message>(mut respond: SendResponse<Bytes>, response: tonic::Response<R>) {
-    let (metadata, message, _) = response.into_parts();
-    let buf = match encode(&message) {
-        Ok(buf) => buf,
-        Err(status) => return h2serve::respond_status(respond, &status),
-    };
-    if let Some(mut stream) = send_head_and_message(&mut respond, metadata, buf) {
-        let _ = stream.send_trailers(ok_trailers());
-    }
-}
-
-/// Sends the response headers (`metadata` and the gRPC content type) and one
-/// encoded message; the stream, for the trailers, unless the client is gone.
-fn send_head_and_message(
-    respond: &mut SendResponse<Bytes>,
-    metadata: MetadataMap,
-    message: Bytes,
-) -> Option<h2::SendStream<Bytes>> {
     let mut head = http::Response::new(());
     *head.headers_mut() = metadata.into_headers();
     head.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    let mut stream = respond.send_response(head, false).ok()?;
-    stream.send_data(message, false).ok()?;
-    Some(stream)
-}
-
-/// `grpc-status: 0`.
-fn ok_trailers() -> HeaderMap {
+    let Ok(mut stream) = respond.send_response(head, false) else { return };
+    if stream.send_data(buf.freeze(), false).is_err() {
+        return;
+    }
     let mut trailers = HeaderMap::with_capacity(1);
     trailers.insert(header::GRPC_STATUS.clone(), HeaderValue::from_static("0"));
-    trailers
+    let _ = stream.send_trailers(trailers);
 }

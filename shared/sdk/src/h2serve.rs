@@ -307,11 +307,10 @@ where
 /// ExecuteTaskSync's client sends the header and the inputs, and upstream's
 /// server answers once it has those two: a client may wait for the answer
 /// before it closes its side. So this returns as soon as the messages are in,
-/// with their bytes and, unless the stream has already ended, the rest of it,
-/// which the caller must read to its end ([`drain`]) before it finishes the
-/// response: a server that stops reading makes HTTP/2 reset the stream, and
-/// loaded clients then see errors.
-pub async fn read_leading<B>(mut body: B, limit: usize, count: usize) -> Result<(Bytes, Option<B>), Status>
+/// leaving the rest of `body`: unless it has ended, the caller hands it to
+/// [`drain_behind`], since a server that stops reading makes HTTP/2 reset the
+/// stream, and loaded clients then see errors.
+pub async fn read_leading<B>(body: &mut B, limit: usize, count: usize) -> Result<Bytes, Status>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
@@ -321,7 +320,7 @@ where
     // Where the next message starts, and how many whole messages precede it.
     let (mut next, mut whole) = (0usize, 0usize);
     while whole < count {
-        let Some(data) = next_data(&mut body).await? else { break };
+        let Some(data) = next_data(body).await? else { break };
         have += data.len();
         chunks.push(data);
         while whole < count && have >= next + FRAME_HEADER_LEN {
@@ -347,16 +346,27 @@ where
         return Err(Status::invalid_argument("the request stream holds no complete gRPC message"));
     }
     // Bytes past the last message read belong to the rest, which is only drained.
-    let messages = match chunks.first() {
+    Ok(match chunks.first() {
         Some(c) if c.len() >= next => c.slice(..next),
         _ => concat(&chunks, have).slice(..next),
-    };
-    let rest = (!body.is_end_stream()).then_some(body);
-    Ok((messages, rest))
+    })
 }
 
-/// Reads `rest` of a request stream to its end and drops what it holds (see [`read_leading`]).
-pub async fn drain(mut rest: RecvBody) {
+/// How long [`drain_behind`] keeps reading a request stream.
+const DRAIN_CAP: Duration = Duration::from_secs(10);
+
+/// Reads the rest of a request stream to its end, and drops what it holds,
+/// behind the call (a task of its own, for at most 10 s): the call answers
+/// when it is ready, and a client still sending is never cut off by a reset.
+/// See [`read_leading`].
+pub fn drain_behind(rest: RecvBody) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(DRAIN_CAP, drain(rest)).await;
+    });
+}
+
+/// Reads `rest` to its end.
+async fn drain(mut rest: RecvBody) {
     while let Some(Ok(_)) = rest.frame().await {}
 }
 
@@ -466,104 +476,6 @@ impl Body for RecvBody {
 
     fn is_end_stream(&self) -> bool {
         self.done || self.recv.is_end_stream()
-    }
-}
-
-/// `response` for a call whose request stream still has `rest` to come:
-/// headers and messages go out at once, the trailers once `rest` has been read
-/// to its end (or `left` has passed). A trailers-only response (an error
-/// status in the headers) goes out at once, and `rest` is read to its end
-/// behind it (a task of its own), so that a client still sending is not cut
-/// off by a reset. See [`read_leading`].
-pub fn end_after_drain<B: Body>(
-    response: Response<B>,
-    rest: RecvBody,
-    left: Option<Duration>,
-) -> Response<HoldEnd<B>> {
-    let drain = bounded_drain(rest, left);
-    let drain: Option<DrainFuture> =
-        if response.headers().contains_key("grpc-status") && response.body().is_end_stream() {
-            tokio::spawn(drain);
-            None
-        } else {
-            Some(Box::pin(drain))
-        };
-    response.map(|inner| HoldEnd { inner, drain, state: Hold::Body })
-}
-
-/// [`drain`] for at most `left`, when given.
-pub async fn bounded_drain(rest: RecvBody, left: Option<Duration>) {
-    match left {
-        Some(left) => {
-            let _ = tokio::time::timeout(left, drain(rest)).await;
-        }
-        None => drain(rest).await,
-    }
-}
-
-type DrainFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-enum Hold {
-    /// Passing the inner body's frames on.
-    Body,
-    /// The inner body has ended: this (its trailers, or none) goes once the drain is done.
-    Ending(Option<HeaderMap>),
-    Done,
-}
-
-pin_project_lite::pin_project! {
-    /// The body [`end_after_drain`] returns.
-    pub struct HoldEnd<B> {
-        #[pin]
-        inner: B,
-        drain: Option<DrainFuture>,
-        state: Hold,
-    }
-}
-
-impl<B: Body<Data = Bytes>> Body for HoldEnd<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let mut this = self.project();
-        loop {
-            match this.state {
-                Hold::Done => return Poll::Ready(None),
-                Hold::Ending(trailers) => {
-                    if let Some(drain) = this.drain.as_mut() {
-                        ready!(drain.as_mut().poll(cx));
-                        *this.drain = None;
-                    }
-                    let trailers = trailers.take();
-                    *this.state = Hold::Done;
-                    return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
-                }
-                Hold::Body => match ready!(this.inner.as_mut().poll_frame(cx)) {
-                    Some(Ok(frame)) => match frame.into_trailers() {
-                        Ok(trailers) => *this.state = Hold::Ending(Some(trailers)),
-                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
-                    },
-                    // A body that fails ends the call at once (the pipe sends the failure's trailers).
-                    Some(Err(e)) => {
-                        *this.state = Hold::Done;
-                        return Poll::Ready(Some(Err(e)));
-                    }
-                    None => *this.state = Hold::Ending(None),
-                },
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self.state {
-            Hold::Done => true,
-            Hold::Body => self.drain.is_none() && self.inner.is_end_stream(),
-            Hold::Ending(_) => false,
-        }
     }
 }
 
@@ -735,16 +647,12 @@ where
 
 /// The trailers for a body that broke off after its headers were sent.
 fn failure_trailers(error: &BoxError) -> HeaderMap {
-    match error.downcast_ref::<tonic::Status>() {
-        Some(status) => status_trailers(status),
-        None => status_trailers(&tonic::Status::internal(format!("the response broke off: {error}"))),
-    }
-}
-
-/// `status` as trailers after a response's headers: its own header encoding
-/// (grpc-status, percent-encoded grpc-message, details), without the content type.
-pub fn status_trailers(status: &tonic::Status) -> HeaderMap {
-    let mut trailers = status.clone().into_http::<()>().into_parts().0.headers;
+    let status = match error.downcast_ref::<tonic::Status>() {
+        Some(status) => status.clone(),
+        None => tonic::Status::internal(format!("the response broke off: {error}")),
+    };
+    // The status's own header encoding (grpc-status, percent-encoded grpc-message, details).
+    let mut trailers = status.into_http::<()>().into_parts().0.headers;
     trailers.remove(http::header::CONTENT_TYPE);
     trailers
 }
@@ -819,44 +727,42 @@ mod tests {
         }
     }
 
+    /// [`read_leading`] on a body of `chunks` (`open`: that never ends), polled once.
+    fn leading(chunks: Vec<Vec<u8>>, open: bool, limit: usize) -> Option<Result<Bytes, Status>> {
+        let mut b = body(chunks, open);
+        now(read_leading(&mut b, limit, 2))
+    }
+
     #[test]
     fn leading_messages_are_returned_without_waiting_for_the_end() {
         let (header, inputs) = (message(10, 1), message(3, 2));
         let both = [header.clone(), inputs.clone()].concat();
-        // Split at every point, the stream still open: the two messages, and the rest to drain.
+        // Split at every point, the stream still open: the two messages at once.
         for cut in 0..=both.len() {
             let chunks = vec![both[..cut].to_vec(), both[cut..].to_vec()];
-            let (got, rest) = now(read_leading(body(chunks, true), 100, 2)).expect("ready").unwrap();
+            let got = leading(chunks, true, 100).expect("ready").unwrap();
             assert_eq!(&got[..], &both[..], "cut at {cut}");
-            assert!(rest.is_some());
         }
-        // Bytes after the second message are not returned; the rest follows them.
+        // Bytes after the second message are not returned (they are the rest).
         let three = [both.clone(), message(4, 3)].concat();
-        let (got, rest) = now(read_leading(body(vec![three], true), 100, 2)).expect("ready").unwrap();
-        assert_eq!(&got[..], &both[..]);
-        assert!(rest.is_some());
+        assert_eq!(&leading(vec![three], true, 100).expect("ready").unwrap()[..], &both[..]);
         // A stream that ends after one message gives that one.
-        let (got, _) = now(read_leading(body(vec![header.clone()], false), 100, 2)).expect("ready").unwrap();
-        assert_eq!(&got[..], &header[..]);
+        assert_eq!(&leading(vec![header.clone()], false, 100).expect("ready").unwrap()[..], &header[..]);
         // Still waiting for the second message's last byte.
-        assert!(now(read_leading(body(vec![both[..both.len() - 1].to_vec()], true), 100, 2)).is_none());
+        assert!(leading(vec![both[..both.len() - 1].to_vec()], true, 100).is_none());
     }
 
     #[test]
     fn leading_messages_are_held_to_the_limit_and_must_be_whole() {
         let big = [message(10, 1), message(101, 2)].concat();
         // Refused once the header of the too-large message is in, before its bytes.
-        let e = now(read_leading(body(vec![big[..20].to_vec()], true), 100, 2))
-            .expect("ready")
-            .err()
-            .expect("an error");
+        let e = leading(vec![big[..20].to_vec()], true, 100).expect("ready").unwrap_err();
         assert_eq!(e.code(), Code::ResourceExhausted);
         assert!(e.message().contains("101") && e.message().contains("100"), "{}", e.message());
-        let cut = message(10, 1)[..8].to_vec();
-        let e = now(read_leading(body(vec![cut], false), 100, 2)).expect("ready").err().expect("an error");
+        let e = leading(vec![message(10, 1)[..8].to_vec()], false, 100).expect("ready").unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
         assert!(e.message().contains("inside its message 1"), "{}", e.message());
-        let e = now(read_leading(body(vec![], false), 100, 2)).expect("ready").err().expect("an error");
+        let e = leading(vec![], false, 100).expect("ready").unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
     }
 

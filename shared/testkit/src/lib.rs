@@ -116,6 +116,82 @@ pub async fn raw_call(addr: SocketAddr, path: &str, body: Bytes) -> RawAnswer {
     RawAnswer { code: status.code(), message: status.message().to_owned(), messages }
 }
 
+/// What [`call_before_closing`] saw.
+#[derive(Debug)]
+pub struct OpenStreamAnswer {
+    /// The answer, read to its end while the request stream was still open.
+    pub answer: RawAnswer,
+    /// The reset the server sent on the request stream, if any (checked after
+    /// a PING round trip, so that one sent before the answer ended has arrived).
+    pub reset: Option<h2::Reason>,
+    /// Whether `after` and the end of the request stream could still be sent.
+    pub sent_after: bool,
+}
+
+/// Calls `path` on `addr` over HTTP/2 with `first` (framed messages) sent
+/// without ending the request stream, and reads the whole answer (bounded:
+/// 10 s) while the stream stays open, as a client may that waits for the
+/// answer before it closes its side. Then reports whether the server reset the
+/// stream, and sends `after` with the end of the stream.
+///
+/// # Panics
+/// When there is no answer within 10 s, or the connection fails.
+pub async fn call_before_closing(
+    addr: SocketAddr,
+    path: &str,
+    first: Bytes,
+    after: Bytes,
+) -> OpenStreamAnswer {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("the server is reachable");
+    let (client, mut connection) = h2::client::handshake(tcp).await.expect("an HTTP/2 handshake");
+    let mut ping = connection.ping_pong().expect("the connection's ping handle");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await.expect("the connection takes a stream");
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("a valid request");
+    let (response, mut send) = client.send_request(request, false).expect("the request goes out");
+    send.send_data(first, false).expect("the messages go out");
+    let read = async {
+        let (parts, mut body) = response.await.expect("response headers").into_parts();
+        let mut data = BytesMut::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("response data");
+            let _ = body.flow_control().release_capacity(chunk.len());
+            data.extend_from_slice(&chunk);
+        }
+        let trailers = body.trailers().await.expect("response trailers");
+        (parts.headers, data.freeze(), trailers)
+    };
+    let (headers, data, trailers) = tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the whole answer within 10 s, the request stream still open");
+    let status = tonic::Status::from_header_map(&headers)
+        .or_else(|| trailers.as_ref().and_then(tonic::Status::from_header_map))
+        .expect("a grpc-status in headers or trailers");
+    let mut messages = Vec::new();
+    let mut rest = &data[..];
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        messages.push(Bytes::copy_from_slice(&rest[5..5 + len]));
+        rest = &rest[5 + len..];
+    }
+    let answer = RawAnswer { code: status.code(), message: status.message().to_owned(), messages };
+    ping.ping(h2::Ping::opaque()).await.expect("a PING answered");
+    let reset = match std::future::poll_fn(|cx| std::task::Poll::Ready(send.poll_reset(cx))).await {
+        std::task::Poll::Ready(Ok(reason)) => Some(reason),
+        _ => None,
+    };
+    let sent_after = send.send_data(after, true).is_ok();
+    OpenStreamAnswer { answer, reset, sent_after }
+}
+
 /// Waits until `check` returns `Some`, polling every 20 ms, for at most `bound`.
 ///
 /// # Panics
