@@ -116,8 +116,9 @@ struct SummaryVec(Arc<SummaryInner>);
 struct SummaryInner {
     desc: Desc,
     label_names: Vec<String>,
-    /// A handful of series (task types × operations), so a list.
-    series: Mutex<Vec<Series>>,
+    /// By a hash of the label values (callers name task types, so there may
+    /// be many), each hash's series in a short list: found without allocating.
+    series: Mutex<HashMap<u64, Vec<Series>>>,
 }
 
 /// One series of a [`SummaryVec`]: its label values, count and sum.
@@ -146,16 +147,20 @@ impl SummaryVec {
 }
 
 /// The series of `values` in `series`, added at zero when missing.
-fn series_of<'a>(series: &'a mut Vec<Series>, values: &[&str]) -> &'a mut Series {
+fn series_of<'a>(series: &'a mut HashMap<u64, Vec<Series>>, values: &[&str]) -> &'a mut Series {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::hash::DefaultHasher::new();
+    values.hash(&mut hasher);
+    let same_hash = series.entry(hasher.finish()).or_default();
     let same = |k: &[String]| k.iter().map(String::as_str).eq(values.iter().copied());
-    let index = match series.iter().position(|(k, _, _)| same(k)) {
+    let index = match same_hash.iter().position(|(k, _, _)| same(k)) {
         Some(i) => i,
         None => {
-            series.push((values.iter().map(|v| (*v).to_owned()).collect(), 0, 0.0));
-            series.len() - 1
+            same_hash.push((values.iter().map(|v| (*v).to_owned()).collect(), 0, 0.0));
+            same_hash.len() - 1
         }
     };
-    &mut series[index]
+    &mut same_hash[index]
 }
 
 impl Collector for SummaryVec {
@@ -172,7 +177,7 @@ impl Collector for SummaryVec {
         family.set_name(self.0.desc.fq_name.clone());
         family.set_help(self.0.desc.help.clone());
         family.set_field_type(MetricType::SUMMARY);
-        for (values, count, sum) in series.iter() {
+        for (values, count, sum) in series.values().flatten() {
             let mut metric = Metric::default();
             let mut labels: Vec<LabelPair> = self
                 .0
