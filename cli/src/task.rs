@@ -62,7 +62,13 @@ async fn channel(target: &Target) -> anyhow::Result<Conn> {
     let bearer = match target.token.as_deref().map(str::trim) {
         Some(token) => {
             let usable = !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic());
-            let value = usable.then(|| format!("Bearer {token}").parse().ok()).flatten();
+            let value =
+                usable.then(|| format!("Bearer {token}").parse::<MetadataValue<Ascii>>().ok()).flatten();
+            // Never added to HPACK's table.
+            let value = value.map(|mut v| {
+                v.set_sensitive(true);
+                v
+            });
             Some(value.context(
                 "--token (or FLOTILLA_TOKEN) must be a non-empty token of visible ASCII characters, without spaces",
             )?)

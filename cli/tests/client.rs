@@ -18,7 +18,7 @@ async fn gateway() -> (SocketAddr, Shutdown, flotilla_testkit::RunningService) {
     let raw = GatewayConfig {
         listen: grpc.local_addr().unwrap(),
         admin_listen: admin.local_addr().unwrap(),
-        auth_token: Some(TOKEN.to_owned()),
+        auth_token: Some(flotilla_gateway::auth::Secret(TOKEN.to_owned())),
         plugins: vec![PluginConfig {
             name: "echo".into(),
             discovery: format!("static://{}", echo.addr),

@@ -17,8 +17,18 @@ use http::HeaderValue;
 /// The tokens callers may present.
 #[derive(Clone)]
 pub struct Auth {
-    /// Each accepted `authorization` value, `Bearer <token>`.
+    /// Each accepted token.
     accepted: Vec<Vec<u8>>,
+}
+
+/// A token held in configuration: its `Debug` does not show it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 impl fmt::Debug for Auth {
@@ -71,17 +81,21 @@ impl Auth {
         self.accepted.len()
     }
 
-    /// Whether `value` (the call's `authorization` header) presents an accepted token.
+    /// Whether `value` (the call's `authorization` header) presents an
+    /// accepted token: `Bearer <token>`, the scheme in any case (RFC 6750).
     /// Every token is compared in full, in time that does not depend on where
     /// the bytes differ.
     pub fn allows(&self, value: Option<&HeaderValue>) -> bool {
         let Some(value) = value else { return false };
-        let value = value.as_bytes();
-        self.accepted.iter().fold(false, |ok, want| ok | same(want, value))
+        let Some((scheme, token)) = value.as_bytes().split_at_checked(6) else { return false };
+        let Some(token) = token.strip_prefix(b" ") else { return false };
+        let token = token.trim_ascii_start();
+        scheme.eq_ignore_ascii_case(b"bearer")
+            && self.accepted.iter().fold(false, |ok, want| ok | same(want, token))
     }
 }
 
-/// `Bearer <token>`, once `token` is known to be usable.
+/// `token`'s bytes, once it is known to be usable.
 fn bearer(token: &str) -> Result<Vec<u8>, String> {
     if token.is_empty() {
         return Err("the token is empty".to_owned());
@@ -91,7 +105,7 @@ fn bearer(token: &str) -> Result<Vec<u8>, String> {
             "the token holds a character other than visible ASCII (it must travel in a header)".to_owned()
         );
     }
-    Ok(format!("Bearer {token}").into_bytes())
+    Ok(token.as_bytes().to_vec())
 }
 
 /// `a == b`, comparing every byte whatever the first difference.
@@ -129,9 +143,18 @@ mod tests {
         for t in ["old-token-1", "new-token-2", "env-token-3"] {
             assert!(auth.allows(Some(&header(&format!("Bearer {t}")))), "{t}");
         }
-        for wrong in
-            ["Bearer old-token-", "Bearer old-token-11", "old-token-1", "Basic old-token-1", "Bearer "]
-        {
+        for ok in ["bearer old-token-1", "BEARER  new-token-2"] {
+            assert!(auth.allows(Some(&header(ok))), "{ok:?}");
+        }
+        for wrong in [
+            "Bearer old-token-",
+            "Bearer old-token-11",
+            "old-token-1",
+            "Basic old-token-1",
+            "Bearer ",
+            "Bearerold-token-1",
+            "Bearer old-token-1 ",
+        ] {
             assert!(!auth.allows(Some(&header(wrong))), "{wrong:?}");
         }
         assert!(!auth.allows(None));

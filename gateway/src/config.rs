@@ -31,7 +31,7 @@ use std::{
 
 use flotilla_sdk::Category;
 
-use crate::auth::Auth;
+use crate::auth::{Auth, Secret};
 use flotilla_telemetry::{
     CommonArgs,
     config::{self, ConfigError, Env, HumanDuration, Listeners},
@@ -86,7 +86,7 @@ pub struct GatewayConfig {
     pub auth_token_file: Option<PathBuf>,
     /// One more accepted token, from `FLOTILLA_AUTH_TOKEN` only.
     #[serde(skip)]
-    pub auth_token: Option<String>,
+    pub auth_token: Option<Secret>,
     /// The plugin services behind the gateway.
     pub plugins: Vec<PluginConfig>,
 }
@@ -361,12 +361,13 @@ impl Config {
         config::override_from_env(env, ENV_CONNECT_TIMEOUT, &mut raw.connect_timeout, &mut problems);
         config::override_from_env(env, ENV_DNS_TTL_FLOOR, &mut raw.dns_ttl_floor, &mut problems);
         config::override_from_env(env, ENV_DNS_TTL_CEILING, &mut raw.dns_ttl_ceiling, &mut problems);
-        if let Some(path) = env(ENV_AUTH_TOKEN_FILE) {
+        // Set but empty counts as unset, as a blank line in a compose file writes it.
+        if let Some(path) = env(ENV_AUTH_TOKEN_FILE).filter(|p| !p.trim().is_empty()) {
             raw.auth_token_file = Some(PathBuf::from(path.trim()));
         }
         // Read here, never through `override_from_env`: its errors quote the value.
-        if let Some(token) = env(ENV_AUTH_TOKEN) {
-            raw.auth_token = Some(token);
+        if let Some(token) = env(ENV_AUTH_TOKEN).filter(|t| !t.trim().is_empty()) {
+            raw.auth_token = Some(Secret(token));
         }
         if let Some(list) = env(ENV_PLUGINS) {
             match plugins_from_env(&list) {
@@ -406,7 +407,7 @@ impl Config {
         if raw.connect_timeout.0.is_zero() {
             problems.push("connect_timeout: must be more than zero".to_owned());
         }
-        let auth = Auth::load(raw.auth_token_file.as_deref(), raw.auth_token.as_deref())
+        let auth = Auth::load(raw.auth_token_file.as_deref(), raw.auth_token.as_ref().map(|t| t.0.as_str()))
             .map_err(|e| problems.push(e))
             .ok()
             .flatten();

@@ -25,7 +25,7 @@ fn with_token<T>(message: T, token: &str) -> Request<T> {
 async fn calls_need_an_accepted_token_when_auth_is_on() {
     let (recorder_addr, recorder) = spawn_recorder().await;
     let gw = spawn_gateway(vec![plugin("rec", format!("static://{recorder_addr}"))], |c| {
-        c.auth_token = Some(TOKEN.to_owned());
+        c.auth_token = Some(flotilla_gateway::auth::Secret(TOKEN.to_owned()));
     })
     .await;
 
