@@ -127,7 +127,8 @@ impl Fleet {
             }
         }
         let mut agents = Vec::new();
-        let mut names: HashMap<String, usize> = HashMap::new();
+        // (name, is_sync) → index in `agents`.
+        let mut names: HashMap<(String, bool), usize> = HashMap::new();
         let mut conflicts = 0;
         for (i, answer) in last.iter().enumerate() {
             let Some(list) = answer else { continue };
@@ -171,14 +172,18 @@ impl Fleet {
                 // serving the union of their task types (each still routed to
                 // its own service). A sync and an async agent cannot be one
                 // (propeller reads `is_sync` per agent): both are listed.
-                if let Some(&k) = names.get(&agent.name) {
+                if let Some(&k) = names.get(&(agent.name.clone(), agent.is_sync)) {
                     let first: &mut admin::Agent = &mut agents[k];
-                    if first.is_sync == agent.is_sync {
-                        first.supported_task_categories.append(&mut agent.supported_task_categories);
-                        #[allow(deprecated)]
-                        first.supported_task_types.append(&mut agent.supported_task_types);
-                        continue;
+                    first.supported_task_categories.append(&mut agent.supported_task_categories);
+                    #[allow(deprecated)]
+                    for t in std::mem::take(&mut agent.supported_task_types) {
+                        if !first.supported_task_types.contains(&t) {
+                            first.supported_task_types.push(t);
+                        }
                     }
+                    continue;
+                }
+                if names.contains_key(&(agent.name.clone(), !agent.is_sync)) {
                     let msg = format!(
                         "agent name {:?} is used by a sync and an async agent (plugin service {:?}); both are \
                          listed, and GetAgent answers the first",
@@ -187,9 +192,8 @@ impl Fleet {
                     if reported.insert(msg.clone()) {
                         tracing::warn!("{msg}");
                     }
-                } else {
-                    names.insert(agent.name.clone(), agents.len());
                 }
+                names.insert((agent.name.clone(), agent.is_sync), agents.len());
                 agents.push(agent);
             }
         }
@@ -198,8 +202,8 @@ impl Fleet {
             let listed: HashSet<Category> = agents.iter().flat_map(categories).collect();
             let missing: Vec<&Category> =
                 b.plugin.pins.iter().filter(|c| routes.get(*c) == Some(&i) && !listed.contains(*c)).collect();
-            if !missing.is_empty() && !names.contains_key(&b.plugin.name) {
-                names.insert(b.plugin.name.clone(), agents.len());
+            if !missing.is_empty() && !names.contains_key(&(b.plugin.name.clone(), false)) {
+                names.insert((b.plugin.name.clone(), false), agents.len());
                 #[allow(deprecated)]
                 agents.push(admin::Agent {
                     name: b.plugin.name.clone(),
