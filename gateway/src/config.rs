@@ -606,6 +606,9 @@ mod tests {
         assert!(shown.contains("auth = bearer, 1 token(s) from FLOTILLA_AUTH_TOKEN"), "{shown}");
         assert!(!shown.contains("very-secret"), "{shown}");
         assert!(format!("{}", Config::load(&no_flags(), &|_: &str| None).unwrap()).contains("auth = off"));
+        // Set but empty: unset.
+        let empty = |name: &str| [ENV_AUTH_TOKEN, ENV_AUTH_TOKEN_FILE].contains(&name).then(String::new);
+        assert!(Config::load(&no_flags(), &empty).unwrap().auth.is_none());
         // A token that cannot be used is named by its variable, not quoted.
         let bad = |name: &str| (name == ENV_AUTH_TOKEN).then(|| "two words".to_owned());
         let e = Config::load(&no_flags(), &bad).unwrap_err().to_string();
