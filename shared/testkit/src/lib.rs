@@ -102,18 +102,28 @@ pub async fn raw_call(addr: SocketAddr, path: &str, body: Bytes) -> RawAnswer {
     let (parts, body) = resp.into_parts();
     let collected = body.collect().await.expect("the response body completes");
     let trailers = collected.trailers().cloned();
-    let data = collected.to_bytes();
-    let status = tonic::Status::from_header_map(&parts.headers)
-        .or_else(|| trailers.as_ref().and_then(tonic::Status::from_header_map))
-        .expect("a grpc-status in headers or trailers");
-    let mut messages = Vec::new();
-    let mut rest = &data[..];
-    while rest.len() >= 5 {
-        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-        messages.push(Bytes::copy_from_slice(&rest[5..5 + len]));
-        rest = &rest[5 + len..];
+    RawAnswer::new(&parts.headers, &collected.to_bytes(), trailers.as_ref())
+}
+
+impl RawAnswer {
+    /// An answer from its headers, body and trailers: the status from the
+    /// headers (trailers-only) or else the trailers, and the body's messages.
+    ///
+    /// # Panics
+    /// When neither carries a `grpc-status`.
+    fn new(headers: &http::HeaderMap, data: &[u8], trailers: Option<&http::HeaderMap>) -> Self {
+        let status = tonic::Status::from_header_map(headers)
+            .or_else(|| trailers.and_then(tonic::Status::from_header_map))
+            .expect("a grpc-status in headers or trailers");
+        let mut messages = Vec::new();
+        let mut rest = data;
+        while rest.len() >= 5 {
+            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            messages.push(Bytes::copy_from_slice(&rest[5..5 + len]));
+            rest = &rest[5 + len..];
+        }
+        RawAnswer { code: status.code(), message: status.message().to_owned(), messages }
     }
-    RawAnswer { code: status.code(), message: status.message().to_owned(), messages }
 }
 
 /// What [`call_before_closing`] saw.
@@ -172,17 +182,7 @@ pub async fn call_before_closing(
     let (headers, data, trailers) = tokio::time::timeout(Duration::from_secs(10), read)
         .await
         .expect("the whole answer within 10 s, the request stream still open");
-    let status = tonic::Status::from_header_map(&headers)
-        .or_else(|| trailers.as_ref().and_then(tonic::Status::from_header_map))
-        .expect("a grpc-status in headers or trailers");
-    let mut messages = Vec::new();
-    let mut rest = &data[..];
-    while rest.len() >= 5 {
-        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-        messages.push(Bytes::copy_from_slice(&rest[5..5 + len]));
-        rest = &rest[5 + len..];
-    }
-    let answer = RawAnswer { code: status.code(), message: status.message().to_owned(), messages };
+    let answer = RawAnswer::new(&headers, &data, trailers.as_ref());
     ping.ping(h2::Ping::opaque()).await.expect("a PING answered");
     let reset = match std::future::poll_fn(|cx| std::task::Poll::Ready(send.poll_reset(cx))).await {
         std::task::Poll::Ready(Ok(reason)) => Some(reason),
