@@ -38,12 +38,11 @@ use flotilla_telemetry::{
 };
 use serde::Deserialize;
 
-/// Environment variable overriding `max_request_bytes`.
-pub const ENV_MAX_REQUEST_BYTES: &str = "FLOTILLA_MAX_REQUEST_BYTES";
+/// The variables overriding `max_request_bytes` and `shutdown_grace`: the
+/// plugin services' names for the same settings.
+pub use flotilla_sdk::{ENV_MAX_REQUEST_BYTES, ENV_SHUTDOWN_GRACE};
 /// Environment variable overriding `refresh_interval`.
 pub const ENV_REFRESH_INTERVAL: &str = "FLOTILLA_REFRESH_INTERVAL";
-/// Environment variable overriding `shutdown_grace`.
-pub const ENV_SHUTDOWN_GRACE: &str = "FLOTILLA_SHUTDOWN_GRACE";
 /// Environment variable overriding `connect_timeout`.
 pub const ENV_CONNECT_TIMEOUT: &str = "FLOTILLA_CONNECT_TIMEOUT";
 /// Environment variable overriding `dns_ttl_floor`.
