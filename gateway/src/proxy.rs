@@ -18,7 +18,7 @@ use flotilla_sdk::{
 };
 use h2::{RecvStream, server::SendResponse};
 use http::{HeaderValue, Request, Response};
-use http_body::{Body as _, Frame};
+use http_body::Frame;
 use tonic::{Code, Status, body::Body};
 use tower::{BoxError, retry::budget::Budget as _};
 
@@ -206,7 +206,7 @@ impl Proxy {
         &self,
         method: Method,
         parts: http::request::Parts,
-        mut body: RecvBody,
+        body: RecvBody,
         call: &mut CallLog,
     ) -> Result<Response<Body>, (Option<usize>, Status)> {
         let none = |s: Status| (None, s);
@@ -215,11 +215,7 @@ impl Proxy {
         // replica gets those two and the end of the stream, like propeller
         // sends them, and anything after is read behind the call.
         let request = if method == Method::ExecuteTaskSync {
-            let messages = h2serve::read_leading(&mut body, self.max_request_bytes, 2).await;
-            if !body.is_end_stream() {
-                h2serve::drain_behind(body);
-            }
-            messages.map_err(none)?
+            h2serve::read_sync_request(body, self.max_request_bytes).await.map_err(none)?
         } else {
             h2serve::read_request(body, self.max_request_bytes).await.map_err(none)?
         };

@@ -14,7 +14,6 @@ use flotilla_proto::{
 };
 use h2::{RecvStream, server::SendResponse};
 use http::{HeaderMap, HeaderValue};
-use http_body::Body as _;
 use tonic::{Status, metadata::MetadataMap};
 
 use crate::{
@@ -98,7 +97,7 @@ async fn unary<M, R, F, Fut>(
 /// decoded, then the plugin; the one answer goes back like a unary one (see
 /// [`answer`]) as soon as it is ready, as upstream's server answers, even if
 /// the client has not closed its side yet. Whatever the client sends after the
-/// inputs is read to its end behind the call ([`h2serve::drain_behind`]): a
+/// inputs is read to its end behind the call ([`h2serve::read_sync_request`]): a
 /// server that stops reading makes HTTP/2 reset the stream, and loaded
 /// clients see errors.
 async fn execute_sync<P: Plugin>(
@@ -112,11 +111,8 @@ async fn execute_sync<P: Plugin>(
     // Boxed: the plugin's future is inside it, and the layers below would
     // otherwise copy all of it (kilobytes) each time they move it.
     let work = Box::pin(async move {
-        let mut body = RecvBody::new(recv);
-        let messages = h2serve::read_leading(&mut body, limit, 2).await.and_then(|b| decode_all(&b));
-        if !body.is_end_stream() {
-            h2serve::drain_behind(body);
-        }
+        let messages =
+            h2serve::read_sync_request(RecvBody::new(recv), limit).await.and_then(|b| decode_all(&b));
         let metadata = MetadataMap::from_headers(parts.headers);
         services.execute_sync(&metadata, messages).await.map(tonic::Response::new)
     });

@@ -307,9 +307,9 @@ where
 /// ExecuteTaskSync's client sends the header and the inputs, and upstream's
 /// server answers once it has those two: a client may wait for the answer
 /// before it closes its side. So this returns as soon as the messages are in,
-/// leaving the rest of `body`: unless it has ended, the caller hands it to
-/// [`drain_behind`], since a server that stops reading makes HTTP/2 reset the
-/// stream, and loaded clients then see errors.
+/// leaving the rest of `body`, which must still be read to its end (as
+/// [`read_sync_request`] does), since a server that stops reading makes HTTP/2
+/// reset the stream, and loaded clients then see errors.
 pub async fn read_leading<B>(body: &mut B, limit: usize, count: usize) -> Result<Bytes, Status>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -352,6 +352,18 @@ where
     })
 }
 
+/// ExecuteTaskSync's request: its header and inputs messages (see
+/// [`read_leading`]), each held to `limit`. Whatever the client sends after
+/// them, or after a message that failed, is read to its end behind the call
+/// (a task of its own, for at most 10 s), whether the call then answers or fails.
+pub async fn read_sync_request(mut body: RecvBody, limit: usize) -> Result<Bytes, Status> {
+    let messages = read_leading(&mut body, limit, 2).await;
+    if !body.is_end_stream() {
+        drain_behind(body);
+    }
+    messages
+}
+
 /// How long [`drain_behind`] keeps reading a request stream.
 const DRAIN_CAP: Duration = Duration::from_secs(10);
 
@@ -359,7 +371,7 @@ const DRAIN_CAP: Duration = Duration::from_secs(10);
 /// behind the call (a task of its own, for at most 10 s): the call answers
 /// when it is ready, and a client still sending is never cut off by a reset.
 /// See [`read_leading`].
-pub fn drain_behind(rest: RecvBody) {
+fn drain_behind(rest: RecvBody) {
     tokio::spawn(async move {
         let _ = tokio::time::timeout(DRAIN_CAP, drain(rest)).await;
     });
