@@ -11,6 +11,8 @@
 //! dns_ttl_floor = "1s"          # re-resolve no sooner than this, whatever the records' TTL
 //! dns_ttl_ceiling = "30s"       # and no later than this (Docker's DNS says 600 s)
 //! auth_token_file = "/etc/secrets/flotilla-tokens"  # optional: callers must send `authorization: Bearer <token>`
+//! tls_cert_file = "/etc/tls/tls.crt"  # optional, with tls_key_file: TLS (ALPN h2) instead of plaintext h2c,
+//! tls_key_file = "/etc/tls/tls.key"   # for propeller's `insecure: false`; reloaded when the files change
 //!
 //! [[plugins]]
 //! name = "echo"
@@ -29,7 +31,7 @@ use std::{
     time::Duration,
 };
 
-use flotilla_sdk::Category;
+use flotilla_sdk::{Category, tls, tls::ServerTls};
 
 use crate::auth::{Auth, Secret};
 use flotilla_telemetry::{
@@ -54,6 +56,8 @@ pub const ENV_AUTH_TOKEN_FILE: &str = "FLOTILLA_AUTH_TOKEN_FILE";
 /// Environment variable holding one more accepted token (see [`crate::auth`]);
 /// there is no file key for it, so that tokens stay out of configuration files.
 pub const ENV_AUTH_TOKEN: &str = crate::auth::FROM_ENV;
+/// Environment variables overriding `tls_cert_file` and `tls_key_file`.
+pub use flotilla_sdk::tls::{ENV_TLS_CERT_FILE, ENV_TLS_KEY_FILE};
 /// Environment variable replacing the whole `[[plugins]]` list:
 /// `name=discovery;name=discovery` (for example `echo=static://127.0.0.1:8001`).
 pub const ENV_PLUGINS: &str = "FLOTILLA_PLUGINS";
@@ -86,6 +90,11 @@ pub struct GatewayConfig {
     /// One more accepted token, from `FLOTILLA_AUTH_TOKEN` only.
     #[serde(skip)]
     pub auth_token: Option<Secret>,
+    /// TLS on the gRPC listener: the certificate chain (PEM, the gateway's
+    /// own first); with `tls_key_file`. Unset: plaintext HTTP/2 (h2c).
+    pub tls_cert_file: Option<PathBuf>,
+    /// TLS on the gRPC listener: the certificate's private key (PEM).
+    pub tls_key_file: Option<PathBuf>,
     /// The plugin services behind the gateway.
     pub plugins: Vec<PluginConfig>,
 }
@@ -103,6 +112,8 @@ impl Default for GatewayConfig {
             dns_ttl_ceiling: HumanDuration(Duration::from_secs(30)),
             auth_token_file: None,
             auth_token: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             plugins: Vec::new(),
         }
     }
@@ -211,6 +222,8 @@ pub struct Config {
     pub auth: Option<Auth>,
     /// Where the tokens came from (file and/or environment), for `--check-config`.
     pub auth_sources: String,
+    /// TLS on the gRPC listener; `None`: plaintext HTTP/2.
+    pub tls: Option<ServerTls>,
     /// The plugin services.
     pub plugins: Vec<Plugin>,
 }
@@ -227,6 +240,10 @@ impl fmt::Display for Config {
                 writeln!(f, "auth = bearer, {} token(s) from {}", auth.tokens(), self.auth_sources)?
             }
             None => writeln!(f, "auth = off")?,
+        }
+        match &self.tls {
+            Some(tls) => writeln!(f, "tls = on, {tls}")?,
+            None => writeln!(f, "tls = off (plaintext HTTP/2)")?,
         }
         for p in &self.plugins {
             write!(f, "plugin {:?}: {}", p.name, p.target_text)?;
@@ -368,6 +385,7 @@ impl Config {
         if let Some(token) = env(ENV_AUTH_TOKEN).filter(|t| !t.trim().is_empty()) {
             raw.auth_token = Some(Secret(token));
         }
+        tls::override_from_env(env, &mut raw.tls_cert_file, &mut raw.tls_key_file);
         if let Some(list) = env(ENV_PLUGINS) {
             match plugins_from_env(&list) {
                 Ok(p) => raw.plugins = p,
@@ -418,6 +436,10 @@ impl Config {
         .flatten()
         .collect::<Vec<_>>()
         .join(" and ");
+        let tls = tls::from_config(raw.tls_cert_file.as_deref(), raw.tls_key_file.as_deref())
+            .map_err(|e| problems.push(e))
+            .ok()
+            .flatten();
         let mut names = HashMap::new();
         let mut pinned: HashMap<Category, String> = HashMap::new();
         let mut plugins = Vec::new();
@@ -504,6 +526,7 @@ impl Config {
             dns_ttl_ceiling: raw.dns_ttl_ceiling.0,
             auth,
             auth_sources,
+            tls,
             plugins,
         })
     }
@@ -612,6 +635,36 @@ mod tests {
         let bad = |name: &str| (name == ENV_AUTH_TOKEN).then(|| "two words".to_owned());
         let e = Config::load(&no_flags(), &bad).unwrap_err().to_string();
         assert!(e.contains("FLOTILLA_AUTH_TOKEN") && !e.contains("two words"), "{e}");
+    }
+
+    #[test]
+    fn tls_takes_both_files_from_the_file_or_the_environment_and_is_shown() {
+        let ca = flotilla_testkit::tls::TestCa::new();
+        let files = ca.issue("gateway");
+        let text = format!("tls_cert_file = {:?}\ntls_key_file = {:?}\n", files.cert, files.key);
+        let c = Config::validate(raw(&text), vec![]).unwrap();
+        let shown = c.to_string();
+        assert!(
+            shown.contains(&format!("tls = on, certificate {} (1 in the chain)", files.cert.display())),
+            "{shown}"
+        );
+        assert!(Config::validate(raw(""), vec![]).unwrap().to_string().contains("tls = off"));
+
+        let only_cert = format!("tls_cert_file = {:?}\n", files.cert);
+        let e = Config::validate(raw(&only_cert), vec![]).unwrap_err().join("\n");
+        assert!(e.contains("tls_key_file (FLOTILLA_TLS_KEY_FILE): missing"), "{e}");
+
+        let env = |name: &str| match name {
+            ENV_TLS_CERT_FILE => Some(files.cert.display().to_string()),
+            ENV_TLS_KEY_FILE => Some(files.key.display().to_string()),
+            _ => None,
+        };
+        assert!(Config::load(&no_flags(), &env).unwrap().tls.is_some());
+        let wrong = |name: &str| {
+            (name == ENV_TLS_KEY_FILE || name == ENV_TLS_CERT_FILE).then(|| "/nonexistent/tls.pem".to_owned())
+        };
+        let e = Config::load(&no_flags(), &wrong).unwrap_err().to_string();
+        assert!(e.contains("tls: /nonexistent/tls.pem: No such file"), "{e}");
     }
 
     #[test]

@@ -479,7 +479,7 @@ mod tests {
         let resets = Arc::new(AtomicUsize::new(0));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let handler = Arc::new(Mirror { resets: resets.clone() });
-        tokio::spawn(h2serve::serve(listener, handler, async move {
+        tokio::spawn(h2serve::serve(listener, None, handler, async move {
             let _ = stopped.await;
         }));
         (addr, resets, stop)

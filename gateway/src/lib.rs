@@ -153,10 +153,11 @@ impl Gateway {
             ?addr,
             plugins = config.plugins.len(),
             auth = if config.auth.is_some() { "bearer" } else { "off" },
+            tls = config.tls.is_some(),
             "Gateway serving"
         );
         let result = flotilla_sdk::with_grace(
-            flotilla_sdk::h2serve::serve(grpc, calls, stopping),
+            flotilla_sdk::h2serve::serve(grpc, config.tls.clone(), calls, stopping),
             &shutdown,
             config.shutdown_grace,
         )

@@ -11,3 +11,4 @@ mod routing;
 mod shutdown;
 mod status;
 mod support;
+mod tls;

@@ -265,3 +265,41 @@ async fn execute_task_sync_reads_its_stream_in_order() {
     assert_eq!(answer.code, Code::InvalidArgument, "{}", answer.message);
     assert!(answer.message.contains("inside its message 2"), "{}", answer.message);
 }
+
+/// A plugin service with `tls_cert_file`/`tls_key_file` (ServeOptions::tls)
+/// serves its agent services and health over TLS, as a propeller set to
+/// `insecure: false` dials it.
+#[tokio::test]
+async fn a_service_with_tls_serves_over_tls() {
+    let ca = flotilla_testkit::tls::TestCa::new();
+    let files = ca.issue("echo");
+    let tls = flotilla_sdk::tls::ServerTls::load(&files.cert, &files.key).unwrap();
+    let svc = spawn_plugin_with(Echo::default(), ServeOptions { tls: Some(tls), ..Default::default() }).await;
+
+    let mut health = HealthClient::new(ca.channel(svc.addr));
+    let r = health.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    assert_eq!(r.status, ServingStatus::Serving as i32);
+
+    use admin::execute_task_sync_request::Part;
+    let header = admin::ExecuteTaskSyncRequest {
+        part: Some(Part::Header(admin::CreateRequestHeader {
+            template: Some(template("echo_sync", &[])),
+            ..Default::default()
+        })),
+    };
+    let inputs = admin::ExecuteTaskSyncRequest { part: Some(Part::Inputs(Default::default())) };
+    let mut sync = SyncAgentServiceClient::new(ca.channel(svc.addr));
+    let mut answers =
+        sync.execute_task_sync(tokio_stream::iter([header, inputs])).await.unwrap().into_inner();
+    let answer = answers.message().await.unwrap().expect("one answer");
+    let Some(admin::execute_task_sync_response::Res::Header(h)) = answer.res else { panic!("{answer:?}") };
+    assert_eq!(
+        h.resource.expect("a resource").phase,
+        flotilla_proto::core::task_execution::Phase::Succeeded as i32
+    );
+
+    // Plaintext gets nothing on the TLS port.
+    let plain =
+        HealthClient::new(channel(svc.addr)).check(HealthCheckRequest { service: String::new() }).await;
+    assert!(plain.is_err(), "{plain:?}");
+}

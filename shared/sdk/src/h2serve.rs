@@ -31,6 +31,7 @@ use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt as _;
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::watch,
     task::JoinSet,
@@ -38,7 +39,10 @@ use tokio::{
 use tonic::{Code, Status};
 use tower::{BoxError, Service, ServiceExt as _};
 
-use crate::wire::{FRAME_HEADER_LEN, FrameLimiter};
+use crate::{
+    tls::ServerTls,
+    wire::{FRAME_HEADER_LEN, FrameLimiter},
+};
 
 /// A boxed call future, as [`Handler::handle`] returns it.
 pub type CallFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -64,12 +68,15 @@ const MAX_SEND_BUFFER: usize = 1 << 20;
 
 /// Serves `handler` on `listener` until `stop` completes; then stops
 /// accepting, closes every connection gracefully (GOAWAY) and returns once
-/// the calls in flight have finished.
+/// the calls in flight have finished. With `tls`, every connection is TLS
+/// (its handshake on the connection's own task, within the same bound as
+/// the HTTP/2 preface); without, plaintext HTTP/2 (h2c).
 ///
 /// # Errors
 /// None yet: failing accepts are logged and retried.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
+    tls: Option<ServerTls>,
     handler: Arc<H>,
     stop: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
@@ -83,7 +90,11 @@ pub async fn serve<H: Handler>(
             accepted = listener.accept() => match accepted {
                 Ok((socket, peer)) => {
                     let _ = socket.set_nodelay(true);
-                    connections.spawn(connection(socket, peer, handler.clone(), stop_rx.clone()));
+                    let (handler, stop_rx) = (handler.clone(), stop_rx.clone());
+                    match &tls {
+                        None => connections.spawn(connection(socket, peer, handler, stop_rx)),
+                        Some(tls) => connections.spawn(tls_connection(tls.clone(), socket, peer, handler, stop_rx)),
+                    };
                 }
                 Err(error) => {
                     // Out of file descriptors, say: wait a little rather than spin.
@@ -99,9 +110,25 @@ pub async fn serve<H: Handler>(
     Ok(())
 }
 
-/// One client connection: the h2 connection and its calls, all on this task.
-async fn connection<H: Handler>(
+/// One TLS client connection: the handshake, then as [`connection`].
+async fn tls_connection<H: Handler>(
+    tls: ServerTls,
     socket: TcpStream,
+    peer: std::net::SocketAddr,
+    handler: Arc<H>,
+    stop: watch::Receiver<bool>,
+) {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(socket)).await {
+        Ok(Ok(stream)) => connection(stream, peer, handler, stop).await,
+        // A plaintext client on a TLS port ends here ("corrupt message", say): say so at debug.
+        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "No TLS handshake in time; closing"),
+    }
+}
+
+/// One client connection: the h2 connection and its calls, all on this task.
+async fn connection<H: Handler, S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    socket: S,
     peer: std::net::SocketAddr,
     handler: Arc<H>,
     mut stop: watch::Receiver<bool>,

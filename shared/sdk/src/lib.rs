@@ -45,6 +45,7 @@ pub mod resource;
 mod runner;
 mod serve;
 mod service;
+pub mod tls;
 pub mod wire;
 
 pub use error::PluginError;

@@ -1,6 +1,6 @@
 //! [`main`]: the whole `main()` of a `flotilla-<plugin>` binary.
 
-use std::{net::SocketAddr, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Args, FromArgMatches};
 use flotilla_telemetry::{
@@ -10,7 +10,7 @@ use flotilla_telemetry::{
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
-use crate::{Plugin, ServeOptions, serve};
+use crate::{Plugin, ServeOptions, serve, tls, tls::ServerTls};
 
 /// Environment variable overriding `max_request_bytes`.
 pub const ENV_MAX_REQUEST_BYTES: &str = "FLOTILLA_MAX_REQUEST_BYTES";
@@ -24,6 +24,8 @@ pub const ENV_SHUTDOWN_GRACE: &str = "FLOTILLA_SHUTDOWN_GRACE";
 /// admin_listen = "0.0.0.0:9090"
 /// max_request_bytes = 16777216
 /// shutdown_grace = "30s"
+/// tls_cert_file = "/etc/tls/tls.crt"   # optional, with tls_key_file: TLS instead of plaintext h2c
+/// tls_key_file = "/etc/tls/tls.key"
 ///
 /// [plugin]      # read by the plugin itself
 /// base_url = "https://bigquery.googleapis.com"
@@ -41,6 +43,13 @@ pub struct ServiceConfig {
     pub max_request_bytes: usize,
     /// How long in-flight calls may take to finish after shutdown starts.
     pub shutdown_grace: HumanDuration,
+    /// TLS on the gRPC listener: the certificate chain (PEM); needs `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// TLS on the gRPC listener: the certificate's private key (PEM).
+    pub tls_key_file: Option<PathBuf>,
+    /// The loaded certificate, when the two files are set.
+    #[serde(skip)]
+    pub tls: Option<ServerTls>,
     /// The plugin's own settings, from the `[plugin]` table.
     pub plugin: toml::Table,
 }
@@ -53,6 +62,9 @@ impl Default for ServiceConfig {
             admin_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
             max_request_bytes: serve.max_request_bytes,
             shutdown_grace: HumanDuration(serve.shutdown_grace),
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls: None,
             plugin: toml::Table::new(),
         }
     }
@@ -74,6 +86,11 @@ impl ServiceConfig {
         if c.max_request_bytes < 1024 {
             problems.push(format!("max_request_bytes: {} is below the minimum of 1024", c.max_request_bytes));
         }
+        tls::override_from_env(env, &mut c.tls_cert_file, &mut c.tls_key_file);
+        match tls::from_config(c.tls_cert_file.as_deref(), c.tls_key_file.as_deref()) {
+            Ok(loaded) => c.tls = loaded,
+            Err(e) => problems.push(e),
+        }
         if problems.is_empty() {
             Ok(c)
         } else {
@@ -87,7 +104,11 @@ impl ServiceConfig {
 
     /// The serving options this configuration asks for.
     pub fn serve_options(&self) -> ServeOptions {
-        ServeOptions { max_request_bytes: self.max_request_bytes, shutdown_grace: self.shutdown_grace.0 }
+        ServeOptions {
+            max_request_bytes: self.max_request_bytes,
+            shutdown_grace: self.shutdown_grace.0,
+            tls: self.tls.clone(),
+        }
     }
 }
 
@@ -139,6 +160,10 @@ where
             "  max_request_bytes = {}\n  shutdown_grace = {}",
             config.max_request_bytes, config.shutdown_grace
         );
+        match &config.tls {
+            Some(tls) => println!("  tls = on, {tls}"),
+            None => println!("  tls = off (plaintext HTTP/2)"),
+        }
         for agent in plugin.agents() {
             let kinds = agent.categories.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
             println!("  agent {:?} ({}): {kinds}", agent.name, if agent.is_sync { "sync" } else { "async" });

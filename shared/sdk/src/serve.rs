@@ -13,6 +13,7 @@ use crate::{
     calls::ServiceCalls,
     metrics::AgentMetrics,
     service::{Services, Table},
+    tls::ServerTls,
     wire::LimitedBody,
 };
 
@@ -23,11 +24,13 @@ pub struct ServeOptions {
     pub max_request_bytes: usize,
     /// After shutdown starts, how long in-flight calls may take to finish.
     pub shutdown_grace: Duration,
+    /// TLS on the gRPC listener; `None`: plaintext HTTP/2 (h2c).
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        Self { max_request_bytes: 16 * 1024 * 1024, shutdown_grace: Duration::from_secs(30) }
+        Self { max_request_bytes: 16 * 1024 * 1024, shutdown_grace: Duration::from_secs(30), tls: None }
     }
 }
 
@@ -103,8 +106,8 @@ pub(crate) async fn serve_with_registry<P: Plugin>(
     let stopping = stopping(&shutdown, readiness.clone(), health, grpc_addr);
     readiness.set(true);
     tracing::info!(addr = ?grpc_addr, agents = ?names, "Serving");
-    let result =
-        with_grace(crate::h2serve::serve(grpc, calls, stopping), &shutdown, options.shutdown_grace).await;
+    let served = crate::h2serve::serve(grpc, options.tls, calls, stopping);
+    let result = with_grace(served, &shutdown, options.shutdown_grace).await;
     shutdown.trigger();
     let _ = admin_task.await;
     result.map_err(ServeError::Serve)

@@ -9,6 +9,7 @@ pub mod fake_http;
 pub mod fakes;
 pub mod jwt;
 pub mod process;
+pub mod tls;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
