@@ -82,6 +82,17 @@ struct Target {
     /// sent as `authorization: Bearer <token>`.
     #[arg(long, value_name = "TOKEN", env = "FLOTILLA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Talk to a gateway that serves TLS (its `tls_cert_file`), verifying its
+    /// certificate against the system's trusted roots.
+    #[arg(long, env = "FLOTILLA_TLS")]
+    tls: bool,
+    /// Trust this CA certificate (PEM) for the gateway's TLS certificate,
+    /// instead of the system's roots; implies --tls.
+    #[arg(long, value_name = "FILE", env = "FLOTILLA_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// The name the gateway's certificate must carry (default: the --gateway IP address).
+    #[arg(long, value_name = "NAME")]
+    tls_server_name: Option<String>,
 }
 
 fn main() -> ExitCode {

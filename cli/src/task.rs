@@ -18,7 +18,7 @@ use tonic::{
     Request,
     metadata::{Ascii, MetadataValue},
     service::{Interceptor, interceptor::InterceptedService},
-    transport::Channel,
+    transport::{Certificate, Channel, ClientTlsConfig},
 };
 
 use crate::{Target, literals};
@@ -75,15 +75,38 @@ async fn channel(target: &Target) -> anyhow::Result<Conn> {
         }
         None => None,
     };
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", target.gateway))?
+    let tls = target.tls || target.tls_ca.is_some();
+    let scheme = if tls { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", target.gateway))?
         .connect_timeout(timeout)
-        .timeout(timeout)
-        .connect()
-        .await
-        .with_context(|| {
-            format!("cannot reach the gateway at {} (is `flotilla up` running?)", target.gateway)
-        })?;
+        .timeout(timeout);
+    if tls {
+        endpoint = endpoint.tls_config(tls_config(target)?)?;
+    }
+    let channel = endpoint.connect().await.with_context(|| {
+        let hint = if tls {
+            "is it serving TLS, and does its certificate name --tls-server-name, or the address?"
+        } else {
+            "is `flotilla up` running? if the gateway serves TLS, add --tls or --tls-ca"
+        };
+        format!("cannot reach the gateway at {} ({hint})", target.gateway)
+    })?;
     Ok(InterceptedService::new(channel, Bearer(bearer)))
+}
+
+/// TLS for the gateway: its certificate verified against `--tls-ca`, else the
+/// system's roots, for `--tls-server-name`, else the address.
+fn tls_config(target: &Target) -> anyhow::Result<ClientTlsConfig> {
+    let mut config = ClientTlsConfig::new();
+    config = match &target.tls_ca {
+        Some(path) => {
+            let pem = std::fs::read(path).with_context(|| format!("--tls-ca {}", path.display()))?;
+            config.ca_certificate(Certificate::from_pem(pem))
+        }
+        None => config.with_native_roots(),
+    };
+    let name = target.tls_server_name.clone().unwrap_or_else(|| target.gateway.ip().to_string());
+    Ok(config.domain_name(name))
 }
 
 /// Adds `authorization: Bearer <token>` to every call, when there is a token.
@@ -107,7 +130,18 @@ fn call_timeout(target: &Target) -> anyhow::Result<Duration> {
 }
 
 fn status_error(what: &str, s: &tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{what} failed: {:?}: {}", s.code(), s.message())
+    // The connection itself failed (no gRPC answer): a plaintext call to a TLS
+    // gateway ends this way, as does the reverse.
+    // A status the gateway sent has no source; one the client made from a
+    // failure does, but for the connection dropped mid-call (CANCELLED).
+    let transport = s.code() == tonic::Code::Cancelled || std::error::Error::source(s).is_some();
+    let hint = if transport {
+        " (the connection to the gateway failed: if the gateway serves TLS, pass --tls or --tls-ca; if it \
+         does not, leave them out)"
+    } else {
+        ""
+    };
+    anyhow::anyhow!("{what} failed: {:?}: {}{hint}", s.code(), s.message())
 }
 
 pub(crate) async fn agents(target: &Target) -> anyhow::Result<ExitCode> {

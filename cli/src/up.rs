@@ -25,6 +25,13 @@ pub(crate) struct UpArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Serve the gateway over TLS with this certificate chain (PEM), for a
+    /// propeller set to `insecure: false`; needs --tls-key-file.
+    #[arg(long, value_name = "FILE", env = "FLOTILLA_TLS_CERT_FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --tls-cert-file.
+    #[arg(long, value_name = "FILE", env = "FLOTILLA_TLS_KEY_FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<std::path::PathBuf>,
 }
 
 /// Loopback with a free port, for the plugin services.
@@ -69,11 +76,13 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 categories: Vec::new(),
             })
             .collect(),
+        tls_cert_file: args.tls_cert_file,
+        tls_key_file: args.tls_key_file,
         ..GatewayConfig::default()
     };
-    let config = Config::validate(raw, Vec::new()).map_err(|problems| {
-        anyhow::anyhow!("built-in fleet configuration is invalid: {}", problems.join("; "))
-    })?;
+    let config = Config::validate(raw, Vec::new())
+        .map_err(|problems| anyhow::anyhow!("invalid gateway configuration: {}", problems.join("; ")))?;
+    let over = if config.tls.is_some() { " over TLS (insecure: false)" } else { "" };
     let gateway = Gateway::start(config).await.context("starting the gateway")?;
 
     println!("{:<10} grpc={gateway_addr}  admin={gateway_admin_addr}", "gateway");
@@ -81,7 +90,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         println!("{:<10} grpc={}  admin={}", s.name, s.grpc, s.admin);
     }
     println!(
-        "flotilla is up: point propeller's agent-service at {gateway_addr} (Ctrl-C to stop; started in {} ms)",
+        "flotilla is up: point propeller's agent-service at {gateway_addr}{over} (Ctrl-C to stop; started in {} ms)",
         started.elapsed().as_millis()
     );
 

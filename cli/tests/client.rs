@@ -11,8 +11,10 @@ use flotilla_testkit::{bind_loopback, spawn_plugin};
 
 const TOKEN: &str = "cli-test-token-0123";
 
-/// A gateway requiring [`TOKEN`], in front of an echo service.
-async fn gateway() -> (SocketAddr, Shutdown, flotilla_testkit::RunningService) {
+/// A gateway requiring [`TOKEN`], in front of an echo service; `tweak` adds to its configuration.
+async fn gateway(
+    tweak: impl FnOnce(&mut GatewayConfig),
+) -> (SocketAddr, Shutdown, flotilla_testkit::RunningService) {
     let echo = spawn_plugin(flotilla_echo::Echo::default()).await;
     let (grpc, admin) = (bind_loopback().await, bind_loopback().await);
     let raw = GatewayConfig {
@@ -29,6 +31,8 @@ async fn gateway() -> (SocketAddr, Shutdown, flotilla_testkit::RunningService) {
         }],
         ..GatewayConfig::default()
     };
+    let mut raw = raw;
+    tweak(&mut raw);
     let addr = raw.listen;
     let gateway = Gateway::start(Config::validate(raw, vec![]).unwrap()).await.unwrap();
     let shutdown = Shutdown::new();
@@ -58,7 +62,7 @@ fn text(bytes: &[u8]) -> String {
 
 #[tokio::test]
 async fn the_cli_sends_its_token_and_a_refusal_is_explained() {
-    let (addr, shutdown, _echo) = gateway().await;
+    let (addr, shutdown, _echo) = gateway(|_| {}).await;
     let gw = || vec!["--gateway".to_owned(), addr.to_string()];
 
     let refused = flotilla([vec!["agents".to_owned()], gw()].concat(), vec![]).await;
@@ -96,5 +100,43 @@ async fn the_cli_sends_its_token_and_a_refusal_is_explained() {
     .await;
     assert!(!bad.status.success());
     assert!(text(&bad.stderr).contains("--token"), "{}", text(&bad.stderr));
+    shutdown.trigger();
+}
+
+#[tokio::test]
+async fn the_cli_talks_tls_to_a_tls_gateway_and_says_so_when_it_was_not_asked_to() {
+    let ca = flotilla_testkit::tls::TestCa::new();
+    let files = ca.issue("gateway");
+    let (addr, shutdown, _echo) = gateway(|c| {
+        c.tls_cert_file = Some(files.cert.clone());
+        c.tls_key_file = Some(files.key.clone());
+    })
+    .await;
+    let args = |extra: &[&str]| {
+        let mut a = vec!["agents".to_owned(), "--gateway".into(), addr.to_string()];
+        a.extend(extra.iter().map(|s| (*s).to_owned()));
+        a
+    };
+    let token = || vec![("FLOTILLA_TOKEN", TOKEN.to_owned())];
+
+    let ca_pem = ca.ca_pem().display().to_string();
+    let listed = flotilla(args(&["--tls-ca", &ca_pem]), token()).await;
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    assert!(text(&listed.stdout).contains("echo"), "{}", text(&listed.stdout));
+    // The certificate names localhost too.
+    let named = flotilla(
+        args(&["--tls-server-name", "localhost"]),
+        [token(), vec![("FLOTILLA_TLS_CA", ca_pem.clone())]].concat(),
+    )
+    .await;
+    assert!(named.status.success(), "{}", text(&named.stderr));
+
+    // Plaintext to a TLS gateway: the error suggests --tls.
+    let plain = flotilla(args(&[]), token()).await;
+    assert!(!plain.status.success());
+    assert!(text(&plain.stderr).contains("--tls"), "{}", text(&plain.stderr));
+    // TLS with the system's roots only: this CA is not among them.
+    let untrusted = flotilla(args(&["--tls"]), token()).await;
+    assert!(!untrusted.status.success());
     shutdown.trigger();
 }

@@ -313,26 +313,19 @@ def cloud_env(fakes: Fakes, secrets_dir: Path) -> Dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
-def fleet(request, tmp_path_factory) -> Iterator[Fleet]:
-    """The running `flotilla up` fleet (gateway + built-in plugin services), its cloud
-    services pointed at `flotilla-fakes`; or the external fleet FLOTILLA_GATEWAY & co. name."""
-    external = _external_fleet()
-    if external is not None:
-        _wait_until_ready(external, time.monotonic() + STARTUP_TIMEOUT_S)
-        yield external
-        return
-    fakes = request.getfixturevalue("fakes")
-    binary = _flotilla_binary()
-    argv = [str(binary), "up", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
-    env = dict(os.environ)
-    env.update(cloud_env(fakes, tmp_path_factory.mktemp("secrets")))
-    env.setdefault("NO_COLOR", "1")
-    env.setdefault("RUST_BACKTRACE", "1")
+def start_fleet(extra_args: List[str], env: Dict[str, str]) -> Fleet:
+    """Starts `flotilla up` on free loopback ports with `extra_args` and `env` added,
+    and waits (bounded) until it is up and ready."""
+    argv = [str(_flotilla_binary()), "up", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+    argv += extra_args
+    full_env = dict(os.environ)
+    full_env.update(env)
+    full_env.setdefault("NO_COLOR", "1")
+    full_env.setdefault("RUST_BACKTRACE", "1")
     proc = subprocess.Popen(
         argv,
         cwd=str(REPO_ROOT),
-        env=env,
+        env=full_env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -352,9 +345,13 @@ def fleet(request, tmp_path_factory) -> Iterator[Fleet]:
     except BaseException:
         _stop(proc)
         raise
+    return fleet
 
-    yield fleet
 
+def stop_fleet(fleet: Fleet) -> None:
+    """Stops a fleet from `start_fleet` with SIGINT, as Ctrl-C would, and fails the
+    test if it had died before, or does not exit 0 in time."""
+    proc = fleet.process
     rc = proc.poll()
     if rc is not None:
         pytest.fail(f"`flotilla up` died during the test session\n{fleet.describe()}", pytrace=False)
@@ -372,6 +369,21 @@ def fleet(request, tmp_path_factory) -> Iterator[Fleet]:
     fleet.stderr.join(2.0)
     if rc != 0:
         pytest.fail(f"`flotilla up` exited with code {rc} after SIGINT, expected 0\n{fleet.describe()}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def fleet(request, tmp_path_factory) -> Iterator[Fleet]:
+    """The running `flotilla up` fleet (gateway + built-in plugin services), its cloud
+    services pointed at `flotilla-fakes`; or the external fleet FLOTILLA_GATEWAY & co. name."""
+    external = _external_fleet()
+    if external is not None:
+        _wait_until_ready(external, time.monotonic() + STARTUP_TIMEOUT_S)
+        yield external
+        return
+    fakes = request.getfixturevalue("fakes")
+    fleet = start_fleet([], cloud_env(fakes, tmp_path_factory.mktemp("secrets")))
+    yield fleet
+    stop_fleet(fleet)
 
 
 # ---------------------------------------------------------------- addresses
