@@ -90,7 +90,8 @@ struct Target {
     /// instead of the system's roots; implies --tls.
     #[arg(long, value_name = "FILE", env = "FLOTILLA_TLS_CA")]
     tls_ca: Option<std::path::PathBuf>,
-    /// The name the gateway's certificate must carry (default: the --gateway IP address).
+    /// The name the gateway's certificate must carry (default: the --gateway
+    /// IP address); implies --tls.
     #[arg(long, value_name = "NAME")]
     tls_server_name: Option<String>,
 }

@@ -75,7 +75,7 @@ async fn channel(target: &Target) -> anyhow::Result<Conn> {
         }
         None => None,
     };
-    let tls = target.tls || target.tls_ca.is_some();
+    let tls = target.tls || target.tls_ca.is_some() || target.tls_server_name.is_some();
     let scheme = if tls { "https" } else { "http" };
     let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", target.gateway))?
         .connect_timeout(timeout)
@@ -133,8 +133,10 @@ fn status_error(what: &str, s: &tonic::Status) -> anyhow::Error {
     // The connection itself failed (no gRPC answer): a plaintext call to a TLS
     // gateway ends this way, as does the reverse.
     // A status the gateway sent has no source; one the client made from a
-    // failure does, but for the connection dropped mid-call (CANCELLED).
-    let transport = s.code() == tonic::Code::Cancelled || std::error::Error::source(s).is_some();
+    // failure does, but for the connection dropped mid-call (hyper's canceled
+    // request, CANCELLED with hyper's words).
+    let dropped = s.code() == tonic::Code::Cancelled && s.message() == "operation was canceled";
+    let transport = dropped || std::error::Error::source(s).is_some();
     let hint = if transport {
         " (the connection to the gateway failed: if the gateway serves TLS, pass --tls or --tls-ca; if it \
          does not, leave them out)"

@@ -89,10 +89,9 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     for s in &services {
         println!("{:<10} grpc={}  admin={}", s.name, s.grpc, s.admin);
     }
-    println!(
-        "flotilla is up: point propeller's agent-service at {gateway_addr}{over} (Ctrl-C to stop; started in {} ms)",
-        started.elapsed().as_millis()
-    );
+    let ms = started.elapsed().as_millis();
+    let at = format!("{gateway_addr}{over}");
+    println!("flotilla is up: point propeller's agent-service at {at} (Ctrl-C to stop; started in {ms} ms)");
 
     let trigger = shutdown.clone();
     tokio::spawn(async move {

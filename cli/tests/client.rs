@@ -48,6 +48,8 @@ async fn flotilla(args: Vec<String>, env: Vec<(&'static str, String)>) -> Output
             .args(["--timeout", "5"])
             .env_remove("FLOTILLA_TOKEN")
             .env_remove("FLOTILLA_GATEWAY")
+            .env_remove("FLOTILLA_TLS")
+            .env_remove("FLOTILLA_TLS_CA")
             .envs(env)
             .output()
             .expect("flotilla runs")
@@ -123,7 +125,7 @@ async fn the_cli_talks_tls_to_a_tls_gateway_and_says_so_when_it_was_not_asked_to
     let listed = flotilla(args(&["--tls-ca", &ca_pem]), token()).await;
     assert!(listed.status.success(), "{}", text(&listed.stderr));
     assert!(text(&listed.stdout).contains("echo"), "{}", text(&listed.stdout));
-    // The certificate names localhost too.
+    // The CA from the environment, and the certificate's other name.
     let named = flotilla(
         args(&["--tls-server-name", "localhost"]),
         [token(), vec![("FLOTILLA_TLS_CA", ca_pem.clone())]].concat(),
@@ -138,5 +140,6 @@ async fn the_cli_talks_tls_to_a_tls_gateway_and_says_so_when_it_was_not_asked_to
     // TLS with the system's roots only: this CA is not among them.
     let untrusted = flotilla(args(&["--tls"]), token()).await;
     assert!(!untrusted.status.success());
+    assert!(text(&untrusted.stderr).contains("certificate"), "{}", text(&untrusted.stderr));
     shutdown.trigger();
 }

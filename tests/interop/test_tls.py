@@ -28,11 +28,14 @@ from test_agent_protocol import (
 READY_TIMEOUT_S = 10.0
 
 
-@pytest.fixture(scope="module")
-def tls_fleet(tmp_path_factory) -> Iterator[Tuple[Fleet, bytes]]:
+# trustme writes ECDSA keys as SEC1 PEM and RSA keys as PKCS#1 PEM ("BEGIN RSA PRIVATE KEY"), what
+# cert-manager writes by default.
+@pytest.fixture(scope="module", params=["ECDSA", "RSA"])
+def tls_fleet(request, tmp_path_factory) -> Iterator[Tuple[Fleet, bytes]]:
     """`flotilla up` serving TLS with a certificate for 127.0.0.1 and localhost; and the CA (PEM)."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
+    key_type = getattr(trustme.KeyType, request.param)
+    ca = trustme.CA(key_type=key_type)
+    cert = ca.issue_cert("127.0.0.1", "localhost", key_type=key_type)
     d = tmp_path_factory.mktemp("tls")
     cert_file, key_file = d / "tls.crt", d / "tls.key"
     cert.private_key_pem.write_to_path(str(key_file))

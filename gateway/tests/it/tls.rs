@@ -89,8 +89,8 @@ async fn a_replaced_certificate_reaches_new_connections_and_open_ones_keep_worki
     open.create_task(create()).await.expect("CreateTask before the rotation");
     assert_eq!(ca.handshake(gw.addr).await.unwrap().0, first.der);
 
-    // cert-manager's rotation: new files at the same paths (the key first, as a
-    // mounted secret's swap makes both appear at once).
+    // A renewal: new files at the same paths, one after the other (the watch
+    // takes the pair once both are there).
     let second = ca.issue("second");
     std::fs::copy(&second.key, &first.key).unwrap();
     std::fs::copy(&second.cert, &first.cert).unwrap();

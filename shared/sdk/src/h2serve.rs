@@ -35,6 +35,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
     task::JoinSet,
+    time::Instant,
 };
 use tonic::{Code, Status};
 use tower::{BoxError, Service, ServiceExt as _};
@@ -54,8 +55,9 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, request: Request<RecvStream>, respond: SendResponse<Bytes>) -> CallFuture;
 }
 
-/// How long a new connection may take to send its HTTP/2 preface.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new connection may take to set up: its TLS handshake, if
+/// any, and its HTTP/2 preface.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Streams a client may have open on one connection at once.
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// Flow-control windows offered to clients: a stream's, and the whole connection's.
@@ -69,8 +71,10 @@ const MAX_SEND_BUFFER: usize = 1 << 20;
 /// Serves `handler` on `listener` until `stop` completes; then stops
 /// accepting, closes every connection gracefully (GOAWAY) and returns once
 /// the calls in flight have finished. With `tls`, every connection is TLS
-/// (its handshake on the connection's own task, within the same bound as
-/// the HTTP/2 preface); without, plaintext HTTP/2 (h2c).
+/// (its handshake on the connection's own task; it and the HTTP/2 preface
+/// together within [`HANDSHAKE_TIMEOUT`]) and the certificate files are
+/// watched for a renewal; without, plaintext HTTP/2 (h2c). A connection
+/// still setting up when `stop` comes is closed then.
 ///
 /// # Errors
 /// None yet: failing accepts are logged and retried.
@@ -82,6 +86,7 @@ pub async fn serve<H: Handler>(
 ) -> std::io::Result<()> {
     let (stopping, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
+    let _renewals = tls.as_ref().map(ServerTls::watch);
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -90,10 +95,13 @@ pub async fn serve<H: Handler>(
             accepted = listener.accept() => match accepted {
                 Ok((socket, peer)) => {
                     let _ = socket.set_nodelay(true);
-                    let (handler, stop_rx) = (handler.clone(), stop_rx.clone());
-                    match &tls {
-                        None => connections.spawn(connection(socket, peer, handler, stop_rx)),
-                        Some(tls) => connections.spawn(tls_connection(tls.clone(), socket, peer, handler, stop_rx)),
+                    let setup = Instant::now() + HANDSHAKE_TIMEOUT;
+                    let (handler, stop) = (handler.clone(), stop_rx.clone());
+                    match tls.clone() {
+                        None => connections.spawn(connection(socket, peer, setup, handler, stop)),
+                        Some(tls) => {
+                            connections.spawn(tls_connection(tls, socket, peer, setup, handler, stop))
+                        }
                     };
                 }
                 Err(error) => {
@@ -110,26 +118,43 @@ pub async fn serve<H: Handler>(
     Ok(())
 }
 
+/// One step of a new connection's setup (TLS handshake, HTTP/2 preface):
+/// its output, unless `deadline` passes or the server stops first.
+async fn setting_up<T>(
+    deadline: Instant,
+    stop: &mut watch::Receiver<bool>,
+    step: impl Future<Output = T>,
+) -> Result<T, &'static str> {
+    tokio::select! {
+        done = tokio::time::timeout_at(deadline, step) => done.map_err(|_| "not in time"),
+        _ = stop.wait_for(|stopping| *stopping) => Err("the server is stopping"),
+    }
+}
+
 /// One TLS client connection: the handshake, then as [`connection`].
 async fn tls_connection<H: Handler>(
     tls: ServerTls,
     socket: TcpStream,
     peer: std::net::SocketAddr,
+    setup: Instant,
     handler: Arc<H>,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(socket)).await {
-        Ok(Ok(stream)) => connection(stream, peer, handler, stop).await,
-        // A plaintext client on a TLS port ends here ("corrupt message", say): say so at debug.
-        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-        Err(_) => tracing::debug!(%peer, "No TLS handshake in time; closing"),
+    match setting_up(setup, &mut stop, tls.acceptor().accept(socket)).await {
+        Ok(Ok(stream)) => connection(stream, peer, setup, handler, stop).await,
+        // A client that does not trust the certificate ends here, and so does
+        // a plaintext one: said at info, as either means a client misconfigured.
+        Ok(Err(error)) => tracing::info!(%peer, %error, "TLS handshake failed"),
+        Err(why) => tracing::debug!(%peer, "No TLS handshake: {why}; closing"),
     }
 }
 
 /// One client connection: the h2 connection and its calls, all on this task.
+/// Its preface must come by `setup`.
 async fn connection<H: Handler, S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     socket: S,
     peer: std::net::SocketAddr,
+    setup: Instant,
     handler: Arc<H>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -140,15 +165,14 @@ async fn connection<H: Handler, S: AsyncRead + AsyncWrite + Unpin + Send + 'stat
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_HEADER_LIST)
         .max_send_buffer_size(MAX_SEND_BUFFER);
-    let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, builder.handshake::<_, Bytes>(socket)).await
-    {
+    let mut conn = match setting_up(setup, &mut stop, builder.handshake::<_, Bytes>(socket)).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(error)) => {
             tracing::debug!(%peer, %error, "HTTP/2 handshake failed");
             return;
         }
-        Err(_) => {
-            tracing::debug!(%peer, "No HTTP/2 preface in time; closing");
+        Err(why) => {
+            tracing::debug!(%peer, "No HTTP/2 preface: {why}; closing");
             return;
         }
     };
@@ -846,5 +870,40 @@ mod tests {
         assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
         assert_eq!(Pin::new(&mut fut).poll(&mut cx), Poll::Ready(3));
         assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
+    }
+
+    /// Answers nothing; for tests about connections, not calls.
+    struct Idle;
+
+    impl Handler for Idle {
+        fn handle(&self, _request: Request<RecvStream>, _respond: SendResponse<Bytes>) -> CallFuture {
+            Box::pin(async {})
+        }
+    }
+
+    #[tokio::test]
+    async fn stopping_closes_a_connection_that_never_sent_its_preface() {
+        use tokio::io::AsyncReadExt as _;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, None, Arc::new(Idle), async {
+            let _ = stopped.await;
+        }));
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // The server's SETTINGS frame: its connection task is waiting for our preface.
+        let mut first = [0u8; 9];
+        silent.read_exact(&mut first).await.unwrap();
+        assert_eq!(first[3], 0x4, "a SETTINGS frame");
+
+        stop.send(()).unwrap();
+        // Well under HANDSHAKE_TIMEOUT, which it would wait out before.
+        tokio::time::timeout(Duration::from_secs(3), server)
+            .await
+            .expect("serve returns at once when stopped, not after the handshake bound")
+            .unwrap()
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = silent.read_to_end(&mut rest).await;
     }
 }

@@ -2,18 +2,19 @@
 //! `insecure: false` (PROTOCOL.md §2.3): TLS 1.2/1.3 with ALPN `h2`, a
 //! certificate chain and key from PEM files, no client certificates.
 //!
-//! The files are re-read when they change (cert-manager and Kubernetes
-//! secret volumes replace them in place), checked at most once per
-//! [`RECHECK`] and only while handshakes come in: new connections get the new
-//! certificate, open ones keep theirs. A replacement that does not load (half
-//! written, or a key that does not match) is logged and the previous
-//! certificate stays in use.
+//! While a listener serves, a task of its own ([`ServerTls::watch`]) reads
+//! the two files every [`RECHECK`] and loads them when their contents
+//! change: a renewal by cert-manager, or a Kubernetes secret volume swapping
+//! its `..data` link, reaches new connections without a restart (open ones
+//! keep theirs). A replacement that does not load (half written, a key that
+//! is not the certificate's) is logged once and the previous certificate
+//! stays in use. Handshakes only clone the current certificate.
 
 use std::{
     fmt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError},
-    time::{Duration, Instant, SystemTime},
+    sync::{Arc, Mutex, PoisonError, RwLock},
+    time::Duration,
 };
 
 use flotilla_telemetry::config::Env;
@@ -90,22 +91,19 @@ impl fmt::Display for ServerTls {
 
 impl ServerTls {
     /// Loads the certificate chain (PEM, leaf first) and its private key
-    /// (PEM: PKCS#8, PKCS#1 or SEC1).
+    /// (PEM: PKCS#8, PKCS#1 or SEC1; RSA, ECDSA P-256/P-384 or Ed25519).
     ///
     /// # Errors
     /// What is wrong, naming the file: unreadable, no certificate or key in
     /// it, a key type not supported, or a key that is not the certificate's.
     pub fn load(cert: &Path, key: &Path) -> Result<Self, String> {
         let files = Files { cert: cert.to_owned(), key: key.to_owned() };
-        let (loaded, stamp) = files.load()?;
+        let contents = files.read()?;
+        let loaded = files.parse(&contents)?;
         let resolver = Arc::new(Reloading {
             files,
-            state: Mutex::new(State {
-                key: Arc::new(loaded),
-                stamp,
-                checked: Instant::now(),
-                rejected: None,
-            }),
+            current: RwLock::new(Arc::new(loaded)),
+            seen: Mutex::new(Seen { loaded: contents, rejected: None, unreadable: None, loads: 1 }),
         });
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -121,6 +119,32 @@ impl ServerTls {
     pub fn acceptor(&self) -> &TlsAcceptor {
         &self.acceptor
     }
+
+    /// Starts re-reading the files every [`RECHECK`] (on the blocking pool),
+    /// until the returned guard is dropped. Needs a Tokio runtime.
+    pub fn watch(&self) -> Watch {
+        let resolver = self.resolver.clone();
+        Watch(tokio::spawn(async move {
+            let mut every = tokio::time::interval(RECHECK);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let resolver = resolver.clone();
+                let _ = tokio::task::spawn_blocking(move || resolver.check()).await;
+            }
+        }))
+    }
+}
+
+/// Stops [`ServerTls::watch`]'s task when dropped.
+#[derive(Debug)]
+pub struct Watch(tokio::task::JoinHandle<()>);
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -133,93 +157,101 @@ struct Files {
     key: PathBuf,
 }
 
-/// What a file looked like when it was read: a change to either means reload.
-type Stamp = [(Option<SystemTime>, u64); 2];
+/// The two files' bytes, certificate then key.
+type Contents = (Vec<u8>, Vec<u8>);
 
 impl Files {
-    fn stamp(&self) -> Stamp {
-        [&self.cert, &self.key]
-            .map(|p| std::fs::metadata(p).map(|m| (m.modified().ok(), m.len())).unwrap_or((None, u64::MAX)))
+    fn read(&self) -> Result<Contents, String> {
+        let read = |path: &Path| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
+        Ok((read(&self.cert)?, read(&self.key)?))
     }
 
-    /// Reads both files. The stamp is taken first, so that a change made
-    /// while reading shows as a change at the next check.
-    fn load(&self) -> Result<(CertifiedKey, Stamp), String> {
-        let stamp = self.stamp();
+    fn parse(&self, (cert_pem, key_pem): &Contents) -> Result<CertifiedKey, String> {
         let (cert, key) = (&self.cert, &self.key);
-        let cert_pem = std::fs::read(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
-        let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        let chain = CertificateDer::pem_slice_iter(cert_pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("{}: not a PEM certificate chain: {e}", cert.display()))?;
         if chain.is_empty() {
             return Err(format!("{}: no CERTIFICATE block in it", cert.display()));
         }
-        let key_pem = std::fs::read(key).map_err(|e| format!("{}: {e}", key.display()))?;
-        let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        let private = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| {
             format!("{}: no PEM private key in it (PKCS#8, PKCS#1 or SEC1): {e}", key.display())
         })?;
-        let loaded = CertifiedKey::from_der(chain, private, &provider()).map_err(|e| match e {
+        CertifiedKey::from_der(chain, private, &provider()).map_err(|e| match e {
             rustls::Error::InconsistentKeys(_) => {
                 format!("{}: this key is not the key of the certificate in {}", key.display(), cert.display())
             }
             e => format!("{}: {e}", key.display()),
-        })?;
-        Ok((loaded, stamp))
+        })
     }
 }
 
-/// Hands every handshake the current certificate, reloading it when its files change.
+/// Hands every handshake the current certificate; [`Reloading::check`] replaces it.
 #[derive(Debug)]
 struct Reloading {
     files: Files,
-    state: Mutex<State>,
+    current: RwLock<Arc<CertifiedKey>>,
+    seen: Mutex<Seen>,
 }
 
+/// What the checks have seen of the files.
 #[derive(Debug)]
-struct State {
-    key: Arc<CertifiedKey>,
-    stamp: Stamp,
-    checked: Instant,
-    /// Files that changed but did not load: not tried (or warned about) again until they change again.
-    rejected: Option<Stamp>,
+struct Seen {
+    /// The contents the current certificate came from.
+    loaded: Contents,
+    /// Contents that did not load: not tried (or warned about) again.
+    rejected: Option<Contents>,
+    /// The last read error, warned about once.
+    unreadable: Option<String>,
+    /// How many times contents were parsed, the first load included.
+    loads: u32,
 }
 
 impl Reloading {
     fn current(&self) -> Arc<CertifiedKey> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner).key.clone()
+        self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// The certificate for a new handshake, after reloading it if the files
-    /// changed and the last check is [`RECHECK`] old.
-    fn certificate(&self, now: Instant) -> Arc<CertifiedKey> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if now.saturating_duration_since(state.checked) >= RECHECK {
-            state.checked = now;
-            let stamp = self.files.stamp();
-            if stamp != state.stamp && Some(stamp) != state.rejected {
-                match self.files.load() {
-                    Ok((key, stamp)) => {
-                        tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
-                        state.key = Arc::new(key);
-                        state.stamp = stamp;
-                        state.rejected = None;
-                    }
-                    // Half written, perhaps: looked at again once the files change again.
-                    Err(error) => {
-                        tracing::warn!(%error, "TLS certificate files changed but do not load; the previous \
-                                                 certificate stays in use");
-                        state.rejected = Some(stamp);
-                    }
+    /// Reads the files and, when their contents are new, loads them. Blocking
+    /// (file reads); returns whether the certificate was replaced.
+    fn check(&self) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let contents = match self.files.read() {
+            Ok(c) => c,
+            Err(error) => {
+                if seen.unreadable.as_ref() != Some(&error) {
+                    tracing::warn!(%error, "TLS files cannot be read; the current certificate stays in use");
+                    seen.unreadable = Some(error);
                 }
+                return false;
+            }
+        };
+        seen.unreadable = None;
+        if contents == seen.loaded || seen.rejected.as_ref() == Some(&contents) {
+            return false;
+        }
+        seen.loads += 1;
+        match self.files.parse(&contents) {
+            Ok(key) => {
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
+                seen.loaded = contents;
+                seen.rejected = None;
+                tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
+                true
+            }
+            // Half written, perhaps: tried again once the files change again.
+            Err(error) => {
+                tracing::warn!(%error, "TLS files changed but do not load; the old certificate stays in use");
+                seen.rejected = Some(contents);
+                false
             }
         }
-        state.key.clone()
     }
 }
 
 impl ResolvesServerCert for Reloading {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.certificate(Instant::now()))
+        Some(self.current())
     }
 }
 
@@ -236,8 +268,12 @@ mod tests {
         (cert, key, made.cert.der().clone())
     }
 
-    fn leaf(tls: &ServerTls, now: Instant) -> CertificateDer<'static> {
-        tls.resolver.certificate(now).cert[0].clone()
+    fn leaf(tls: &ServerTls) -> CertificateDer<'static> {
+        tls.resolver.current().cert[0].clone()
+    }
+
+    fn loads(tls: &ServerTls) -> u32 {
+        tls.resolver.seen.lock().unwrap().loads
     }
 
     #[test]
@@ -245,7 +281,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key, der) = write_pair(dir.path(), "a");
         let tls = ServerTls::load(&cert, &key).unwrap();
-        assert_eq!(leaf(&tls, Instant::now()), der);
+        assert_eq!(leaf(&tls), der);
         let shown = tls.to_string();
         assert!(shown.contains("a.crt (1 in the chain)") && shown.contains("a.key"), "{shown}");
     }
@@ -291,25 +327,59 @@ mod tests {
     }
 
     #[test]
-    fn replaced_files_are_loaded_at_the_next_check_and_broken_ones_are_not() {
+    fn new_contents_are_loaded_once_complete_and_each_is_parsed_once() {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key, first) = write_pair(dir.path(), "a");
         let tls = ServerTls::load(&cert, &key).unwrap();
-        let start = Instant::now();
+        assert!(!tls.resolver.check(), "unchanged");
+        assert_eq!(loads(&tls), 1, "unchanged contents are not parsed again");
 
-        // Half written: the new key is there, the certificate not yet.
+        // Half written: the new key is there, its certificate not yet.
         let (new_cert, new_key, second) = write_pair(dir.path(), "b");
         std::fs::copy(&new_key, &key).unwrap();
-        assert_eq!(leaf(&tls, start), first, "not checked before RECHECK");
-        let later = start + RECHECK;
-        assert_eq!(leaf(&tls, later), first, "a key without its certificate is not taken");
+        assert!(!tls.resolver.check());
+        assert_eq!(leaf(&tls), first, "a key without its certificate is not taken");
+        assert!(!tls.resolver.check());
+        assert_eq!(loads(&tls), 2, "refused contents are not parsed (or warned about) again");
 
         std::fs::copy(&new_cert, &cert).unwrap();
-        assert_eq!(leaf(&tls, later), first, "checked at most once per RECHECK");
-        assert_eq!(leaf(&tls, later + RECHECK), second, "the complete pair is");
+        assert!(tls.resolver.check());
+        assert_eq!(leaf(&tls), second, "the complete pair is taken");
 
-        // Garbage in place of the certificate: the last good one stays.
+        // Garbage in place of the certificate, then no file at all: the last good one stays.
         std::fs::write(&cert, "not a certificate").unwrap();
-        assert_eq!(leaf(&tls, later + RECHECK * 2), second);
+        assert!(!tls.resolver.check());
+        std::fs::remove_file(&cert).unwrap();
+        assert!(!tls.resolver.check());
+        assert_eq!(leaf(&tls), second);
+        assert_eq!(loads(&tls), 4);
+    }
+
+    /// A Kubernetes secret volume: `tls.crt -> ..data/tls.crt`, `..data -> ..<timestamp>`;
+    /// an update writes a new timestamped directory and renames a new `..data` link over the old.
+    #[test]
+    fn a_secret_volume_update_is_followed() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let version = |name: &str| {
+            let d = dir.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            let (cert, key, der) = write_pair(&d, "pair");
+            std::fs::rename(cert, d.join("tls.crt")).unwrap();
+            std::fs::rename(key, d.join("tls.key")).unwrap();
+            der
+        };
+        let first = version("..2026_11_29_01");
+        symlink("..2026_11_29_01", dir.path().join("..data")).unwrap();
+        symlink("..data/tls.crt", dir.path().join("tls.crt")).unwrap();
+        symlink("..data/tls.key", dir.path().join("tls.key")).unwrap();
+        let tls = ServerTls::load(&dir.path().join("tls.crt"), &dir.path().join("tls.key")).unwrap();
+        assert_eq!(leaf(&tls), first);
+
+        let second = version("..2026_11_29_02");
+        symlink("..2026_11_29_02", dir.path().join("..data_tmp")).unwrap();
+        std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+        assert!(tls.resolver.check());
+        assert_eq!(leaf(&tls), second);
     }
 }
