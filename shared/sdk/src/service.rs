@@ -70,7 +70,10 @@ impl Table {
         all.join(", ")
     }
 
-    /// The agent for `category`, which must be of the wanted kind.
+    /// The agent for `category`, which must be of the wanted kind. The wrong
+    /// kind is INTERNAL, as flytekit answers it (its servicer raises, and any
+    /// exception but an unknown task type is INTERNAL: PROTOCOL.md §3.5),
+    /// with a message that says which call to make instead.
     fn resolve(&self, category: &Category, want_sync: bool) -> Result<&AgentSpec, Status> {
         let Some(&i) = self.by_category.get(category) else {
             return Err(Status::not_found(format!(
@@ -82,11 +85,11 @@ impl Table {
         };
         let agent = &self.agents[i];
         match (agent.is_sync, want_sync) {
-            (true, false) => Err(Status::failed_precondition(format!(
+            (true, false) => Err(Status::internal(format!(
                 "task type {category} is served by the sync agent {:?}: call ExecuteTaskSync",
                 agent.name
             ))),
-            (false, true) => Err(Status::failed_precondition(format!(
+            (false, true) => Err(Status::internal(format!(
                 "task type {category} is served by the async agent {:?}: call CreateTask",
                 agent.name
             ))),
