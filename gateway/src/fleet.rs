@@ -202,15 +202,22 @@ impl Fleet {
             let listed: HashSet<Category> = agents.iter().flat_map(categories).collect();
             let missing: Vec<&Category> =
                 b.plugin.pins.iter().filter(|c| routes.get(*c) == Some(&i) && !listed.contains(*c)).collect();
-            if !missing.is_empty() && !names.contains_key(&(b.plugin.name.clone(), false)) {
-                names.insert((b.plugin.name.clone(), false), agents.len());
-                #[allow(deprecated)]
-                agents.push(admin::Agent {
-                    name: b.plugin.name.clone(),
-                    supported_task_types: missing.iter().map(|c| c.name.clone()).collect(),
-                    is_sync: false,
-                    supported_task_categories: missing.iter().map(|c| (*c).into()).collect(),
-                });
+            if missing.is_empty() {
+                continue;
+            }
+            // Listed as an async agent named after the plugin; one of that name
+            // already listed (the service's own) gains them, as names merge above.
+            let k = *names.entry((b.plugin.name.clone(), false)).or_insert_with(|| {
+                agents.push(admin::Agent { name: b.plugin.name.clone(), ..Default::default() });
+                agents.len() - 1
+            });
+            let agent = &mut agents[k];
+            agent.supported_task_categories.extend(missing.iter().map(|c| admin::TaskCategory::from(*c)));
+            #[allow(deprecated)]
+            for c in missing {
+                if !agent.supported_task_types.contains(&c.name) {
+                    agent.supported_task_types.push(c.name.clone());
+                }
             }
         }
         self.metrics.route_conflicts.set(conflicts);

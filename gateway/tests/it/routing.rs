@@ -238,3 +238,23 @@ async fn execute_task_sync_through_the_gateway_answers_an_open_stream_without_a_
         }
     }
 }
+
+#[tokio::test]
+async fn a_pinned_category_is_listed_even_when_the_plugin_shares_its_agents_name() {
+    // The plugin is named after its own agent; the pin joins that agent in ListAgents.
+    let svc = spawn_plugin(Named { agent: "Warehouse", task_type: "load" }).await;
+    let mut p = plugin("Warehouse", format!("static://{}", svc.addr));
+    p.categories = vec!["legacy_load:2".into()];
+    let gw = spawn_gateway(vec![p], |_| {}).await;
+    let agents =
+        gw.metadata_client().list_agents(admin::ListAgentsRequest {}).await.unwrap().into_inner().agents;
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    let mut listed: Vec<(&str, i32)> =
+        agents[0].supported_task_categories.iter().map(|c| (c.name.as_str(), c.version)).collect();
+    listed.sort_unstable();
+    assert_eq!(listed, [("legacy_load", 2), ("load", 0)]);
+    #[allow(deprecated)]
+    let mut deprecated = agents[0].supported_task_types.clone();
+    deprecated.sort_unstable();
+    assert_eq!(deprecated, ["legacy_load", "load"]);
+}
