@@ -419,8 +419,13 @@ def http_get() -> Callable[..., tuple]:
 # ----------------------------------------------------------------- channels
 
 
-def _connect(target: str, options=()) -> grpc.Channel:
-    chan = grpc.insecure_channel(target, options=_GRPC_BASE_OPTIONS + list(options))
+def connect(target: str, options=(), credentials: Optional[grpc.ChannelCredentials] = None) -> grpc.Channel:
+    """A channel to `target` that is ready (bounded), over TLS with `credentials`."""
+    all_options = _GRPC_BASE_OPTIONS + list(options)
+    if credentials is None:
+        chan = grpc.insecure_channel(target, options=all_options)
+    else:
+        chan = grpc.secure_channel(target, credentials, options=all_options)
     try:
         grpc.channel_ready_future(chan).result(timeout=CHANNEL_READY_TIMEOUT_S)
     except grpc.FutureTimeoutError:
@@ -432,7 +437,7 @@ def _connect(target: str, options=()) -> grpc.Channel:
 @pytest.fixture(scope="session")
 def channel(gateway_addr: str) -> Iterator[grpc.Channel]:
     """Insecure channel to the gateway, shared by the session."""
-    chan = _connect(gateway_addr)
+    chan = connect(gateway_addr)
     yield chan
     chan.close()
 
@@ -440,7 +445,7 @@ def channel(gateway_addr: str) -> Iterator[grpc.Channel]:
 @pytest.fixture(scope="session")
 def echo_channel(echo_addr: str) -> Iterator[grpc.Channel]:
     """Insecure channel straight to the echo plugin service."""
-    chan = _connect(echo_addr)
+    chan = connect(echo_addr)
     yield chan
     chan.close()
 
@@ -451,7 +456,7 @@ def open_channel() -> Iterator[Callable[..., grpc.Channel]]:
     opened: List[grpc.Channel] = []
 
     def factory(target: str, options=()) -> grpc.Channel:
-        chan = _connect(target, options)
+        chan = connect(target, options)
         opened.append(chan)
         return chan
 

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from flyteidl.admin import agent_pb2
 from flyteidl.service import agent_pb2_grpc
 
-from conftest import Fleet, start_fleet, stop_fleet
+from conftest import Fleet, connect, start_fleet, stop_fleet
 from test_agent_protocol import (
     RPC_TIMEOUT,
     SUCCEEDED,
@@ -24,8 +24,6 @@ from test_agent_protocol import (
     sample_inputs,
     sync_requests,
 )
-
-READY_TIMEOUT_S = 10.0
 
 
 # trustme writes ECDSA keys as SEC1 PEM and RSA keys as PKCS#1 PEM ("BEGIN RSA PRIVATE KEY"), what
@@ -46,14 +44,7 @@ def tls_fleet(request, tmp_path_factory) -> Iterator[Tuple[Fleet, bytes]]:
 
 
 def secure_channel(fleet: Fleet, ca_pem: bytes) -> grpc.Channel:
-    creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
-    chan = grpc.secure_channel(fleet.gateway.grpc, creds, options=[("grpc.enable_http_proxy", 0)])
-    try:
-        grpc.channel_ready_future(chan).result(timeout=READY_TIMEOUT_S)
-    except grpc.FutureTimeoutError:
-        chan.close()
-        pytest.fail(f"no TLS channel to {fleet.gateway.grpc} within {READY_TIMEOUT_S:.0f} s\n{fleet.describe()}")
-    return chan
+    return connect(fleet.gateway.grpc, credentials=grpc.ssl_channel_credentials(root_certificates=ca_pem))
 
 
 def test_every_agent_service_answers_over_tls(tls_fleet):

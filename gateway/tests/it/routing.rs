@@ -12,37 +12,7 @@ use crate::support::*;
 async fn echo_round_trip_through_the_gateway() {
     let echo = spawn_plugin(Echo::default()).await;
     let gw = spawn_gateway(vec![plugin("echo", format!("static://{}", echo.addr))], |_| {}).await;
-    let mut client = gw.async_client();
-    let created = client
-        .create_task(admin::CreateTaskRequest {
-            inputs: Some(inputs(5)),
-            template: Some(echo_template("echo", &[])),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let got = client
-        .get_task(admin::GetTaskRequest {
-            resource_meta: created.resource_meta.clone(),
-            task_category: category("echo"),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .resource
-        .unwrap();
-    assert_eq!(got.phase, flotilla_proto::core::task_execution::Phase::Succeeded as i32);
-    assert_eq!(got.outputs, Some(inputs(5)));
-    client
-        .delete_task(admin::DeleteTaskRequest {
-            resource_meta: created.resource_meta,
-            task_category: category("echo"),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    echo_round_trip(&mut gw.async_client(), 5).await;
 }
 
 #[tokio::test]

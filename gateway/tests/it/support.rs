@@ -114,6 +114,41 @@ pub(crate) fn inputs(n: i64) -> core::LiteralMap {
     core::LiteralMap { literals: [("n".to_owned(), lit)].into() }
 }
 
+/// Creates an echo task with `inputs(n)`, reads it back (SUCCEEDED, the inputs
+/// as outputs) and deletes it, through `client`.
+pub(crate) async fn echo_round_trip(client: &mut AsyncAgentServiceClient<Channel>, n: i64) {
+    let created = client
+        .create_task(admin::CreateTaskRequest {
+            inputs: Some(inputs(n)),
+            template: Some(echo_template("echo", &[])),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateTask")
+        .into_inner();
+    let got = client
+        .get_task(admin::GetTaskRequest {
+            resource_meta: created.resource_meta.clone(),
+            task_category: category("echo"),
+            ..Default::default()
+        })
+        .await
+        .expect("GetTask")
+        .into_inner()
+        .resource
+        .expect("a resource");
+    assert_eq!(got.phase, core::task_execution::Phase::Succeeded as i32);
+    assert_eq!(got.outputs, Some(inputs(n)));
+    client
+        .delete_task(admin::DeleteTaskRequest {
+            resource_meta: created.resource_meta,
+            task_category: category("echo"),
+            ..Default::default()
+        })
+        .await
+        .expect("DeleteTask");
+}
+
 /// `n` GetTask calls from 6 concurrent callers, as propeller makes them.
 pub(crate) async fn gets(gw: &RunningGateway, meta: &[u8], n: usize) {
     let callers = 6;
