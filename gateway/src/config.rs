@@ -62,6 +62,22 @@ pub use flotilla_sdk::tls::{ENV_TLS_CERT_FILE, ENV_TLS_KEY_FILE};
 /// `name=discovery;name=discovery` (for example `echo=static://127.0.0.1:8001`).
 pub const ENV_PLUGINS: &str = "FLOTILLA_PLUGINS";
 
+/// The variables `flotilla-gateway --help` lists, each with the key it overrides.
+pub const ENV_HELP: &str = "Environment (each over its configuration file key; flags win over both):
+  FLOTILLA_PLUGINS              the whole plugin list: name=discovery;name=discovery
+  FLOTILLA_LISTEN               listen
+  FLOTILLA_ADMIN_LISTEN         admin_listen
+  FLOTILLA_MAX_REQUEST_BYTES    max_request_bytes
+  FLOTILLA_REFRESH_INTERVAL     refresh_interval
+  FLOTILLA_CONNECT_TIMEOUT      connect_timeout
+  FLOTILLA_SHUTDOWN_GRACE       shutdown_grace
+  FLOTILLA_DNS_TTL_FLOOR        dns_ttl_floor
+  FLOTILLA_DNS_TTL_CEILING      dns_ttl_ceiling
+  FLOTILLA_AUTH_TOKEN_FILE      auth_token_file: bearer tokens callers must send, one per line
+  FLOTILLA_AUTH_TOKEN           one more accepted token (no file key)
+  FLOTILLA_TLS_CERT_FILE        tls_cert_file: serve TLS with this certificate chain (PEM)
+  FLOTILLA_TLS_KEY_FILE         tls_key_file: its private key (PEM)";
+
 /// The gateway's configuration file, as written.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -665,6 +681,29 @@ mod tests {
         };
         let e = Config::load(&no_flags(), &wrong).unwrap_err().to_string();
         assert!(e.contains("tls: /nonexistent/tls.pem: No such file"), "{e}");
+    }
+
+    #[test]
+    fn the_help_names_every_variable() {
+        let every = [
+            ENV_PLUGINS,
+            flotilla_telemetry::config::ENV_LISTEN,
+            flotilla_telemetry::config::ENV_ADMIN_LISTEN,
+            ENV_MAX_REQUEST_BYTES,
+            ENV_REFRESH_INTERVAL,
+            ENV_CONNECT_TIMEOUT,
+            ENV_SHUTDOWN_GRACE,
+            ENV_DNS_TTL_FLOOR,
+            ENV_DNS_TTL_CEILING,
+            ENV_AUTH_TOKEN_FILE,
+            ENV_AUTH_TOKEN,
+            ENV_TLS_CERT_FILE,
+            ENV_TLS_KEY_FILE,
+        ];
+        for name in every {
+            assert!(ENV_HELP.lines().any(|l| l.split_whitespace().next() == Some(name)), "{name}");
+        }
+        assert_eq!(ENV_HELP.lines().count(), every.len() + 1, "a variable listed that does not exist");
     }
 
     #[test]

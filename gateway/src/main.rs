@@ -23,10 +23,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "flotilla-gateway",
     version,
-    after_help = "Point propeller's agent-service (or connector-service) defaultAgent.endpoint at this \
-gateway's --listen address.\n\nExamples:\n  flotilla-gateway --config gateway.toml\n  \
+    after_help = format!(
+        "Point propeller's agent-service (or connector-service) defaultAgent.endpoint at this \
+gateway's --listen address.\n\n{}\n\nExamples:\n  flotilla-gateway --config gateway.toml\n  \
 FLOTILLA_PLUGINS='echo=static://127.0.0.1:8001' flotilla-gateway --listen 127.0.0.1:8000\n  \
-flotilla-gateway --config gateway.toml --check-config"
+flotilla-gateway --config gateway.toml --check-config",
+        flotilla_gateway::config::ENV_HELP
+    )
 )]
 struct Cli {
     #[command(flatten)]

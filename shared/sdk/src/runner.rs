@@ -129,7 +129,12 @@ where
         clap::Command::new(name).version(env!("CARGO_PKG_VERSION")).about(about).after_help(format!(
             "Serves flyteidl.service.AsyncAgentService, SyncAgentService and AgentMetadataService plus \
              grpc.health.v1 on --listen, and /metrics, /livez, /readyz on --admin-listen.\n\n\
-             Example:\n  {name} --listen 127.0.0.1:8001 --admin-listen 127.0.0.1:9091"
+             Environment (each over its configuration file key; flags win over both):\n  \
+             FLOTILLA_LISTEN, FLOTILLA_ADMIN_LISTEN, {ENV_MAX_REQUEST_BYTES}, {ENV_SHUTDOWN_GRACE},\n  \
+             {} and {} (TLS on the gRPC listener: certificate chain and key, PEM)\n\n\
+             Example:\n  {name} --listen 127.0.0.1:8001 --admin-listen 127.0.0.1:9091",
+            tls::ENV_TLS_CERT_FILE,
+            tls::ENV_TLS_KEY_FILE,
         ));
     // The flags struct's own doc comment would otherwise replace the binary's description.
     let matches = CommonArgs::augment_args(command).about(about).get_matches();
