@@ -67,6 +67,53 @@ pub fn from_config(cert: Option<&Path>, key: Option<&Path>) -> Result<Option<Ser
     }
 }
 
+/// Why a certificate and key do not make a listener's TLS. Each names its file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file cannot be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The certificate file is not PEM, or holds no certificate.
+    #[error("{}: no PEM certificate chain in it ({detail})", path.display())]
+    NoCertificate {
+        /// The file.
+        path: PathBuf,
+        /// What the PEM parser found.
+        detail: String,
+    },
+    /// The key file holds no private key rustls reads.
+    #[error("{}: no PEM private key in it (PKCS#8, PKCS#1 or SEC1): {detail}", path.display())]
+    NoKey {
+        /// The file.
+        path: PathBuf,
+        /// The PEM parser's complaint.
+        detail: String,
+    },
+    /// The key is not the one of the certificate.
+    #[error("{}: this key is not the key of the certificate in {}", key.display(), cert.display())]
+    KeyMismatch {
+        /// The key file.
+        key: PathBuf,
+        /// The certificate file.
+        cert: PathBuf,
+    },
+    /// The key or certificate is of a kind rustls refuses (P-521, say).
+    #[error("{}: {source}", path.display())]
+    Unsupported {
+        /// The key file.
+        path: PathBuf,
+        /// rustls's reason.
+        #[source]
+        source: rustls::Error,
+    },
+}
+
 /// A listener's TLS: the acceptor handshakes run through. Cheap to clone.
 #[derive(Clone)]
 pub struct ServerTls {
@@ -96,7 +143,7 @@ impl ServerTls {
     /// # Errors
     /// What is wrong, naming the file: unreadable, no certificate or key in
     /// it, a key type not supported, or a key that is not the certificate's.
-    pub fn load(cert: &Path, key: &Path) -> Result<Self, String> {
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
         let files = Files { cert: cert.to_owned(), key: key.to_owned() };
         let contents = files.read()?;
         let loaded = files.parse(&contents)?;
@@ -107,7 +154,7 @@ impl ServerTls {
         });
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS: {e}"))?
+            .expect("ring's provider supports the default TLS versions")
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
         // gRPC clients (grpc-go since 1.67, grpcio) insist on h2 being negotiated.
@@ -161,27 +208,29 @@ struct Files {
 type Contents = (Vec<u8>, Vec<u8>);
 
 impl Files {
-    fn read(&self) -> Result<Contents, String> {
-        let read = |path: &Path| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
+    fn read(&self) -> Result<Contents, TlsError> {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source })
+        };
         Ok((read(&self.cert)?, read(&self.key)?))
     }
 
-    fn parse(&self, (cert_pem, key_pem): &Contents) -> Result<CertifiedKey, String> {
+    fn parse(&self, (cert_pem, key_pem): &Contents) -> Result<CertifiedKey, TlsError> {
         let (cert, key) = (&self.cert, &self.key);
+        let no_chain = |detail| TlsError::NoCertificate { path: cert.clone(), detail };
         let chain = CertificateDer::pem_slice_iter(cert_pem)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("{}: not a PEM certificate chain: {e}", cert.display()))?;
+            .map_err(|e| no_chain(e.to_string()))?;
         if chain.is_empty() {
-            return Err(format!("{}: no CERTIFICATE block in it", cert.display()));
+            return Err(no_chain("no CERTIFICATE block".to_owned()));
         }
-        let private = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| {
-            format!("{}: no PEM private key in it (PKCS#8, PKCS#1 or SEC1): {e}", key.display())
-        })?;
+        let private = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| TlsError::NoKey { path: key.clone(), detail: e.to_string() })?;
         CertifiedKey::from_der(chain, private, &provider()).map_err(|e| match e {
             rustls::Error::InconsistentKeys(_) => {
-                format!("{}: this key is not the key of the certificate in {}", key.display(), cert.display())
+                TlsError::KeyMismatch { key: key.clone(), cert: cert.clone() }
             }
-            e => format!("{}: {e}", key.display()),
+            source => TlsError::Unsupported { path: key.clone(), source },
         })
     }
 }
@@ -219,6 +268,7 @@ impl Reloading {
         let contents = match self.files.read() {
             Ok(c) => c,
             Err(error) => {
+                let error = error.to_string();
                 if seen.unreadable.as_ref() != Some(&error) {
                     tracing::warn!(%error, "TLS files cannot be read; the current certificate stays in use");
                     seen.unreadable = Some(error);
@@ -292,7 +342,7 @@ mod tests {
         let (cert, key, _) = write_pair(dir.path(), "a");
         let (_, other_key, _) = write_pair(dir.path(), "b");
         let missing = dir.path().join("missing.crt");
-        let err = |cert: &Path, key: &Path| ServerTls::load(cert, key).unwrap_err();
+        let err = |cert: &Path, key: &Path| ServerTls::load(cert, key).unwrap_err().to_string();
 
         let e = err(&missing, &key);
         assert!(e.starts_with(&missing.display().to_string()), "{e}");
