@@ -102,7 +102,7 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("flotilla: cannot start the async runtime: {e}");
+            flotilla_telemetry::errln!("flotilla: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -118,7 +118,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("flotilla: {e:#}");
+            flotilla_telemetry::errln!("flotilla: {e:#}");
             ExitCode::FAILURE
         }
     }

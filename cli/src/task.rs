@@ -155,13 +155,18 @@ pub(crate) async fn agents(target: &Target) -> anyhow::Result<ExitCode> {
         .into_inner()
         .agents;
     if agents.is_empty() {
-        println!("The gateway routes no task types yet.");
+        flotilla_telemetry::outln!("The gateway routes no task types yet.");
     }
-    println!("{:<28} {:<6} TASK TYPES", "AGENT", "KIND");
+    flotilla_telemetry::outln!("{:<28} {:<6} TASK TYPES", "AGENT", "KIND");
     for a in agents {
         let kinds: Vec<String> =
             a.supported_task_categories.iter().map(|c| format!("{} (v{})", c.name, c.version)).collect();
-        println!("{:<28} {:<6} {}", a.name, if a.is_sync { "sync" } else { "async" }, kinds.join(", "));
+        flotilla_telemetry::outln!(
+            "{:<28} {:<6} {}",
+            a.name,
+            if a.is_sync { "sync" } else { "async" },
+            kinds.join(", ")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -291,7 +296,7 @@ pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::
         .map_err(|s| status_error("CreateTask", &s))?
         .into_inner();
     let h = handle(&category, &created.resource_meta);
-    println!("created {h}");
+    flotilla_telemetry::outln!("created {h}");
     if !wait {
         return Ok(ExitCode::SUCCESS);
     }
@@ -301,7 +306,7 @@ pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::
         if matches!(phase, Phase::Succeeded | Phase::Failed | Phase::Aborted | Phase::RetryableFailed) {
             return Ok(print_resource(&resource));
         }
-        eprintln!("{}: {}", phase.as_str_name(), resource.message);
+        flotilla_telemetry::errln!("{}: {}", phase.as_str_name(), resource.message);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -329,16 +334,16 @@ async fn get_resource(
 
 fn print_resource(r: &admin::Resource) -> ExitCode {
     let phase = Phase::try_from(r.phase).unwrap_or(Phase::Undefined);
-    println!("phase: {}", phase.as_str_name());
+    flotilla_telemetry::outln!("phase: {}", phase.as_str_name());
     if !r.message.is_empty() {
-        println!("message: {}", r.message);
+        flotilla_telemetry::outln!("message: {}", r.message);
     }
     for link in &r.log_links {
-        println!("log: {} {}", link.name, link.uri);
+        flotilla_telemetry::outln!("log: {} {}", link.name, link.uri);
     }
     if let Some(outputs) = &r.outputs {
-        println!("outputs:");
-        print!("{}", literals::render(outputs));
+        flotilla_telemetry::outln!("outputs:");
+        flotilla_telemetry::out!("{}", literals::render(outputs));
     }
     if matches!(phase, Phase::Failed | Phase::Aborted | Phase::RetryableFailed) {
         ExitCode::from(2)
@@ -366,7 +371,7 @@ pub(crate) async fn delete(target: &Target, h: &str) -> anyhow::Result<ExitCode>
         })
         .await
         .map_err(|s| status_error("DeleteTask", &s))?;
-    println!("deleted");
+    flotilla_telemetry::outln!("deleted");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -41,6 +41,14 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     flotilla_telemetry::init_tracing(args.log_format, &args.log);
     let shutdown = Shutdown::new();
+    // Ctrl-C and SIGTERM stop the fleet from here on, during start-up too.
+    let signalled = flotilla_telemetry::signal();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        signalled.await;
+        flotilla_telemetry::errln!("flotilla: stopping (finishing in-flight calls)");
+        trigger.trigger();
+    });
 
     // Plugin services first, so the gateway learns their routes on its first poll. The cloud
     // services read their settings and credentials from the environment (FLOTILLA_<PLUGIN>_*,
@@ -85,20 +93,16 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let over = if config.tls.is_some() { " over TLS (insecure: false)" } else { "" };
     let gateway = Gateway::start(config).await.context("starting the gateway")?;
 
-    println!("{:<10} grpc={gateway_addr}  admin={gateway_admin_addr}", "gateway");
+    flotilla_telemetry::outln!("{:<10} grpc={gateway_addr}  admin={gateway_admin_addr}", "gateway");
     for s in &services {
-        println!("{:<10} grpc={}  admin={}", s.name, s.grpc, s.admin);
+        flotilla_telemetry::outln!("{:<10} grpc={}  admin={}", s.name, s.grpc, s.admin);
     }
     let ms = started.elapsed().as_millis();
     let at = format!("{gateway_addr}{over}");
-    println!("flotilla is up: point propeller's agent-service at {at} (Ctrl-C to stop; started in {ms} ms)");
+    flotilla_telemetry::outln!(
+        "flotilla is up: point propeller's agent-service at {at} (Ctrl-C to stop; started in {ms} ms)"
+    );
 
-    let trigger = shutdown.clone();
-    tokio::spawn(async move {
-        flotilla_telemetry::signal().await;
-        eprintln!("flotilla: stopping (finishing in-flight calls)");
-        trigger.trigger();
-    });
     let served = gateway.serve(grpc, admin, shutdown.clone()).await;
     shutdown.trigger();
     let mut results = Vec::new();

@@ -42,12 +42,12 @@ fn main() -> ExitCode {
     let config = match Config::load(&cli.common, &process_env) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("flotilla-gateway: {e}");
+            flotilla_telemetry::errln!("flotilla-gateway: {e}");
             return ExitCode::from(64);
         }
     };
     if cli.common.check_config {
-        print!("flotilla-gateway: configuration is valid\n{config}");
+        flotilla_telemetry::out!("flotilla-gateway: configuration is valid\n{config}");
         return ExitCode::SUCCESS;
     }
     if config.plugins.is_empty() {

@@ -147,31 +147,36 @@ where
     let config = match ServiceConfig::load(&flags, &config::process_env) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("{name}: {e}");
+            flotilla_telemetry::errln!("{name}: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
     let plugin = match build(&config) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("{name}: invalid configuration: {e}");
+            flotilla_telemetry::errln!("{name}: invalid configuration: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
     if flags.check_config {
-        println!("{name}: configuration is valid");
-        println!("  listen = {}\n  admin_listen = {}", config.listen, config.admin_listen);
-        println!(
+        flotilla_telemetry::outln!("{name}: configuration is valid");
+        flotilla_telemetry::outln!("  listen = {}\n  admin_listen = {}", config.listen, config.admin_listen);
+        flotilla_telemetry::outln!(
             "  max_request_bytes = {}\n  shutdown_grace = {}",
-            config.max_request_bytes, config.shutdown_grace
+            config.max_request_bytes,
+            config.shutdown_grace
         );
         match &config.tls {
-            Some(tls) => println!("  tls = on, {tls}"),
-            None => println!("  tls = off (plaintext HTTP/2)"),
+            Some(tls) => flotilla_telemetry::outln!("  tls = on, {tls}"),
+            None => flotilla_telemetry::outln!("  tls = off (plaintext HTTP/2)"),
         }
         for agent in plugin.agents() {
             let kinds = agent.categories.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-            println!("  agent {:?} ({}): {kinds}", agent.name, if agent.is_sync { "sync" } else { "async" });
+            flotilla_telemetry::outln!(
+                "  agent {:?} ({}): {kinds}",
+                agent.name,
+                if agent.is_sync { "sync" } else { "async" }
+            );
         }
         return ExitCode::SUCCESS;
     }
@@ -199,7 +204,7 @@ where
     let runtime = match flags.runtime() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("{name}: cannot start the async runtime: {e}");
+            flotilla_telemetry::errln!("{name}: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -207,22 +212,24 @@ where
         let (grpc, admin) = match bind_pair(listen, admin_listen).await {
             Ok(pair) => pair,
             Err(e) => {
-                eprintln!("{name}: {e}");
+                flotilla_telemetry::errln!("{name}: {e}");
                 return ExitCode::FAILURE;
             }
         };
+        // Before anything says the process is up.
+        let signalled = flotilla_telemetry::signal();
         let shown = |l: &TcpListener, fallback: SocketAddr| l.local_addr().unwrap_or(fallback);
         tracing::info!(grpc = %shown(&grpc, listen), admin = %shown(&admin, admin_listen), "{name} listening");
         let shutdown = Shutdown::new();
         let trigger = shutdown.clone();
         tokio::spawn(async move {
-            flotilla_telemetry::signal().await;
+            signalled.await;
             trigger.trigger();
         });
         match serve(grpc, admin, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("{name}: {}", flotilla_telemetry::error_chain(&e));
+                flotilla_telemetry::errln!("{name}: {}", flotilla_telemetry::error_chain(&e));
                 ExitCode::FAILURE
             }
         }

@@ -43,26 +43,35 @@ impl Shutdown {
     }
 }
 
-/// Resolves on the first SIGTERM or Ctrl-C (SIGINT).
-pub async fn signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on the first SIGTERM or Ctrl-C (SIGINT). The handlers are in
+/// place when this returns, before the future is first polled: a signal that
+/// comes between this call and the first poll is not lost (nor does it kill
+/// the process, as it would before any handler). Call it within the runtime.
+pub fn signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
+                // No handler could be installed (no signal driver): Ctrl-C alone, as tokio offers it.
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        async move {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
