@@ -438,6 +438,26 @@ impl CallLog {
 
 /// One line per finished call: `debug` when it succeeded, `info` when not.
 /// The plugin service logs the same `request_id` for the same call.
+/// A `grpc-message` as text: the protocol percent-encodes it (`%20` and the like).
+fn percent_decoded(raw: &[u8]) -> String {
+    let hex = |b: u8| char::from(b).to_digit(16);
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        match (raw[i], raw.get(i + 1).copied().and_then(hex), raw.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn log_call(call: &CallLog, method: Method, plugin: &str, code: usize, elapsed: Duration, message: &str) {
     let code_text = code_name(tonic::Code::from_i32(code as i32));
     if code == 0 {
@@ -458,7 +478,7 @@ fn log_call(call: &CallLog, method: Method, plugin: &str, code: usize, elapsed: 
             task_type = call.task_type(),
             code = code_text,
             duration_us = elapsed.as_micros() as u64,
-            message,
+            error = message,
             "Call failed"
         );
     }
@@ -479,8 +499,12 @@ struct Observation {
 impl Observation {
     /// Records the call with its `grpc-status` (and `grpc-message`, when there is one).
     fn record(&self, grpc_status: &[u8], message: Option<&HeaderValue>) {
-        let message = message.and_then(|m| m.to_str().ok()).unwrap_or("");
-        self.metrics.record(self.method, tonic::Code::from_bytes(grpc_status) as i32, &self.call, message);
+        // Only failures are logged with their message: decoding it can wait until one is.
+        let message = match message {
+            Some(m) if grpc_status != b"0" => percent_decoded(m.as_bytes()),
+            _ => String::new(),
+        };
+        self.metrics.record(self.method, tonic::Code::from_bytes(grpc_status) as i32, &self.call, &message);
     }
 }
 
@@ -601,6 +625,17 @@ fn proxied(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_messages_are_logged_decoded() {
+        assert_eq!(
+            percent_decoded(b"resource_meta%20is%20not%20an%20echo%20task%25"),
+            "resource_meta is not an echo task%"
+        );
+        // A stray or short escape stays as it came; bytes that are not UTF-8 are replaced, not dropped.
+        assert_eq!(percent_decoded(b"50% off %4"), "50% off %4");
+        assert_eq!(percent_decoded(b"caf%C3%A9 %FF"), "caf\u{e9} \u{fffd}");
+    }
 
     #[test]
     fn only_the_forwarded_services_bypass_the_router() {

@@ -186,7 +186,7 @@ fn log_call(
             task_type,
             code = crate::wire::code_name(status.code()),
             duration_us = started.elapsed().as_micros() as u64,
-            message = status.message(),
+            error = status.message(),
             "Call failed"
         ),
     }
