@@ -5,7 +5,7 @@ mod literals;
 mod task;
 mod up;
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
@@ -72,9 +72,10 @@ x: 42\n    greeting: hello\n\nExamples:\n  flotilla create examples/echo-task.ya
 /// Which gateway to talk to.
 #[derive(clap::Args, Clone)]
 struct Target {
-    /// Gateway gRPC address.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8000", env = "FLOTILLA_GATEWAY")]
-    gateway: SocketAddr,
+    /// Gateway gRPC address: HOST:PORT, the host a name (a Kubernetes
+    /// Service's, say) or an IP address ([::1]:8000 for IPv6).
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8000", env = "FLOTILLA_GATEWAY", value_parser = parse_gateway)]
+    gateway: String,
     /// Give up on each call after this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     timeout: f64,
@@ -91,9 +92,27 @@ struct Target {
     #[arg(long, value_name = "FILE", env = "FLOTILLA_TLS_CA")]
     tls_ca: Option<std::path::PathBuf>,
     /// The name the gateway's certificate must carry (default: the --gateway
-    /// IP address); implies --tls.
+    /// host); implies --tls.
     #[arg(long, value_name = "NAME")]
     tls_server_name: Option<String>,
+}
+
+/// `HOST:PORT`, checked here so that a typo is named before any connection is tried.
+fn parse_gateway(text: &str) -> Result<String, String> {
+    let (host, port) = text.rsplit_once(':').ok_or("expected HOST:PORT, as in 127.0.0.1:8000")?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{port:?} is not a port (1-65535)"))?;
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+    let valid = match bare {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)),
+    };
+    if !valid {
+        return Err(format!("{host:?} is not a host name or IP address (IPv6 goes in brackets: [::1]:8000)"));
+    }
+    Ok(text.to_owned())
 }
 
 fn main() -> ExitCode {
@@ -120,6 +139,29 @@ fn main() -> ExitCode {
         Err(e) => {
             flotilla_telemetry::errln!("flotilla: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_gateway;
+
+    #[test]
+    fn gateway_addresses_are_host_and_port() {
+        for ok in ["127.0.0.1:8000", "flotilla-gateway.flyte:8000", "localhost:1", "[::1]:8000"] {
+            assert_eq!(parse_gateway(ok).as_deref(), Ok(ok));
+        }
+        for (bad, says) in [
+            ("127.0.0.1", "HOST:PORT"),
+            ("gateway:http", "not a port"),
+            ("gateway:0", "not a port"),
+            (":8000", "not a host name"),
+            ("bad name:8000", "not a host name"),
+            ("::1:8000", "not a host name"),
+        ] {
+            let e = parse_gateway(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
         }
     }
 }

@@ -105,7 +105,9 @@ fn tls_config(target: &Target) -> anyhow::Result<ClientTlsConfig> {
         }
         None => config.with_native_roots(),
     };
-    let name = target.tls_server_name.clone().unwrap_or_else(|| target.gateway.ip().to_string());
+    let host = target.gateway.rsplit_once(':').map_or(target.gateway.as_str(), |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = target.tls_server_name.clone().unwrap_or_else(|| host.to_owned());
     Ok(config.domain_name(name))
 }
 

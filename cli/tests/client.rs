@@ -76,6 +76,13 @@ async fn the_cli_sends_its_token_and_a_refusal_is_explained() {
         flotilla([vec!["agents".to_owned()], gw(), vec!["--token".into(), TOKEN.into()]].concat(), vec![])
             .await;
     assert!(listed.status.success(), "{}", text(&listed.stderr));
+    // A host name works as well as an address.
+    let by_name = format!("localhost:{}", addr.port());
+    let named =
+        flotilla(vec!["agents".into(), "--gateway".into(), by_name, "--token".into(), TOKEN.into()], vec![])
+            .await;
+    assert!(named.status.success(), "{}", text(&named.stderr));
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
     assert!(text(&listed.stdout).contains("echo"), "{}", text(&listed.stdout));
 
     // The token from the environment; a task created, read, deleted.
