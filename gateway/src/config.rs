@@ -249,6 +249,8 @@ impl fmt::Display for Config {
         writeln!(f, "listen = {}\nadmin_listen = {}", self.listen, self.admin_listen)?;
         writeln!(f, "max_request_bytes = {}", self.max_request_bytes)?;
         writeln!(f, "refresh_interval = {}", HumanDuration(self.refresh_interval))?;
+        writeln!(f, "connect_timeout = {}", HumanDuration(self.connect_timeout))?;
+        writeln!(f, "shutdown_grace = {}", HumanDuration(self.shutdown_grace))?;
         writeln!(f, "dns_ttl_floor = {}", HumanDuration(self.dns_ttl_floor))?;
         writeln!(f, "dns_ttl_ceiling = {}", HumanDuration(self.dns_ttl_ceiling))?;
         match &self.auth {
@@ -297,6 +299,7 @@ pub fn parse_target(text: &str) -> Result<Target, String> {
                 return Err(format!("{text:?}: empty address in the list"));
             }
             match part.parse::<SocketAddr>() {
+                Ok(a) if a.port() == 0 => return Err(format!("{part:?}: port 0 is not a port to dial")),
                 Ok(a) => addrs.push(a),
                 Err(_) => {
                     let resolved = part
@@ -304,6 +307,9 @@ pub fn parse_target(text: &str) -> Result<Target, String> {
                         .map_err(|e| format!("{part:?} is not a host:port that resolves: {e}"))?;
                     let first =
                         resolved.into_iter().next().ok_or_else(|| format!("{part:?} resolves to nothing"))?;
+                    if first.port() == 0 {
+                        return Err(format!("{part:?}: port 0 is not a port to dial"));
+                    }
                     addrs.push(first);
                 }
             }
@@ -314,15 +320,24 @@ pub fn parse_target(text: &str) -> Result<Target, String> {
         let (host, port) = rest.rsplit_once(':').ok_or_else(|| {
             format!("{text:?}: expected dns://name:port (the port every replica listens on)")
         })?;
-        let port = port.parse::<u16>().map_err(|_| format!("{text:?}: {port:?} is not a port number"))?;
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{text:?}: {port:?} is not a port number (1-65535)"))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
             return Err(format!("{text:?}: the name is empty"));
         }
+        if host.parse::<std::net::IpAddr>().is_err() && !dns_name(host) {
+            return Err(format!(
+                "{text:?}: {host:?} is not a DNS name (letters, digits, '-', '_' and dots between labels)"
+            ));
+        }
         return Ok(Target::Dns { host: host.to_owned(), port });
     }
     if let Some(name) = text.strip_prefix("srv://") {
-        if name.is_empty() || name.contains(':') || name.contains('/') {
+        if !dns_name(name) {
             return Err(format!(
                 "{text:?}: expected srv://_service._proto.name (ports come from the records)"
             ));
@@ -333,6 +348,18 @@ pub fn parse_target(text: &str) -> Result<Target, String> {
         "{text:?} is not a discovery target: expected static://host:port[,host:port…], dns://name:port or \
          srv://_grpc._tcp.name"
     ))
+}
+
+/// Whether `name` can be looked up: dot-separated labels of letters, digits,
+/// `-` and `_` (SRV names start with `_service._proto`), a trailing dot allowed.
+fn dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 /// A nameserver: `ip:port`, or `ip` for port 53.
@@ -583,6 +610,14 @@ mod tests {
         );
         assert!(parse_target("dns://echo").unwrap_err().contains("dns://name:port"));
         assert!(parse_target("srv://x:1").is_err());
+        // Names and ports that could never be dialled are refused here, not retried forever.
+        assert!(parse_target("dns://bad name:80").unwrap_err().contains("is not a DNS name"));
+        assert!(parse_target("dns://a..b:80").unwrap_err().contains("is not a DNS name"));
+        assert!(parse_target("dns://echo:0").unwrap_err().contains("is not a port number"));
+        assert!(parse_target("static://127.0.0.1:0").unwrap_err().contains("port 0"));
+        assert!(parse_target("srv://_grpc._tcp.bad name").is_err());
+        assert_eq!(parse_target("dns://[::1]:8000").unwrap(), Target::Dns { host: "::1".into(), port: 8000 });
+        assert!(parse_target("dns://echo.flyte.svc.cluster.local.:8000").is_ok());
         let c = raw(r#"
             [[plugins]]
             name = "a"
