@@ -144,8 +144,13 @@ impl Gateway {
         flotilla_sdk::set_health(&health, ServingStatus::Serving).await;
         let proxy = Proxy::new(fleet.clone(), metrics.clone(), config.max_request_bytes);
         let addr: Option<SocketAddr> = grpc.local_addr().ok();
-        let routes = tonic::service::Routes::new(health_service)
-            .add_service(AgentMetadataServiceServer::new(FleetMetadata(fleet)));
+        // The request size limit holds here too (RESOURCE_EXHAUSTED naming it, not tonic's 4 MiB).
+        let decode_limit = config.max_request_bytes.saturating_add(1);
+        let routes = tonic::service::Routes::new(health_service.max_decoding_message_size(decode_limit))
+            .add_service(
+                AgentMetadataServiceServer::new(FleetMetadata(fleet)).max_decoding_message_size(decode_limit),
+            );
+        let routes = flotilla_sdk::h2serve::limited_routes(routes, config.max_request_bytes);
         let calls = Arc::new(GatewayCalls { proxy, routes, auth: config.auth.clone(), metrics });
         let stopping = flotilla_sdk::stopping(&shutdown, readiness.clone(), health, addr);
         readiness.set(true);

@@ -573,8 +573,8 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 pub struct GatewayCalls {
     /// The forwarding path.
     pub proxy: Arc<Proxy>,
-    /// Health and the gateway's metadata service.
-    pub routes: tonic::service::Routes,
+    /// Health and the gateway's metadata service, behind the request size limit.
+    pub routes: h2serve::Routes,
     /// Who may call, when authentication is on (health checks always may).
     pub auth: Option<crate::auth::Auth>,
     /// Where refused calls are counted.

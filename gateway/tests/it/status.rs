@@ -49,6 +49,28 @@ async fn an_oversized_request_is_resource_exhausted_naming_size_and_limit() {
 }
 
 #[tokio::test]
+async fn the_size_limit_holds_for_the_gateways_own_services_too() {
+    let echo = spawn_plugin(Echo::default()).await;
+    let gw = spawn_gateway(vec![plugin("echo", format!("static://{}", echo.addr))], |c| {
+        c.max_request_bytes = 4096
+    })
+    .await;
+    // An unknown field of 10,000 bytes (field 15, length-delimited) in each request.
+    let mut padded = vec![0x7a, 0x90, 0x4e];
+    padded.extend(std::iter::repeat_n(b'x', 10_000));
+    for path in [paths::LIST_AGENTS, paths::GET_AGENT, paths::HEALTH_CHECK] {
+        let answer = raw_call(gw.addr, path, frame(&padded)).await;
+        assert_eq!(answer.code, Code::ResourceExhausted, "{path}: {}", answer.message);
+        assert!(answer.message.contains("4096"), "{path}: {}", answer.message);
+    }
+    // Under the limit, an unknown field is skipped as protobuf says.
+    let mut small = vec![0x7a, 90];
+    small.extend(std::iter::repeat_n(b'x', 90));
+    let answer = raw_call(gw.addr, paths::LIST_AGENTS, frame(&small)).await;
+    assert_eq!(answer.code, Code::Ok, "{}", answer.message);
+}
+
+#[tokio::test]
 async fn an_unreachable_plugin_is_unavailable_naming_it() {
     // A port that was free a moment ago and has nobody listening.
     let closed = bind_loopback().await.local_addr().unwrap();

@@ -27,17 +27,10 @@ use crate::{
 pub(crate) struct ServiceCalls<P> {
     pub(crate) services: Services<P>,
     /// tonic's router for the other paths, with the request size limit in front.
-    pub(crate) routes: Routes,
+    pub(crate) routes: h2serve::Routes,
     /// Largest request message accepted.
     pub(crate) limit: usize,
 }
-
-/// tonic's router as [`ServiceCalls`] holds it.
-pub(crate) type Routes = tower::util::BoxCloneSyncService<
-    http::Request<tonic::body::Body>,
-    http::Response<tonic::body::Body>,
-    std::convert::Infallible,
->;
 
 impl<P: Plugin> Handler for ServiceCalls<P> {
     fn handle(&self, request: http::Request<RecvStream>, respond: SendResponse<Bytes>) -> CallFuture {

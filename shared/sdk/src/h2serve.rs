@@ -542,6 +542,28 @@ impl Body for RecvBody {
     }
 }
 
+/// A tonic router as a [`Handler`] holds it: cloneable, boxed.
+pub type Routes = tower::util::BoxCloneSyncService<
+    Request<tonic::body::Body>,
+    Response<tonic::body::Body>,
+    std::convert::Infallible,
+>;
+
+/// `routes` (health, a metadata service: the paths off the hot path) behind
+/// the request size limit: a message over `limit` bytes gets
+/// RESOURCE_EXHAUSTED naming the limit as soon as it starts, as on the hot
+/// paths. The services inside should decode up to `limit + 1` bytes
+/// (`max_decoding_message_size`), so that tonic's own 4 MiB default does not
+/// answer first with OUT_OF_RANGE.
+pub fn limited_routes(routes: tonic::service::Routes, limit: usize) -> Routes {
+    let limited = tower::ServiceBuilder::new()
+        .map_request(move |req: Request<tonic::body::Body>| {
+            req.map(|body| tonic::body::Body::new(crate::wire::LimitedBody::new(body, limit)))
+        })
+        .service(routes);
+    Routes::new(limited)
+}
+
 /// Hands one call to a tower service (a request body of [`RecvBody`], boxed
 /// as tonic's), and writes its response. A client that resets the stream
 /// cancels the service's future.

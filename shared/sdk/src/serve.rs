@@ -14,7 +14,6 @@ use crate::{
     metrics::AgentMetrics,
     service::{Services, Table},
     tls::ServerTls,
-    wire::LimitedBody,
 };
 
 /// Limits and timings of a plugin service.
@@ -93,14 +92,9 @@ pub(crate) async fn serve_with_registry<P: Plugin>(
     // stream (crate::calls); GetTaskLogs and health go to tonic's router, our
     // size limit first (as bytes arrive; tonic's own would answer OUT_OF_RANGE).
     let decode_limit = limit.saturating_add(1);
-    let routes = tonic::service::Routes::new(health_service)
+    let routes = tonic::service::Routes::new(health_service.max_decoding_message_size(decode_limit))
         .add_service(AsyncAgentServiceServer::new(services.clone()).max_decoding_message_size(decode_limit));
-    let routes = tower::ServiceBuilder::new()
-        .map_request(move |req: http::Request<tonic::body::Body>| {
-            req.map(|body| tonic::body::Body::new(LimitedBody::new(body, limit)))
-        })
-        .service(routes);
-    let routes = crate::calls::Routes::new(routes);
+    let routes = crate::h2serve::limited_routes(routes, limit);
     let calls = Arc::new(ServiceCalls { services, routes, limit });
 
     let stopping = stopping(&shutdown, readiness.clone(), health, grpc_addr);
