@@ -43,7 +43,10 @@ fn to_literal(value: &Value) -> anyhow::Result<Literal> {
         Value::Object(map) => {
             Literal { value: Some(literal::Value::Map(to_literal_map(map)?)), ..Default::default() }
         }
-        Value::Null => bail!("null is not a value a Flyte input can hold"),
+        // YAML's .nan and .inf arrive here as null too: JSON numbers are finite.
+        Value::Null => {
+            bail!("null (or .nan/.inf, which a task file cannot carry) is not a value a Flyte input can hold")
+        }
     })
 }
 

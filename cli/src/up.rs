@@ -34,6 +34,9 @@ pub(crate) struct UpArgs {
     tls_key_file: Option<std::path::PathBuf>,
 }
 
+/// Exit code for an invalid configuration (EX_USAGE), as the other binaries use.
+const EXIT_CONFIG: u8 = 64;
+
 /// Loopback with a free port, for the plugin services.
 const ANY_LOOPBACK: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
@@ -53,13 +56,29 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     // Plugin services first, so the gateway learns their routes on its first poll. The cloud
     // services read their settings and credentials from the environment (FLOTILLA_<PLUGIN>_*,
     // GOOGLE_APPLICATION_CREDENTIALS, ...); without credentials they still serve and say so at create.
+    // An invalid configuration exits 64 (EX_USAGE), as flotilla-gateway's does, before anything starts.
+    let invalid = |what: &str, e: &dyn std::fmt::Display| {
+        flotilla_telemetry::errln!("flotilla: {what}: invalid configuration: {e}");
+        Ok(ExitCode::from(EXIT_CONFIG))
+    };
+    if let Err(e) =
+        flotilla_sdk::tls::from_config(args.tls_cert_file.as_deref(), args.tls_key_file.as_deref())
+    {
+        return invalid("gateway", &e);
+    }
     let config = flotilla_sdk::ServiceConfig::default();
-    let bigquery = flotilla_bigquery::BigQuery::from_config(&config)
-        .map_err(|e| anyhow::anyhow!("bigquery: invalid configuration: {e}"))?;
-    let databricks = flotilla_databricks::Databricks::from_config(&config)
-        .map_err(|e| anyhow::anyhow!("databricks: invalid configuration: {e}"))?;
-    let snowflake = flotilla_snowflake::Snowflake::from_config(&config)
-        .map_err(|e| anyhow::anyhow!("snowflake: invalid configuration: {e}"))?;
+    let bigquery = match flotilla_bigquery::BigQuery::from_config(&config) {
+        Ok(p) => p,
+        Err(e) => return invalid("bigquery", &e),
+    };
+    let databricks = match flotilla_databricks::Databricks::from_config(&config) {
+        Ok(p) => p,
+        Err(e) => return invalid("databricks", &e),
+    };
+    let snowflake = match flotilla_snowflake::Snowflake::from_config(&config) {
+        Ok(p) => p,
+        Err(e) => return invalid("snowflake", &e),
+    };
     let services = vec![
         start("echo", flotilla_echo::Echo::default(), &shutdown).await?,
         start("bigquery", bigquery, &shutdown).await?,

@@ -69,3 +69,15 @@ fn flotilla_up_printing_into_a_full_stdout_serves_and_stops() {
     let status = terminate(&mut child);
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn flotilla_up_with_an_unusable_certificate_exits_64_naming_it() {
+    let out = up()
+        .args(["--tls-cert-file", "/nonexistent/tls.crt", "--tls-key-file", "/nonexistent/tls.key"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("flotilla up runs");
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/tls.crt"), "{stderr}");
+}

@@ -224,6 +224,10 @@ impl Files {
         if chain.is_empty() {
             return Err(no_chain("no CERTIFICATE block".to_owned()));
         }
+        if key_pem.windows(9).any(|w| w == b"ENCRYPTED") {
+            let detail = "it is encrypted: give the key decrypted (openssl pkey -in KEY -out KEY.plain)";
+            return Err(TlsError::NoKey { path: key.clone(), detail: detail.to_owned() });
+        }
         let private = PrivateKeyDer::from_pem_slice(key_pem)
             .map_err(|e| TlsError::NoKey { path: key.clone(), detail: e.to_string() })?;
         CertifiedKey::from_der(chain, private, &provider()).map_err(|e| match e {
@@ -351,6 +355,14 @@ mod tests {
         assert!(e.contains("a.key") && e.contains("no CERTIFICATE"), "{e}");
         let e = err(&cert, &cert);
         assert!(e.contains("a.crt") && e.contains("no PEM private key"), "{e}");
+        let encrypted = dir.path().join("encrypted.key");
+        std::fs::write(
+            &encrypted,
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let e = err(&cert, &encrypted);
+        assert!(e.contains("encrypted.key") && e.contains("it is encrypted"), "{e}");
         let e = err(&cert, &other_key);
         assert!(e.contains("b.key: this key is not the key of the certificate in"), "{e}");
     }
