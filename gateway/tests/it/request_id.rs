@@ -149,7 +149,26 @@ async fn one_request_id_is_logged_by_the_gateway_and_the_service() {
         let line = logs.call_line(who, "it-bad-meta-1", "GetTask").await;
         assert_eq!(line["level"], "INFO", "{who}: {line}");
         assert_eq!(line["fields"]["code"], code_text(failed.code()), "{who}: {line}");
+        // The status message, as text (not percent-encoded), beside the event's own message.
+        assert_eq!(line["fields"]["error"], failed.message(), "{who}: {line}");
+        assert_eq!(line["fields"]["message"], "Call failed", "{who}: {line}");
     }
+
+    // A call refused before any plugin code runs (not protobuf) is logged too.
+    let garbage = flotilla_testkit::raw_call_with(
+        echo_addr,
+        flotilla_proto::paths::CREATE_TASK,
+        &[("x-request-id", "it-garbage-1")],
+        flotilla_testkit::frame(b"\xff\xff\xff\xff\x0f"),
+    )
+    .await;
+    assert_eq!(garbage.code, tonic::Code::InvalidArgument, "{}", garbage.message);
+    let line = echo.call_line("echo", "it-garbage-1", "CreateTask").await;
+    assert_eq!(
+        (&line["level"], &line["fields"]["code"]),
+        (&"INFO".into(), &"INVALID_ARGUMENT".into()),
+        "{line}"
+    );
 
     // A call the gateway answers itself (no plugin serves the type): logged by the gateway.
     let missing = get(&mut client, "nope", &created.resource_meta, "it-missing-1").await;

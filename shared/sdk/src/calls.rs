@@ -78,10 +78,25 @@ async fn unary<M, R, F, Fut>(
     let (parts, recv) = request.into_parts();
     let deadline = deadline(&parts.headers);
     let work = async move {
-        let body = h2serve::read_request(RecvBody::new(recv), limit).await?;
-        let (message, _) = decode_next::<M>(&body)?;
-        call(tonic::Request::from_parts(MetadataMap::from_headers(parts.headers), parts.extensions, message))
-            .await
+        let started = std::time::Instant::now();
+        let metadata = MetadataMap::from_headers(parts.headers);
+        let read = h2serve::read_request(RecvBody::new(recv), limit).await;
+        let message = match read.and_then(|body| decode_next::<M>(&body).map(|(message, _)| message)) {
+            Ok(message) => message,
+            // Refused before the plugin sees it: logged here, as the plugin's calls are.
+            Err(status) => {
+                let method = parts.uri.path().rsplit('/').next().unwrap_or("");
+                crate::service::log_call(
+                    crate::service::request_id(&metadata),
+                    method,
+                    None,
+                    Some(&status),
+                    started,
+                );
+                return Err(status);
+            }
+        };
+        call(tonic::Request::from_parts(metadata, parts.extensions, message)).await
     };
     answer(respond, deadline, work).await;
 }

@@ -156,15 +156,15 @@ impl<P: Plugin> Services<P> {
 }
 
 /// The caller's request id (`x-request-id`), if it sent a readable one.
-fn request_id(metadata: &MetadataMap) -> Option<&str> {
+pub(crate) fn request_id(metadata: &MetadataMap) -> Option<&str> {
     metadata.get(&*REQUEST_ID_KEY).and_then(|v| v.to_str().ok())
 }
 
 /// One line per finished call: `debug` when it succeeded, `info` when not.
 /// The fields match the gateway's line for the same call (same `request_id`).
-fn log_call(
+pub(crate) fn log_call(
     request_id: Option<&str>,
-    method: &'static str,
+    method: &str,
     category: Option<&Category>,
     error: Option<&Status>,
     started: Instant,

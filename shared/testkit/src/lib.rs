@@ -92,13 +92,20 @@ pub struct RawAnswer {
 
 /// Calls `path` on `addr` with `body` sent as is (already framed), and reads the whole answer.
 pub async fn raw_call(addr: SocketAddr, path: &str, body: Bytes) -> RawAnswer {
-    let req = http::Request::builder()
+    raw_call_with(addr, path, &[], body).await
+}
+
+/// [`raw_call`] with more request headers (`x-request-id`, say).
+pub async fn raw_call_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: Bytes) -> RawAnswer {
+    let mut builder = http::Request::builder()
         .method("POST")
         .uri(path)
         .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(tonic::body::Body::new(http_body_util::Full::new(body)))
-        .expect("valid request");
+        .header("te", "trailers");
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let req = builder.body(tonic::body::Body::new(http_body_util::Full::new(body))).expect("valid request");
     let resp = channel(addr).oneshot(req).await.expect("the server answers over HTTP/2");
     let (parts, body) = resp.into_parts();
     let collected = body.collect().await.expect("the response body completes");
