@@ -107,7 +107,7 @@ fn parse_gateway(text: &str) -> Result<String, String> {
     let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
     let valid = match bare {
         Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
-        None => !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)),
+        None => host.parse::<std::net::Ipv4Addr>().is_ok() || flotilla_gateway::config::dns_name(host),
     };
     if !valid {
         return Err(format!("{host:?} is not a host name or IP address (IPv6 goes in brackets: [::1]:8000)"));

@@ -61,11 +61,11 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         flotilla_telemetry::errln!("flotilla: {what}: invalid configuration: {e}");
         Ok(ExitCode::from(EXIT_CONFIG))
     };
-    if let Err(e) =
-        flotilla_sdk::tls::from_config(args.tls_cert_file.as_deref(), args.tls_key_file.as_deref())
-    {
-        return invalid("gateway", &e);
-    }
+    let tls =
+        match flotilla_sdk::tls::from_config(args.tls_cert_file.as_deref(), args.tls_key_file.as_deref()) {
+            Ok(tls) => tls,
+            Err(e) => return invalid("gateway", &e),
+        };
     let config = flotilla_sdk::ServiceConfig::default();
     let bigquery = match flotilla_bigquery::BigQuery::from_config(&config) {
         Ok(p) => p,
@@ -103,12 +103,12 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 categories: Vec::new(),
             })
             .collect(),
-        tls_cert_file: args.tls_cert_file,
-        tls_key_file: args.tls_key_file,
         ..GatewayConfig::default()
     };
-    let config = Config::validate(raw, Vec::new())
+    let mut config = Config::validate(raw, Vec::new())
         .map_err(|problems| anyhow::anyhow!("invalid gateway configuration: {}", problems.join("; ")))?;
+    // Loaded above, before anything started.
+    config.tls = tls;
     let over = if config.tls.is_some() { " over TLS (insecure: false)" } else { "" };
     let gateway = Gateway::start(config).await.context("starting the gateway")?;
 

@@ -352,7 +352,7 @@ pub fn parse_target(text: &str) -> Result<Target, String> {
 
 /// Whether `name` can be looked up: dot-separated labels of letters, digits,
 /// `-` and `_` (SRV names start with `_service._proto`), a trailing dot allowed.
-fn dns_name(name: &str) -> bool {
+pub fn dns_name(name: &str) -> bool {
     let name = name.strip_suffix('.').unwrap_or(name);
     !name.is_empty()
         && name.len() <= 253
