@@ -34,9 +34,6 @@ pub(crate) struct UpArgs {
     tls_key_file: Option<std::path::PathBuf>,
 }
 
-/// Exit code for an invalid configuration (EX_USAGE), as the other binaries use.
-const EXIT_CONFIG: u8 = 64;
-
 /// Loopback with a free port, for the plugin services.
 const ANY_LOOPBACK: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
@@ -59,7 +56,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     // An invalid configuration exits 64 (EX_USAGE), as flotilla-gateway's does, before anything starts.
     let invalid = |what: &str, e: &dyn std::fmt::Display| {
         flotilla_telemetry::errln!("flotilla: {what}: invalid configuration: {e}");
-        Ok(ExitCode::from(EXIT_CONFIG))
+        Ok(ExitCode::from(flotilla_sdk::EXIT_CONFIG))
     };
     let tls =
         match flotilla_sdk::tls::from_config(args.tls_cert_file.as_deref(), args.tls_key_file.as_deref()) {

@@ -43,7 +43,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             flotilla_telemetry::errln!("flotilla-gateway: {e}");
-            return ExitCode::from(64);
+            return ExitCode::from(flotilla_sdk::EXIT_CONFIG);
         }
     };
     if cli.common.check_config {

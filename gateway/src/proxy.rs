@@ -440,22 +440,7 @@ impl CallLog {
 /// The plugin service logs the same `request_id` for the same call.
 /// A `grpc-message` as text: the protocol percent-encodes it (`%20` and the like).
 fn percent_decoded(raw: &[u8]) -> String {
-    let hex = |b: u8| char::from(b).to_digit(16);
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        match (raw[i], raw.get(i + 1).copied().and_then(hex), raw.get(i + 2).copied().and_then(hex)) {
-            (b'%', Some(hi), Some(lo)) => {
-                out.push((hi * 16 + lo) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode(raw).decode_utf8_lossy().into_owned()
 }
 
 fn log_call(call: &CallLog, method: Method, plugin: &str, code: usize, elapsed: Duration, message: &str) {

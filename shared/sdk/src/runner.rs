@@ -113,7 +113,7 @@ impl ServiceConfig {
 }
 
 /// Exit code for an invalid configuration (EX_USAGE).
-const EXIT_CONFIG: u8 = 64;
+pub const EXIT_CONFIG: u8 = 64;
 
 /// Runs a plugin service binary: parses the common flags (`--config`,
 /// `--listen`, `--admin-listen`, `--check-config`, `--log`, `--log-format`),
