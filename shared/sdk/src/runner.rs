@@ -137,7 +137,7 @@ where
             tls::ENV_TLS_KEY_FILE,
         ));
     // The flags struct's own doc comment would otherwise replace the binary's description.
-    let matches = CommonArgs::augment_args(command).about(about).get_matches();
+    let matches = flotilla_telemetry::args::get_matches(CommonArgs::augment_args(command).about(about));
     let flags = match CommonArgs::from_arg_matches(&matches) {
         Ok(f) => f,
         Err(e) => e.exit(),

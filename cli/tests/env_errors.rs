@@ -1,0 +1,26 @@
+//! A value that clap refuses names its environment variable when it came from one.
+
+use std::process::Command;
+
+fn stderr_of(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(args)
+        .env_remove("FLOTILLA_GATEWAY")
+        .envs(env.iter().copied())
+        .output()
+        .expect("flotilla runs");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn a_bad_value_from_the_environment_is_named_as_such() {
+    let (code, err) = stderr_of(&["agents"], &[("FLOTILLA_GATEWAY", "no port")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("invalid value 'no port' for '--gateway <HOST:PORT>'"), "{err}");
+    assert!(err.contains("tip: the value came from the environment variable FLOTILLA_GATEWAY"), "{err}");
+
+    // The same value on the command line is the command line's fault.
+    let (code, err) = stderr_of(&["agents", "--gateway", "no port"], &[("FLOTILLA_GATEWAY", "no port")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(!err.contains("environment variable"), "{err}");
+}
