@@ -185,9 +185,16 @@ impl Service<http::Request<Body>> for Ejecting {
     }
 }
 
-/// Sends `req` to one replica and records the outcome in its health: a
-/// success clears its failures, and a refused connection, an UNAVAILABLE
-/// answer or repeated failures eject it (see [`EndpointState::failed`]).
+/// The replica that answered a call UNAVAILABLE, on the response's extensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AnsweredBy(pub SocketAddr);
+
+/// Sends `req` to one replica and records the outcome in its health: an
+/// answer clears its failures, and a refused connection or repeated transport
+/// failures eject it (see [`EndpointState::failed`]). Any answer counts as the
+/// replica working, whatever its status: a plugin answers UNAVAILABLE when the
+/// external system behind it is down, and every replica would then be ejected
+/// and the plugin's own message replaced by the gateway's.
 /// The balancer's endpoints and the one-replica path both send through here.
 async fn send_to(
     endpoint: &H2Endpoint,
@@ -196,12 +203,13 @@ async fn send_to(
     ejections: &prometheus::IntCounter,
     req: http::Request<Body>,
 ) -> Result<http::Response<Body>, BoxError> {
-    let result = endpoint.send(req).await.map_err(BoxError::from);
-    match &result {
-        Ok(resp) if grpc_status(resp.headers()) == Some(tonic::Code::Unavailable) => {
-            note_failure(state, plugin, ejections, false, "answered UNAVAILABLE");
-        }
-        Ok(_) => {
+    let mut result = endpoint.send(req).await.map_err(BoxError::from);
+    match &mut result {
+        Ok(resp) => {
+            if grpc_status(resp.headers()) == Some(tonic::Code::Unavailable) {
+                // So that a retry can go elsewhere (rare: no allocation on the common path).
+                resp.extensions_mut().insert(AnsweredBy(state.addr));
+            }
             if state.succeeded() {
                 tracing::info!(plugin = %plugin, addr = %state.addr, "Replica answers again");
             }
@@ -291,6 +299,12 @@ impl Endpoints {
         } else {
             Err(NoEndpoints { discovered: states.len() })
         }
+    }
+
+    /// Whether more than one replica can take a call now, so that a retry
+    /// may land elsewhere than the replica that just answered.
+    pub fn several_ready(&self) -> bool {
+        self.states.load().iter().filter(|s| s.is_ready()).nth(1).is_some()
     }
 
     /// Replaces the replica set with `addrs`: new ones are inserted, gone ones removed.
@@ -488,6 +502,23 @@ impl Backend {
     /// [`NoEndpoints`], or the connection error of the replica tried.
     pub async fn call(&self, req: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
         self.endpoints.balanced_call(req).await
+    }
+
+    /// Sends one call to a ready replica other than `avoid` (the balancer's
+    /// choice when there is none), for a retry after `avoid` answered.
+    ///
+    /// # Errors
+    /// As [`Backend::call`].
+    pub async fn call_avoiding(
+        &self,
+        req: http::Request<Body>,
+        avoid: SocketAddr,
+    ) -> Result<http::Response<Body>, BoxError> {
+        let other = self.endpoints.states.load().iter().find(|s| s.addr != avoid && s.is_ready()).cloned();
+        match other {
+            Some(s) => send_to(&s.endpoint, &s, &self.endpoints.plugin, &self.endpoints.ejections, req).await,
+            None => self.endpoints.balanced_call(req).await,
+        }
     }
 }
 

@@ -23,7 +23,7 @@ use tonic::{Code, Status, body::Body};
 use tower::{BoxError, retry::budget::Budget as _};
 
 use crate::{
-    backend::{grpc_status, never_reached},
+    backend::{AnsweredBy, grpc_status, never_reached},
     fleet::Fleet,
     metrics::Metrics,
     route::{self, Key, KeyError},
@@ -262,9 +262,14 @@ impl Proxy {
                 backend.plugin.name
             ))
         };
-        let headers = parts.headers;
+        let mut headers = parts.headers;
+        // What is forwarded may be shorter than what the caller sent (ExecuteTaskSync
+        // forwards the header and inputs messages only): its length is the body's own.
+        headers.remove(http::header::CONTENT_LENGTH);
         backend.budget.deposit();
         let mut attempt = 1;
+        // The replica whose UNAVAILABLE answer is being retried.
+        let mut avoid = None;
         loop {
             // Each attempt carries what is left of the deadline downstream.
             let remaining = match deadline {
@@ -288,22 +293,40 @@ impl Proxy {
             }
             // The call's future is made where it is awaited: a `let` first
             // would keep a second copy of it in this future's state.
-            let result = match (remaining, deadline) {
-                (Some(r), Some(d)) => match tokio::time::timeout(r, backend.call(req)).await {
+            let result = match (remaining, deadline, avoid) {
+                (Some(r), Some(d), None) => match tokio::time::timeout(r, backend.call(req)).await {
                     Ok(result) => result,
                     Err(_) => return Err((Some(index), expired(d))),
                 },
-                _ => backend.call(req).await,
+                (Some(r), Some(d), Some(a)) => {
+                    match tokio::time::timeout(r, backend.call_avoiding(req, a)).await {
+                        Ok(result) => result,
+                        Err(_) => return Err((Some(index), expired(d))),
+                    }
+                }
+                (_, _, None) => backend.call(req).await,
+                (_, _, Some(a)) => backend.call_avoiding(req, a).await,
             };
             // Retry only what cannot start a second job: idempotent methods after a
             // failure, anything when the request provably never reached a replica.
+            // A replica that answered UNAVAILABLE is retried elsewhere, never on
+            // itself alone: its plugin has already retried the external system
+            // within the deadline, and the answer carries the plugin's own message.
             let retry = match &result {
                 Err(e) if never_reached(e.as_ref()) => Some("connect"),
                 Err(_) if method.idempotent() => Some("error"),
-                Ok(resp) if method.idempotent() && grpc_status(resp.headers()) == Some(Code::Unavailable) => {
+                Ok(resp)
+                    if method.idempotent()
+                        && grpc_status(resp.headers()) == Some(Code::Unavailable)
+                        && backend.endpoints.several_ready() =>
+                {
                     Some("unavailable")
                 }
                 _ => None,
+            };
+            avoid = match &result {
+                Ok(resp) => resp.extensions().get::<AnsweredBy>().map(|a| a.0),
+                Err(_) => None,
             };
             if let Some(reason) = retry
                 && attempt < MAX_ATTEMPTS

@@ -210,6 +210,31 @@ async fn execute_task_sync_through_the_gateway_answers_an_open_stream_without_a_
 }
 
 #[tokio::test]
+async fn a_content_length_from_the_caller_does_not_reach_the_plugin() {
+    use admin::execute_task_sync_request::Part;
+    let echo = spawn_plugin(Echo::default()).await;
+    let gw = spawn_gateway(vec![plugin("echo", format!("static://{}", echo.addr))], |_| {}).await;
+    let [header, first_inputs] = sync_messages(echo_template("echo_sync", &[]), inputs(3));
+    let extra = admin::ExecuteTaskSyncRequest { part: Some(Part::Inputs(inputs(4))) };
+    // The gateway forwards the header and the inputs, not the extra message:
+    // the caller's content-length would no longer be true of what it sends.
+    let body: bytes::Bytes =
+        [&header, &first_inputs, &extra].map(|m| frame(&m.encode_to_vec())).concat().into();
+    let length = body.len().to_string();
+    let answer = flotilla_testkit::raw_call_with(
+        gw.addr,
+        "/flyteidl.service.SyncAgentService/ExecuteTaskSync",
+        &[("content-length", &length)],
+        body,
+    )
+    .await;
+    assert_eq!(answer.code, Code::Ok, "{}", answer.message);
+    let answer = admin::ExecuteTaskSyncResponse::decode(answer.messages[0].clone()).unwrap();
+    let Some(admin::execute_task_sync_response::Res::Header(h)) = answer.res else { panic!("{answer:?}") };
+    assert_eq!(h.resource.unwrap().outputs, Some(inputs(3)));
+}
+
+#[tokio::test]
 async fn a_pinned_category_is_listed_even_when_the_plugin_shares_its_agents_name() {
     // The plugin is named after its own agent; the pin joins that agent in ListAgents.
     let svc = spawn_plugin(Named { agent: "Warehouse", task_type: "load" }).await;

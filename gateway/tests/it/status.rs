@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use flotilla_echo::Echo;
-use flotilla_proto::{admin, paths};
+use flotilla_proto::{admin, core, paths};
 use flotilla_testkit::{bind_loopback, frame, raw_call, spawn_plugin};
 use prost_types::value::Kind;
 use tonic::Code;
@@ -184,4 +184,101 @@ async fn a_client_that_gives_up_cancels_the_call_at_the_plugin() {
         .list_agents(admin::ListAgentsRequest {})
         .await
         .expect("the connection survives the reset of one of its streams");
+}
+
+/// A plugin whose external system is down: GetTask answers UNAVAILABLE with the
+/// plugin's own message, and counts the calls it got.
+#[derive(Clone, Default)]
+struct Outage {
+    gets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl flotilla_sdk::Plugin for Outage {
+    fn agents(&self) -> Vec<flotilla_sdk::AgentSpec> {
+        vec![flotilla_sdk::AgentSpec::asynchronous("Outage Agent", "outage")]
+    }
+
+    async fn get(
+        &self,
+        _: &flotilla_sdk::Call,
+        _: admin::GetTaskRequest,
+    ) -> Result<admin::Resource, flotilla_sdk::PluginError> {
+        self.gets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Err(flotilla_sdk::PluginError::Unavailable("the warehouse answered 503 backendError".into()))
+    }
+}
+
+async fn get_outage(gw: &RunningGateway) -> tonic::Status {
+    gw.async_client()
+        .get_task(admin::GetTaskRequest { task_category: category("outage"), ..Default::default() })
+        .await
+        .expect_err("the plugin answers UNAVAILABLE")
+}
+
+#[tokio::test]
+async fn a_plugins_own_unavailable_reaches_the_caller_and_ejects_nobody() {
+    let outage = Outage::default();
+    let service = spawn_plugin(outage.clone()).await;
+    let gw = spawn_gateway(vec![plugin("outage", format!("static://{}", service.addr))], |_| {}).await;
+    for n in 1..=5 {
+        let err = get_outage(&gw).await;
+        assert_eq!(err.code(), Code::Unavailable, "call {n}: {}", err.message());
+        assert_eq!(err.message(), "the warehouse answered 503 backendError", "call {n}");
+    }
+    // One replica: nowhere else to retry, and the plugin already retried its API.
+    assert_eq!(outage.gets.load(std::sync::atomic::Ordering::SeqCst), 5);
+    assert_eq!(
+        flotilla_testkit::metric(gw.admin, "flotilla_gateway_ejections_total{plugin=\"outage\"}").await,
+        0.0
+    );
+}
+
+/// A replica of the same plugin whose external system is up, and slower to
+/// answer than the one whose system is down: peak-EWMA prefers the fast one.
+#[derive(Clone)]
+struct Healthy;
+
+impl flotilla_sdk::Plugin for Healthy {
+    fn agents(&self) -> Vec<flotilla_sdk::AgentSpec> {
+        Outage::default().agents()
+    }
+
+    async fn get(
+        &self,
+        _: &flotilla_sdk::Call,
+        _: admin::GetTaskRequest,
+    ) -> Result<admin::Resource, flotilla_sdk::PluginError> {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        Ok(flotilla_sdk::resource::succeeded(None))
+    }
+}
+
+#[tokio::test]
+async fn an_unavailable_answer_is_retried_on_another_ready_replica() {
+    let outage = Outage::default();
+    let down = spawn_plugin(outage.clone()).await;
+    let up = spawn_plugin(Healthy).await;
+    let gw =
+        spawn_gateway(vec![plugin("outage", format!("static://{},{}", down.addr, up.addr))], |_| {}).await;
+    // The replica that answers UNAVAILABLE answers fastest, so the balancer
+    // keeps choosing it first; each such answer must be retried on the other.
+    for n in 0..20 {
+        let answer = gw
+            .async_client()
+            .get_task(admin::GetTaskRequest { task_category: category("outage"), ..Default::default() })
+            .await
+            .unwrap_or_else(|e| panic!("call {n}: {e:?}"));
+        assert_eq!(
+            answer.into_inner().resource.map(|r| r.phase),
+            Some(core::task_execution::Phase::Succeeded as i32)
+        );
+    }
+    let retries = flotilla_testkit::metric(
+        gw.admin,
+        "flotilla_gateway_retries_total{method=\"GetTask\",plugin=\"outage\",reason=\"unavailable\"}",
+    )
+    .await;
+    let gets = outage.gets.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(gets > 0, "the balancer never chose the failing replica; the test shows nothing");
+    assert_eq!(retries, gets as f64, "every UNAVAILABLE answer was retried once, elsewhere");
 }
