@@ -25,6 +25,10 @@ pub struct FleetState {
     pub routes: RouteTable,
     /// The union of every service's agents, as `ListAgents` answers it.
     pub agents: Vec<admin::Agent>,
+    /// The plugins that have not answered `ListAgents` since the gateway
+    /// started (as `"name" (discovery target)`): a task type nobody is known
+    /// to serve may be theirs.
+    pub unheard: Vec<String>,
 }
 
 /// Every backend and the learned routes.
@@ -99,6 +103,8 @@ impl Fleet {
                     "ok"
                 }
                 Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                    // An answer all the same: the service has no task types to tell.
+                    slot.get_or_insert_with(Vec::new);
                     tracing::warn!(plugin = %name, "The plugin does not implement ListAgents; only its pinned categories route to it");
                     "unimplemented"
                 }
@@ -221,7 +227,11 @@ impl Fleet {
             }
         }
         self.metrics.route_conflicts.set(conflicts);
-        FleetState { routes: RouteTable::new(routes), agents }
+        let unheard = (self.backends.iter().zip(last))
+            .filter(|(_, answer)| answer.is_none())
+            .map(|(b, _)| format!("{:?} ({})", b.plugin.name, b.plugin.target_text))
+            .collect();
+        FleetState { routes: RouteTable::new(routes), agents, unheard }
     }
 
     /// Polls on `interval` until `shutdown`. The first poll has already happened in `start`.

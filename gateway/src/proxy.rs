@@ -236,12 +236,25 @@ impl Proxy {
         let state = self.fleet.state();
         let Some(index) = state.routes.lookup(key) else {
             let known = state.routes.known();
-            return Err(none(Status::not_found(format!(
-                "no plugin serves task type {:?} version {}; the fleet knows: {}",
-                key.name,
-                key.version,
-                if known.is_empty() { "nothing yet".to_owned() } else { known.join(", ") }
-            ))));
+            let known = if known.is_empty() { "nothing yet".to_owned() } else { known.join(", ") };
+            // With a plugin not heard from yet, the task type may be its: the
+            // caller should come back, not give up.
+            return Err(none(if state.unheard.is_empty() {
+                Status::not_found(format!(
+                    "no plugin serves task type {:?} version {}; the fleet knows: {known}",
+                    key.name, key.version,
+                ))
+            } else {
+                let unheard = match state.unheard.as_slice() {
+                    [one] => format!("plugin {one} has"),
+                    many => format!("plugins {} have", many.join(", ")),
+                };
+                Status::unavailable(format!(
+                    "no plugin is known to serve task type {:?} version {} yet: {unheard} not answered \
+                     ListAgents since the gateway started; the fleet knows: {known}",
+                    key.name, key.version,
+                ))
+            }));
         };
         drop(state);
         let backend = &self.fleet.backends[index];

@@ -130,7 +130,12 @@ async fn a_service_started_after_the_gateway_becomes_routable_within_a_refresh()
             })
             .await
     };
-    assert_eq!(flaky_create().await.unwrap_err().code(), Code::NotFound);
+    // Not NOT_FOUND: the type may be the silent plugin's, so the caller should come back.
+    let err = flaky_create().await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    let silent = format!("plugin \"late\" (static://{later}) has not answered ListAgents");
+    assert!(err.message().contains(&silent), "{}", err.message());
+    assert!(err.message().contains("the fleet knows: echo v0, echo_sync v0"), "{}", err.message());
 
     // Let the gateway fail against the absent service several times (its ejection backs off).
     eventually("failed polls of the absent service", Duration::from_secs(10), || async {
