@@ -149,7 +149,21 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_gateway;
+    use clap::Parser as _;
+
+    use super::{Cli, Command, parse_gateway};
+
+    #[test]
+    fn up_takes_the_listen_forms_the_servers_take() {
+        let cli =
+            Cli::try_parse_from(["flotilla", "up", "--listen", ":18000", "--admin-listen", "localhost:0"])
+                .expect("valid forms");
+        let Command::Up(up) = cli.command else { panic!("not up") };
+        assert_eq!(up.listen.to_string(), "0.0.0.0:18000");
+        assert!(up.admin_listen.ip().is_loopback(), "{}", up.admin_listen);
+        let e = Cli::try_parse_from(["flotilla", "up", "--listen", "nowhere"]).err().expect("refused");
+        assert!(e.to_string().contains("--listen"), "{e}");
+    }
 
     #[test]
     fn gateway_addresses_are_host_and_port() {

@@ -138,8 +138,12 @@ fn status_error(what: &str, s: &tonic::Status) -> anyhow::Error {
     // failure does, but for the connection dropped mid-call (hyper's canceled
     // request, CANCELLED with hyper's words).
     let dropped = s.code() == tonic::Code::Cancelled && s.message() == "operation was canceled";
+    let timed_out =
+        s.code() == tonic::Code::Cancelled && s.message() == tonic::TimeoutExpired(()).to_string();
     let transport = dropped || std::error::Error::source(s).is_some();
-    let hint = if transport {
+    let hint = if timed_out {
+        " (no answer within --timeout; a sync task type answers only when its task ends)"
+    } else if transport {
         " (the connection to the gateway failed: if the gateway serves TLS, pass --tls or --tls-ca; if it \
          does not, leave them out)"
     } else {

@@ -9,16 +9,18 @@ use flotilla_gateway::{
     config::{GatewayConfig, PluginConfig},
 };
 use flotilla_sdk::ServeOptions;
-use flotilla_telemetry::{LogFormat, Shutdown};
+use flotilla_telemetry::{LogFormat, Shutdown, config::parse_listen_addr};
 
 #[derive(clap::Args)]
 pub(crate) struct UpArgs {
-    /// Gateway gRPC address (point propeller here).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8000")]
-    listen: SocketAddr,
-    /// Gateway admin HTTP address (/metrics, /livez, /readyz); port 0 picks a free one.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
-    admin_listen: SocketAddr,
+    /// Gateway gRPC address (point propeller here): IP:PORT, :PORT (every
+    /// interface) or HOST:PORT.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8000", value_parser = parse_listen_addr)]
+    pub(crate) listen: SocketAddr,
+    /// Gateway admin HTTP address (/metrics, /livez, /readyz), in the same
+    /// forms; port 0 picks a free one.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090", value_parser = parse_listen_addr)]
+    pub(crate) admin_listen: SocketAddr,
     /// Log filter, in RUST_LOG syntax.
     #[arg(long, value_name = "FILTER", default_value = "warn", env = "RUST_LOG")]
     log: String,

@@ -150,3 +150,27 @@ async fn the_cli_talks_tls_to_a_tls_gateway_and_says_so_when_it_was_not_asked_to
     assert!(text(&untrusted.stderr).contains("certificate"), "{}", text(&untrusted.stderr));
     shutdown.trigger();
 }
+
+#[tokio::test]
+async fn a_call_that_outlasts_timeout_says_so_not_that_the_connection_failed() {
+    let (addr, shutdown, _echo) = gateway(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("slow.yaml");
+    std::fs::write(&file, "type: echo_sync\ncustom:\n  duration_ms: 3000\ninputs:\n  x: 1\n").unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["create", &file.display().to_string(), "--gateway", &addr.to_string(), "--timeout", "0.3"])
+            .env("FLOTILLA_TOKEN", TOKEN)
+            .env_remove("FLOTILLA_TLS")
+            .env_remove("FLOTILLA_TLS_CA")
+            .output()
+            .expect("flotilla runs")
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("no answer within --timeout"), "{stderr}");
+    assert!(!stderr.contains("TLS"), "{stderr}");
+    shutdown.trigger();
+}
