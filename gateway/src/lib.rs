@@ -29,7 +29,6 @@ pub mod route;
 
 use std::{collections::HashSet, net::SocketAddr, sync::Arc};
 
-use flotilla_proto::service::agent_metadata_service_server::AgentMetadataServiceServer;
 use flotilla_telemetry::{Admin, Readiness, Shutdown};
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -146,12 +145,17 @@ impl Gateway {
         let addr: Option<SocketAddr> = grpc.local_addr().ok();
         // The request size limit holds here too (RESOURCE_EXHAUSTED naming it, not tonic's 4 MiB).
         let decode_limit = config.max_request_bytes.saturating_add(1);
-        let routes = tonic::service::Routes::new(health_service.max_decoding_message_size(decode_limit))
-            .add_service(
-                AgentMetadataServiceServer::new(FleetMetadata(fleet)).max_decoding_message_size(decode_limit),
-            );
+        let routes = tonic::service::Routes::new(health_service.max_decoding_message_size(decode_limit));
         let routes = flotilla_sdk::h2serve::limited_routes(routes, config.max_request_bytes);
-        let calls = Arc::new(GatewayCalls { proxy, routes, auth: config.auth.clone(), metrics });
+        let calls = Arc::new(GatewayCalls {
+            proxy,
+            metadata: FleetMetadata(fleet),
+            health: Arc::new(tonic_health::server::HealthService::from_health_reporter(health.clone())),
+            limit: config.max_request_bytes,
+            routes,
+            auth: config.auth.clone(),
+            metrics,
+        });
         let stopping = flotilla_sdk::stopping(&shutdown, readiness.clone(), health, addr);
         readiness.set(true);
         tracing::info!(

@@ -11,7 +11,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use flotilla_proto::paths;
+use flotilla_proto::{paths, service::agent_metadata_service_server::AgentMetadataService as _};
 use flotilla_sdk::{
     h2serve::{self, CallFuture, Handler, RecvBody},
     wire::{FRAME_HEADER_LEN, format_grpc_timeout, header, parse_grpc_timeout},
@@ -20,6 +20,7 @@ use h2::{RecvStream, server::SendResponse};
 use http::{HeaderValue, Request, Response};
 use http_body::Frame;
 use tonic::{Code, Status, body::Body};
+use tonic_health::pb::health_server::Health as _;
 use tower::{BoxError, retry::budget::Budget as _};
 
 use crate::{
@@ -589,12 +590,20 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 
 /// The gateway's calls, served by [`flotilla_sdk::h2serve`]: calls to
 /// `AsyncAgentService` and `SyncAgentService` go straight to [`Proxy`] and are
-/// polled on the connection's task; everything else (health, the gateway's
-/// own `AgentMetadataService`, unknown services) goes to tonic's router.
+/// polled on the connection's task; the gateway's own `AgentMetadataService`
+/// and health checks are answered from the stream as the plugin services
+/// answer theirs ([`flotilla_sdk::unary`]); the rest (health watches, unknown
+/// services) goes to tonic's router.
 pub struct GatewayCalls {
     /// The forwarding path.
     pub proxy: Arc<Proxy>,
-    /// Health and the gateway's metadata service, behind the request size limit.
+    /// The union of the fleet's agents.
+    pub metadata: crate::fleet::FleetMetadata,
+    /// Answers `grpc.health.v1.Health/Check`.
+    pub health: Arc<tonic_health::server::HealthService>,
+    /// Largest request message accepted by `metadata` and `health`.
+    pub limit: usize,
+    /// Health watches and unknown services, behind the request size limit.
     pub routes: h2serve::Routes,
     /// Who may call, when authentication is on (health checks always may).
     pub auth: Option<crate::auth::Auth>,
@@ -613,11 +622,31 @@ impl Handler for GatewayCalls {
             // The gateway's credentials are not the plugin services' business.
             request.headers_mut().remove(http::header::AUTHORIZATION);
         }
-        if proxied(request.uri().path()) {
-            let proxy = self.proxy.clone();
-            Box::pin(async move { proxy.serve(request, respond).await })
-        } else {
-            Box::pin(h2serve::serve_tower(self.routes.clone(), request, respond))
+        let limit = self.limit;
+        match request.uri().path() {
+            path if proxied(path) => {
+                let proxy = self.proxy.clone();
+                Box::pin(async move { proxy.serve(request, respond).await })
+            }
+            paths::LIST_AGENTS => {
+                let m = self.metadata.clone();
+                Box::pin(flotilla_sdk::unary(request, respond, limit, move |r| async move {
+                    m.list_agents(r).await
+                }))
+            }
+            paths::GET_AGENT => {
+                let m = self.metadata.clone();
+                Box::pin(flotilla_sdk::unary(request, respond, limit, move |r| async move {
+                    m.get_agent(r).await
+                }))
+            }
+            paths::HEALTH_CHECK => {
+                let health = self.health.clone();
+                Box::pin(flotilla_sdk::unary(request, respond, limit, move |r| async move {
+                    health.check(r).await
+                }))
+            }
+            _ => Box::pin(h2serve::serve_tower(self.routes.clone(), request, respond)),
         }
     }
 }

@@ -26,6 +26,24 @@ async fn a_body_that_is_not_protobuf_is_invalid_argument_and_the_gateway_keeps_s
 }
 
 #[tokio::test]
+async fn the_gateways_own_services_answer_a_malformed_body_with_invalid_argument_too() {
+    let echo = spawn_plugin(Echo::default()).await;
+    let gw = spawn_gateway(vec![plugin("echo", format!("static://{}", echo.addr))], |_| {}).await;
+    for addr in [gw.addr, echo.addr] {
+        for path in [paths::LIST_AGENTS, paths::GET_AGENT, paths::HEALTH_CHECK] {
+            let answer = raw_call(addr, path, frame(b"\xff\xff\xff\xff\x0f")).await;
+            assert_eq!(answer.code, Code::InvalidArgument, "{addr}{path}: {}", answer.message);
+            // No message at all is not one message of the type either.
+            let answer = raw_call(addr, path, bytes::Bytes::new()).await;
+            assert_eq!(answer.code, Code::InvalidArgument, "{addr}{path} (empty): {}", answer.message);
+        }
+        // And a good one still answers.
+        let answer = raw_call(addr, paths::HEALTH_CHECK, frame(b"")).await;
+        assert_eq!(answer.code, Code::Ok, "{addr}: {}", answer.message);
+    }
+}
+
+#[tokio::test]
 async fn an_oversized_request_is_resource_exhausted_naming_size_and_limit() {
     let echo = spawn_plugin(Echo::default()).await;
     let gw = spawn_gateway(vec![plugin("echo", format!("static://{}", echo.addr))], |c| {

@@ -1,9 +1,10 @@
 //! How a plugin service answers its calls on [`crate::h2serve`]: the unary
-//! agent methods and ExecuteTaskSync straight from the HTTP/2 stream (read the
-//! request, decode it, call the plugin, encode the one answer), everything else
-//! (GetTaskLogs, health, unknown paths) through tonic's router.
+//! agent methods, ExecuteTaskSync and health checks straight from the HTTP/2
+//! stream (read the request, decode it, call the plugin, encode the one
+//! answer), everything else (GetTaskLogs, health watches, unknown paths)
+//! through tonic's router.
 
-use std::future::Future;
+use std::{future::Future, sync::Arc};
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 use flotilla_proto::{
@@ -15,6 +16,7 @@ use flotilla_proto::{
 use h2::{RecvStream, server::SendResponse};
 use http::{HeaderMap, HeaderValue};
 use tonic::{Status, metadata::MetadataMap};
+use tonic_health::{pb::health_server::Health as _, server::HealthService};
 
 use crate::{
     Plugin,
@@ -30,6 +32,8 @@ pub(crate) struct ServiceCalls<P> {
     pub(crate) routes: h2serve::Routes,
     /// Largest request message accepted.
     pub(crate) limit: usize,
+    /// Answers `grpc.health.v1.Health/Check`.
+    pub(crate) health: Arc<HealthService>,
 }
 
 impl<P: Plugin> Handler for ServiceCalls<P> {
@@ -56,6 +60,10 @@ impl<P: Plugin> Handler for ServiceCalls<P> {
                 Box::pin(unary(request, respond, limit, move |r| async move { s.get_agent(r).await }))
             }
             paths::EXECUTE_TASK_SYNC => Box::pin(execute_sync(request, respond, limit, s)),
+            paths::HEALTH_CHECK => {
+                let health = self.health.clone();
+                Box::pin(unary(request, respond, limit, move |r| async move { health.check(r).await }))
+            }
             _ => Box::pin(h2serve::serve_tower(self.routes.clone(), request, respond)),
         }
     }
@@ -63,8 +71,10 @@ impl<P: Plugin> Handler for ServiceCalls<P> {
 
 /// One unary call: the request's one message (held to `limit`), decoded as
 /// `M`, handed to `call` with the request's metadata, under the caller's
-/// deadline; see [`answer`].
-async fn unary<M, R, F, Fut>(
+/// deadline; see [`answer`]. A request that is not one valid message of its
+/// type is INVALID_ARGUMENT naming the decode error (tonic's codec would
+/// answer INTERNAL), one over `limit` RESOURCE_EXHAUSTED.
+pub async fn unary<M, R, F, Fut>(
     request: http::Request<RecvStream>,
     respond: SendResponse<Bytes>,
     limit: usize,

@@ -48,6 +48,7 @@ mod service;
 pub mod tls;
 pub mod wire;
 
+pub use calls::unary;
 pub use error::PluginError;
 pub use flotilla_proto as proto;
 pub use flotilla_telemetry as telemetry;

@@ -88,14 +88,16 @@ pub(crate) async fn serve_with_registry<P: Plugin>(
 
     let limit = options.max_request_bytes;
     let grpc_addr: Option<SocketAddr> = grpc.local_addr().ok();
-    // Every agent method but GetTaskLogs is answered straight from the HTTP/2
-    // stream (crate::calls); GetTaskLogs and health go to tonic's router, our
-    // size limit first (as bytes arrive; tonic's own would answer OUT_OF_RANGE).
+    // Every agent method but GetTaskLogs, and health checks, are answered
+    // straight from the HTTP/2 stream (crate::calls); GetTaskLogs and health
+    // watches go to tonic's router, our size limit first (as bytes arrive;
+    // tonic's own would answer OUT_OF_RANGE).
     let decode_limit = limit.saturating_add(1);
     let routes = tonic::service::Routes::new(health_service.max_decoding_message_size(decode_limit))
         .add_service(AsyncAgentServiceServer::new(services.clone()).max_decoding_message_size(decode_limit));
     let routes = crate::h2serve::limited_routes(routes, limit);
-    let calls = Arc::new(ServiceCalls { services, routes, limit });
+    let check = Arc::new(tonic_health::server::HealthService::from_health_reporter(health.clone()));
+    let calls = Arc::new(ServiceCalls { services, routes, limit, health: check });
 
     let stopping = stopping(&shutdown, readiness.clone(), health, grpc_addr);
     readiness.set(true);
