@@ -31,9 +31,14 @@ pub struct JobMeta {
     pub job_id: String,
     /// The project the job runs in.
     pub project: String,
-    /// The job's location (`US`, `EU`, a region); may be empty.
-    #[serde(default)]
+    /// The job's location (`US`, `EU`, a region); may be empty. Upstream
+    /// writes `null` when the template names none.
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub location: String,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
 }
 
 impl JobMeta {
@@ -206,6 +211,22 @@ mod tests {
     fn phase(job: Value) -> (Phase, String) {
         let r = to_resource(&job).unwrap();
         (Phase::try_from(r.phase).unwrap(), r.message)
+    }
+
+    #[test]
+    fn upstreams_meta_reads_with_or_without_a_location() {
+        // flytekit writes `"location": null` for a template without `Location`.
+        for (json, location) in [
+            (r#"{"job_id":"j","project":"p","location":null}"#, ""),
+            (r#"{"job_id":"j","project":"p"}"#, ""),
+            (r#"{"job_id":"j","project":"p","location":"EU"}"#, "EU"),
+        ] {
+            let meta = JobMeta::decode(json.as_bytes()).unwrap_or_else(|e| panic!("{json}: {e}"));
+            assert_eq!(
+                (meta.job_id.as_str(), meta.project.as_str(), meta.location.as_str()),
+                ("j", "p", location)
+            );
+        }
     }
 
     #[test]

@@ -251,6 +251,16 @@ async fn rate_limits_and_server_errors_are_retried_inside_the_call() {
         google_error(429, "RESOURCE_EXHAUSTED", "rateLimitExceeded", "Exceeded rate limits"),
     );
     rig.fake.http.inject("/bigquery/v2/projects/flyte-project/jobs", Reply::text(503, "Service Unavailable"));
+    // BigQuery's documented answer to too many API requests: 403, reason rateLimitExceeded.
+    rig.fake.http.inject(
+        "/bigquery/v2/projects/flyte-project/jobs",
+        google_error(
+            403,
+            "PERMISSION_DENIED",
+            "rateLimitExceeded",
+            "Exceeded rate limits: too many api requests",
+        ),
+    );
     let meta = create(&mut rig, None).await;
     rig.fake.http.inject(
         "/bigquery/v2/projects/flyte-project/jobs/",
@@ -265,7 +275,7 @@ async fn rate_limits_and_server_errors_are_retried_inside_the_call() {
         .filter(|r| r.method == "POST")
         .map(|r| r.json()["jobReference"]["jobId"].clone())
         .collect();
-    assert_eq!(ids.len(), 3);
+    assert_eq!(ids.len(), 4);
     assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
     assert_eq!(rig.fake.job_ids().len(), 1);
 }

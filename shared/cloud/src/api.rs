@@ -145,6 +145,9 @@ pub enum ApiError {
         status: u16,
         /// The API's own message, from its error body.
         message: String,
+        /// The body names a rate limit ([`rate_limited`]) whatever the
+        /// status: Google APIs answer some with 403.
+        rate_limited: bool,
     },
     /// No answer: the connection failed or broke.
     #[error("{api} {op} failed: could not reach {host}: {detail}")]
@@ -192,7 +195,7 @@ impl ApiError {
     /// A transient failure: worth trying again later (rate limits, server errors, no answer).
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Status { status, .. } => is_transient_status(*status),
+            Self::Status { status, rate_limited, .. } => *rate_limited || is_transient_status(*status),
             Self::Unreachable { .. } | Self::Timeout { .. } => true,
             Self::Malformed { .. } => false,
         }
@@ -208,6 +211,7 @@ impl From<ApiError> for PluginError {
     fn from(e: ApiError) -> Self {
         let text = e.to_string();
         match e {
+            ApiError::Status { rate_limited: true, .. } => PluginError::Unavailable(text),
             ApiError::Status { status: 401, .. } => PluginError::Status(Status::unauthenticated(format!(
                 "{text} (the service's own credentials for the API were refused)"
             ))),
@@ -486,8 +490,11 @@ impl Api {
             };
             return Attempt::Answer(Response { status: code, headers, body });
         }
-        let error = ApiError::Status { api, op, status: code, message: error_message(status, &bytes) };
-        let retry = is_transient_status(code) && (request.idempotent || code == 429);
+        let rate_limited = code == 429 || rate_limited(&bytes);
+        let error =
+            ApiError::Status { api, op, status: code, message: error_message(status, &bytes), rate_limited };
+        // A rate limit refused the request before doing anything: safe to send again.
+        let retry = rate_limited || (is_transient_status(code) && request.idempotent);
         Attempt::Failed { error, retry, retry_after: retry_after(&headers) }
     }
 }
@@ -520,6 +527,21 @@ pub fn error_message(status: StatusCode, body: &[u8]) -> String {
         (None, Some(m)) => m,
         _ => excerpt(body),
     }
+}
+
+/// Whether a Google error body (`{"error": {"errors": [{"reason"}]}}`) names a
+/// rate limit: BigQuery answers `rateLimitExceeded` with HTTP 403, and Google's
+/// own clients retry it as they retry a 429.
+pub fn rate_limited(body: &[u8]) -> bool {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else { return false };
+    v.pointer("/error/errors").and_then(Value::as_array).is_some_and(|errors| {
+        errors.iter().any(|e| {
+            matches!(
+                e.get("reason").and_then(Value::as_str),
+                Some("rateLimitExceeded" | "userRateLimitExceeded")
+            )
+        })
+    })
 }
 
 /// The first few hundred characters of a body, for an error message.
