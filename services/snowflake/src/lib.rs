@@ -246,12 +246,12 @@ pub fn statement_body(
     let prepared = sql::prepare(statement, &inputs).map_err(|e| PluginError::InvalidArgument(e.0))?;
     let mut body = json!({
         "statement": prepared.statement,
-        "database": connection.database,
-        "schema": connection.schema,
-        "warehouse": connection.warehouse,
+        "database": api_identifier(&connection.database),
+        "schema": api_identifier(&connection.schema),
+        "warehouse": api_identifier(&connection.warehouse),
     });
     if let Some(role) = &connection.role {
-        body["role"] = json!(role);
+        body["role"] = json!(api_identifier(role));
     }
     if let Some(bindings) = prepared.bindings_json() {
         body["bindings"] = bindings;
@@ -265,6 +265,21 @@ pub fn statement_body(
         }
     }
     Ok(body)
+}
+
+/// A database, schema, warehouse or role name as the SQL API wants it. Its
+/// fields are case-sensitive, matching the names `SHOW` prints, while the
+/// names in a template are what a user would write in SQL (and what upstream's
+/// Python connector passes as such): unquoted, Snowflake stores them in upper
+/// case; quoted (`"My_DB"`), as written. Anything else is passed as given.
+fn api_identifier(name: &str) -> String {
+    if let Some(inner) = name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+        return inner.replace("\"\"", "\"");
+    }
+    let mut chars = name.chars();
+    let plain = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$');
+    if plain { name.to_ascii_uppercase() } else { name.to_owned() }
 }
 
 fn has_outputs(template: &core::TaskTemplate) -> bool {
@@ -341,7 +356,11 @@ impl Plugin for Snowflake {
         let poll = self
             .authorized(api::Request::get("get statement status", url), &token)
             .accept_status(422)
-            .accept_status(408);
+            .accept_status(408)
+            .accept_status(404)
+            // 200 carries the first partition of the results, which may be
+            // megabytes; the status alone says the statement succeeded.
+            .ignore_body_of(200);
         let answer = self.api.send(poll, deadline).await.map_err(PluginError::from)?;
         let Some(status) = status::from_answer(answer.status, &answer.body) else {
             return Err(ApiError::malformed(

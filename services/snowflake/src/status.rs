@@ -71,7 +71,7 @@ pub fn query_status(name: &str) -> Status {
         "FAILED_WITH_INCIDENT" => {
             Status::new(Phase::RetryableFailed, "the query failed because of an incident on Snowflake's side")
         }
-        "ABORTED" => Status::new(Phase::Aborted, "the query was aborted"),
+        "ABORTED" => Status::new(Phase::Failed, "the query was aborted"),
         _ => Status::new(
             Phase::Running,
             format!("Snowflake reports the query in state {name:?}, unknown to Flotilla"),
@@ -110,14 +110,21 @@ fn describe(body: &Value) -> String {
 /// about a statement (the caller turns those into errors).
 pub fn from_answer(http_status: u16, body: &Value) -> Option<Status> {
     Some(match http_status {
+        200 if body.is_null() => Status::new(Phase::Succeeded, "the statement succeeded"),
         200 => Status::new(Phase::Succeeded, describe(body)),
         202 => in_progress(body),
         408 => Status::new(
             Phase::Failed,
             format!("the statement ran past its timeout and Snowflake canceled it: {}", describe(body)),
         ),
+        // Unknown to Snowflake (another account, or expired): it will never finish.
+        404 => {
+            Status::new(Phase::Failed, format!("Snowflake does not know the statement: {}", describe(body)))
+        }
         422 => match field(body, "code") {
-            CANCELED => Status::new(Phase::Aborted, describe(body)),
+            // FAILED, not ABORTED: propeller drops the message of an ABORTED
+            // task, and upstream's connector answers FAILED here too.
+            CANCELED => Status::new(Phase::Failed, format!("the statement was canceled: {}", describe(body))),
             INTERNAL_ERROR => Status::new(Phase::RetryableFailed, describe(body)),
             STATEMENT_TIMEOUT => Status::new(Phase::Failed, describe(body)),
             _ => Status::new(Phase::Failed, describe(body)),

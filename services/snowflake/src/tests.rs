@@ -58,6 +58,26 @@ fn the_body_carries_statement_bindings_and_connection() {
 }
 
 #[test]
+fn names_reach_the_sql_api_in_the_case_snowflake_stores_them() {
+    for (written, sent) in [
+        ("analytics", "ANALYTICS"),
+        ("Compute_WH", "COMPUTE_WH"),
+        ("_tmp$1", "_TMP$1"),
+        ("ANALYTICS", "ANALYTICS"),
+        (r#""Mixed Case""#, "Mixed Case"),
+        (r#""say ""hi""""#, r#"say "hi""#),
+        ("my-db", "my-db"),
+        ("", ""),
+    ] {
+        assert_eq!(api_identifier(written), sent, "{written}");
+    }
+    let mut c = connection(Some("analyst"));
+    c.database = "analytics".into();
+    let body = statement_body(&template("SELECT 1"), &c, None).unwrap();
+    assert_eq!((body["database"].as_str(), body["role"].as_str()), (Some("ANALYTICS"), Some("ANALYST")));
+}
+
+#[test]
 fn a_template_without_a_query_or_with_unbindable_inputs_is_refused() {
     let no_sql = core::TaskTemplate { r#type: TASK_TYPE.into(), ..Default::default() };
     let e = statement_body(&no_sql, &connection(None), None).unwrap_err();

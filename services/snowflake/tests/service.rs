@@ -387,7 +387,7 @@ async fn every_state_maps_to_its_phase_over_the_wire() {
         ),
         (
             vec![Step::InProgress(None), Step::failed("000604", "57014", "SQL execution canceled")],
-            Phase::Aborted,
+            Phase::Failed,
         ),
     ] {
         let meta = h.started(script.clone()).await;
@@ -412,7 +412,8 @@ async fn delete_cancels_the_statement_and_is_idempotent() {
     assert_eq!(cancels[0].method, "POST");
     assert_eq!(cancels[0].header("x-snowflake-authorization-token-type"), Some("KEYPAIR_JWT"));
     let aborted = h.get(&meta).await.unwrap();
-    assert_eq!(phase(&aborted), Phase::Aborted, "{}", aborted.message);
+    assert_eq!(phase(&aborted), Phase::Failed, "{}", aborted.message);
+    assert!(aborted.message.starts_with("the statement was canceled: "), "{}", aborted.message);
     // Again (422: not executing), and for a statement Snowflake does not know (404).
     h.delete(&meta).await.unwrap();
     let mut unknown = meta_json(&meta);
@@ -680,4 +681,18 @@ async fn the_fakes_binarys_identity_takes_any_user_of_the_test_key() {
     }
     assert!(fake.auth_failures().is_empty(), "{:?}", fake.auth_failures());
     assert_eq!(fake.statements().len(), 2);
+}
+
+#[tokio::test]
+async fn a_statement_snowflake_does_not_know_is_a_failed_task_not_an_error() {
+    let mut h = harness().await;
+    let meta = h.started(vec![Step::InProgress(None)]).await;
+    let handle = h.fake.statements()[0].handle.clone();
+    h.fake.http.inject(
+        &format!("/api/v2/statements/{handle}"),
+        Reply::json(404, json!({"code": "000709", "message": format!("Statement {handle} not found")})),
+    );
+    let r = h.get(&meta).await.expect("an answer, not an RPC error");
+    assert_eq!(phase(&r), Phase::Failed, "{}", r.message);
+    assert!(r.message.contains("not found"), "{}", r.message);
 }

@@ -248,13 +248,15 @@ pub struct Request {
     body: Body,
     idempotent: bool,
     accept: Vec<u16>,
+    /// Statuses whose body is not read: the status says all that is needed.
+    bodiless: Vec<u16>,
 }
 
 impl Request {
     fn new(op: &'static str, method: Method, url: Url, body: Body) -> Self {
         let mut headers = HeaderMap::new();
         headers.insert(http::header::ACCEPT, HeaderValue::from_static("application/json"));
-        Self { op, method, url, headers, body, idempotent: true, accept: Vec::new() }
+        Self { op, method, url, headers, body, idempotent: true, accept: Vec::new(), bodiless: Vec::new() }
     }
 
     /// `GET url`, named `op` in errors and logs.
@@ -313,6 +315,16 @@ impl Request {
     #[must_use]
     pub fn accept_status(mut self, status: u16) -> Self {
         self.accept.push(status);
+        self
+    }
+
+    /// Answers `status` without reading its body (the answer's body is then
+    /// `null`) when the body is JSON: for a status that says all the caller
+    /// needs while its body may be large, as a finished statement's first page
+    /// of results. Any other body is read and checked as usual.
+    #[must_use]
+    pub fn ignore_body_of(mut self, status: u16) -> Self {
+        self.bodiless.push(status);
         self
     }
 
@@ -457,6 +469,15 @@ impl Api {
         };
         let status = response.status();
         let headers = response.headers().clone();
+        let json = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().contains("json"));
+        // Only an answer that is the API's own (JSON; not a proxy's page) is taken unread.
+        if json && request.bodiless.contains(&status.as_u16()) {
+            // Dropped unread: the connection closes rather than drain it.
+            return Attempt::Answer(Response { status: status.as_u16(), headers, body: Value::Null });
+        }
         let bytes = match response.bytes().await {
             Ok(b) => b,
             Err(e) => {
