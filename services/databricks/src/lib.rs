@@ -285,6 +285,28 @@ fn run_id_of(v: Option<&Value>) -> Option<String> {
     }
 }
 
+/// What Databricks said when it answered a 400 or 404 about a run it does not
+/// know (`RESOURCE_DOES_NOT_EXIST`, or `INVALID_PARAMETER_VALUE` "Run N does
+/// not exist."), or `None` for any other refusal.
+fn run_unknown(answer: &api::Response) -> Option<String> {
+    let code = answer.body.get("error_code").and_then(Value::as_str).unwrap_or("");
+    let message = answer.body.get("message").and_then(Value::as_str).unwrap_or("");
+    let unknown = answer.status == 404
+        || code == "RESOURCE_DOES_NOT_EXIST"
+        || message.to_ascii_lowercase().contains("does not exist");
+    unknown.then(|| if code.is_empty() { message.to_owned() } else { format!("{code}: {message}") })
+}
+
+/// A 400 answer that is not about an unknown run: the error it would have been.
+fn refused(answer: &api::Response, op: &'static str) -> PluginError {
+    let message = match (answer.body.get("error_code"), answer.body.get("message")) {
+        (Some(Value::String(c)), Some(Value::String(m))) => format!("{c}: {m}"),
+        (_, Some(Value::String(m))) => m.clone(),
+        _ => api::excerpt(answer.body.to_string().as_bytes()),
+    };
+    ApiError::Status { api: API, op, status: answer.status, message, rate_limited: false }.into()
+}
+
 /// The run's page in the workspace console, as upstream links it.
 pub fn console_url(instance: &str, job_id: &str, run_id: &str) -> String {
     format!("https://{instance}/#job/{job_id}/run/{run_id}")
@@ -353,9 +375,19 @@ impl Plugin for Databricks {
         url.query_pairs_mut().append_pair("run_id", &meta.run_id);
         let answer = self
             .send(&meta.databricks_instance, &auth, deadline, |t| {
-                Request::get("runs/get", url.clone()).bearer(t)
+                Request::get("runs/get", url.clone()).bearer(t).accept_status(400).accept_status(404)
             })
             .await?;
+        if answer.status != 200 {
+            // A run the workspace does not know will never finish: the task failed.
+            return match run_unknown(&answer) {
+                Some(said) => Ok(resource::with_phase(
+                    flotilla_sdk::proto::core::task_execution::Phase::Failed,
+                    format!("Databricks does not know run {}: {said}", meta.run_id),
+                )),
+                None => Err(refused(&answer, "runs/get")),
+            };
+        }
         let run = &answer.body;
         let phase = state::phase_of(run).ok_or_else(|| {
             ApiError::malformed(
@@ -391,9 +423,13 @@ impl Plugin for Databricks {
         let request = |t: &Secret| {
             Request::post_json("runs/cancel", url.clone(), json!({ "run_id": run_id }))
                 .bearer(t)
+                .accept_status(400)
                 .accept_status(404)
         };
         let answer = self.send(&meta.databricks_instance, &auth, deadline, request).await?;
+        if answer.status == 400 && run_unknown(&answer).is_none() {
+            return Err(refused(&answer, "runs/cancel"));
+        }
         tracing::info!(request_id = call.request_id.as_deref().unwrap_or("-"), run_id = %meta.run_id, status = answer.status, "Cancelled a Databricks run");
         Ok(())
     }

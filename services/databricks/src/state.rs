@@ -23,6 +23,9 @@ const TRANSIENT_CODES: &[&str] = &[
     "INTERNAL_ERROR",
     "CLOUD_FAILURE",
 ];
+/// Termination codes of a run that did not do its work, though its termination
+/// type may be SUCCESS (Databricks: "successfully canceled").
+const CANCELED_CODES: &[&str] = &["CANCELED", "USER_CANCELED", "SKIPPED"];
 /// Termination types that blame the platform rather than the job.
 const TRANSIENT_TYPES: &[&str] = &["INTERNAL_ERROR", "CLOUD_FAILURE"];
 
@@ -150,6 +153,11 @@ fn from_termination(
 ) -> RunPhase {
     let label = termination.code.unwrap_or(state);
     match kind {
+        // Type SUCCESS means the platform had no trouble, which a run
+        // canceled or skipped on purpose shares with one that succeeded.
+        "SUCCESS" if termination.code.is_some_and(|c| CANCELED_CODES.contains(&c)) => {
+            RunPhase { phase: Phase::Failed, message: failure(label, message) }
+        }
         "SUCCESS" => RunPhase { phase: Phase::Succeeded, message: said(message, label) },
         _ if termination.transient() => {
             RunPhase { phase: Phase::RetryableFailed, message: failure(label, message) }

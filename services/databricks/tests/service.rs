@@ -216,6 +216,53 @@ async fn delete_cancels_the_run_and_is_idempotent() {
     rig.delete(&meta).await.unwrap();
     let gone = json!({ "databricks_instance": INSTANCE, "run_id": "999" }).to_string();
     rig.delete(gone.as_bytes()).await.expect("cancelling a run that no longer exists succeeds");
+    // Some workspaces answer an unknown run with 400 INVALID_PARAMETER_VALUE.
+    rig.fake.inject(
+        CANCEL,
+        Reply::json(
+            400,
+            json!({ "error_code": "INVALID_PARAMETER_VALUE", "message": "Run 999 does not exist." }),
+        ),
+    );
+    rig.delete(gone.as_bytes()).await.expect("a 400 about a run that does not exist is cancelled enough");
+}
+
+#[tokio::test]
+async fn a_run_the_workspace_does_not_know_is_a_failed_task_not_an_error() {
+    let mut rig = Rig::new().await;
+    let gone = json!({ "databricks_instance": INSTANCE, "run_id": "999" }).to_string();
+    let r = rig.get(gone.as_bytes()).await.expect("an answer, not an RPC error");
+    assert_eq!(phase(&r), Phase::Failed, "{}", r.message);
+    assert!(
+        r.message.contains("Databricks does not know run 999") && r.message.contains("does not exist"),
+        "{}",
+        r.message
+    );
+
+    rig.fake.inject(
+        GET,
+        Reply::json(
+            400,
+            json!({ "error_code": "INVALID_PARAMETER_VALUE", "message": "Run 999 does not exist." }),
+        ),
+    );
+    assert_eq!(phase(&rig.get(gone.as_bytes()).await.unwrap()), Phase::Failed);
+
+    // Any other refusal stays an error naming Databricks' words.
+    rig.fake.inject(
+        GET,
+        Reply::json(
+            400,
+            json!({ "error_code": "INVALID_PARAMETER_VALUE", "message": "run_id must be positive" }),
+        ),
+    );
+    let e = rig.get(gone.as_bytes()).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("run_id must be positive") && e.message().contains("runs/get"),
+        "{}",
+        e.message()
+    );
 }
 
 #[tokio::test]
@@ -407,8 +454,4 @@ async fn api_refusals_keep_databricks_message_and_code() {
     let e = rig.get(&meta).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("User cannot view run 1001"), "{}", e.message());
-    let missing = json!({ "databricks_instance": INSTANCE, "run_id": "4242" }).to_string();
-    let e = rig.get(missing.as_bytes()).await.unwrap_err();
-    assert_eq!(e.code(), Code::NotFound);
-    assert!(e.message().contains("Run 4242 does not exist"), "{}", e.message());
 }

@@ -116,6 +116,23 @@ fn the_newer_status_alone_is_enough() {
             json!({ "state": "TERMINATED", "termination_details": { "code": "CLUSTER_ERROR", "type": "CLOUD_FAILURE" } }),
             Phase::RetryableFailed,
         ),
+        (
+            json!({ "state": "TERMINATED", "termination_details": { "code": "SUCCESS_WITH_FAILURES", "type": "SUCCESS" } }),
+            Phase::Succeeded,
+        ),
+        // Canceled or skipped runs terminate "without any issues" too: not a success for the task.
+        (
+            json!({ "state": "TERMINATED", "termination_details": { "code": "USER_CANCELED", "type": "SUCCESS" } }),
+            Phase::Failed,
+        ),
+        (
+            json!({ "state": "TERMINATED", "termination_details": { "code": "CANCELED", "type": "SUCCESS" } }),
+            Phase::Failed,
+        ),
+        (
+            json!({ "state": "TERMINATED", "termination_details": { "code": "SKIPPED", "type": "SUCCESS" } }),
+            Phase::Failed,
+        ),
         (json!({ "state": "TERMINATED" }), Phase::Running),
         (json!({ "state": "NEW_THING" }), Phase::Running),
         (json!({ "state": "TERMINATED", "termination_details": { "type": "NEW_TYPE" } }), Phase::Running),
