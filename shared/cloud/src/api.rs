@@ -231,11 +231,25 @@ fn is_transient_status(status: u16) -> bool {
 }
 
 /// A request body.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 enum Body {
     Empty,
     Json(Value),
     Form(Vec<(String, String)>),
+}
+
+/// Form bodies carry credentials (OAuth client secrets, signed JWT
+/// assertions): printed with their field names only.
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Empty => f.write_str("Empty"),
+            Self::Json(v) => f.debug_tuple("Json").field(v).finish(),
+            Self::Form(fields) => {
+                f.debug_map().entries(fields.iter().map(|(k, _)| (k, "<redacted>"))).finish()
+            }
+        }
+    }
 }
 
 /// One HTTP request to an API, built once and sent as many times as retries need.

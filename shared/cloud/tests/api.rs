@@ -138,3 +138,16 @@ async fn an_unreachable_api_is_unavailable_and_names_the_host() {
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(PluginError::from(e).code(), tonic::Code::Unavailable);
 }
+
+#[test]
+fn a_printed_request_shows_no_credential() {
+    let url: reqwest::Url = "https://example.invalid/oidc/v1/token".parse().unwrap();
+    let form = vec![
+        ("grant_type".to_owned(), "client_credentials".to_owned()),
+        ("client_secret".to_owned(), "s3cr3t-value".to_owned()),
+    ];
+    let token = Secret::new("bearer-value");
+    let printed = format!("{:?}", Request::post_form("token", url, form).bearer(&token));
+    assert!(printed.contains("client_secret"), "{printed}");
+    assert!(!printed.contains("s3cr3t-value") && !printed.contains("bearer-value"), "{printed}");
+}
