@@ -94,10 +94,15 @@ impl Gateway {
             .collect();
         // Discovery runs from the start: static targets fill at once, DNS ones
         // after their first lookup, which the first route poll waits for (bounded).
+        // The first lookups run together: with DNS unreachable each waits out
+        // its resolver's timeout, and one after another they would add up.
         let discovery = Shutdown::new();
-        for b in &backends {
-            let lookup = discover::Lookup::new(&b.plugin).map_err(Error::Discovery)?;
-            if let Ok(first) = lookup.resolve().await
+        let lookups = (backends.iter())
+            .map(|b| discover::Lookup::new(&b.plugin).map_err(Error::Discovery))
+            .collect::<Result<Vec<_>, _>>()?;
+        let firsts = futures_util::future::join_all(lookups.iter().map(discover::Lookup::resolve)).await;
+        for ((b, lookup), first) in backends.iter().zip(lookups).zip(firsts) {
+            if let Ok(first) = first
                 && !first.addrs.is_empty()
             {
                 b.endpoints.update(&first.addrs);

@@ -2,7 +2,10 @@
 //! calls spread over every replica the records name, a replica removed from
 //! DNS gets no new calls, one added starts getting them; A and SRV alike.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use flotilla_echo::Echo;
 use flotilla_sdk::ServeOptions;
@@ -198,4 +201,32 @@ async fn shrinking_to_one_replica_closes_the_connection_to_the_one_that_left() {
         || async { (established_to(leaving) == 0).then_some(()) },
     )
     .await;
+}
+
+#[tokio::test]
+async fn first_lookups_against_a_silent_nameserver_wait_together_not_in_turn() {
+    // A nameserver that takes queries and never answers: each lookup waits out
+    // the resolver's timeout (seconds). Three plugins must not wait three times.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let plugins: Vec<_> = ["one", "two", "three"]
+        .into_iter()
+        .map(|name| {
+            let mut p = plugin(name, format!("dns://{name}.test:8000"));
+            p.nameserver = Some(silent.local_addr().unwrap().to_string());
+            p
+        })
+        .collect();
+    let alone = {
+        let started = Instant::now();
+        let gw = spawn_gateway(plugins[..1].to_vec(), |_| {}).await;
+        gw.shutdown.trigger();
+        started.elapsed()
+    };
+    let started = Instant::now();
+    let gw = spawn_gateway(plugins, |_| {}).await;
+    let all = started.elapsed();
+    gw.shutdown.trigger();
+    println!("one plugin: {alone:?}, three: {all:?}");
+    assert!(alone > Duration::from_millis(500), "the nameserver answered? one lookup took {alone:?}");
+    assert!(all < alone * 2, "three plugins took {all:?} to start, one {alone:?}");
 }
