@@ -93,7 +93,8 @@ impl Fleet {
             let name = &backend.plugin.name;
             let result = match answer {
                 Ok(Ok(resp)) => {
-                    let agents = resp.into_inner().agents;
+                    let agents: Vec<admin::Agent> =
+                        resp.into_inner().agents.into_iter().map(with_deprecated_types).collect();
                     if slot.as_ref() != Some(&agents) {
                         let kinds: Vec<String> =
                             agents.iter().flat_map(categories).map(|c| c.to_string()).collect();
@@ -275,6 +276,20 @@ async fn probe(
 /// How long one `ListAgents` poll may take: like propeller's 3 s default, never more than the interval.
 pub fn poll_timeout(interval: Duration) -> Duration {
     interval.min(Duration::from_secs(3))
+}
+
+/// The agent with each deprecated `supported_task_types` entry also among its
+/// categories at version 0, as propeller reads them: an agent from before
+/// task categories lists only the names.
+fn with_deprecated_types(mut agent: admin::Agent) -> admin::Agent {
+    #[allow(deprecated)]
+    for name in &agent.supported_task_types {
+        let listed = agent.supported_task_categories.iter().any(|c| &c.name == name && c.version == 0);
+        if !listed {
+            agent.supported_task_categories.push(admin::TaskCategory { name: name.clone(), version: 0 });
+        }
+    }
+    agent
 }
 
 fn categories(agent: &admin::Agent) -> impl Iterator<Item = Category> + '_ {

@@ -253,3 +253,22 @@ async fn a_pinned_category_is_listed_even_when_the_plugin_shares_its_agents_name
     deprecated.sort_unstable();
     assert_eq!(deprecated, ["legacy_load", "load"]);
 }
+
+#[tokio::test]
+async fn an_agent_listing_only_deprecated_task_types_is_routed_at_version_0() {
+    let recorder = Recorder::default();
+    recorder.deprecated_list.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (addr, recorder) = spawn_recorder_with(recorder).await;
+    let gw = spawn_gateway(vec![plugin("old", format!("static://{addr}"))], |_| {}).await;
+    gw.async_client()
+        .create_task(admin::CreateTaskRequest {
+            template: Some(echo_template("recorder", &[])),
+            ..Default::default()
+        })
+        .await
+        .expect("routed by the deprecated task type, as propeller reads it");
+    assert_eq!(recorder.seen.lock().unwrap().len(), 1);
+    let listed = gw.metadata_client().list_agents(admin::ListAgentsRequest {}).await.unwrap().into_inner();
+    let categories: Vec<_> = listed.agents.iter().flat_map(|a| &a.supported_task_categories).collect();
+    assert_eq!(categories, [&admin::TaskCategory { name: "recorder".into(), version: 0 }]);
+}

@@ -206,6 +206,9 @@ pub(crate) struct Recorder {
     pub(crate) seen_headers: Arc<Mutex<Vec<http::HeaderMap>>>,
     /// While set, ListAgents answers INTERNAL.
     pub(crate) failing_list: Arc<AtomicBool>,
+    /// While set, ListAgents names the task type the way agents from before
+    /// task categories did: in the deprecated `supported_task_types` only.
+    pub(crate) deprecated_list: Arc<AtomicBool>,
 }
 
 impl NamedService for Recorder {
@@ -258,19 +261,27 @@ impl AgentMetadataService for Recorder {
         if self.failing_list.load(Ordering::SeqCst) {
             return Err(Status::internal("ListAgents is broken on purpose"));
         }
+        let old = self.deprecated_list.load(Ordering::SeqCst);
         #[allow(deprecated)]
         let agent = admin::Agent {
             name: "Recorder".into(),
-            supported_task_types: vec![],
+            supported_task_types: if old { vec!["recorder".into()] } else { vec![] },
             is_sync: false,
-            supported_task_categories: vec![admin::TaskCategory { name: "recorder".into(), version: 0 }],
+            supported_task_categories: if old {
+                vec![]
+            } else {
+                vec![admin::TaskCategory { name: "recorder".into(), version: 0 }]
+            },
         };
         Ok(Response::new(admin::ListAgentsResponse { agents: vec![agent] }))
     }
 }
 
 pub(crate) async fn spawn_recorder() -> (SocketAddr, Recorder) {
-    let recorder = Recorder::default();
+    spawn_recorder_with(Recorder::default()).await
+}
+
+pub(crate) async fn spawn_recorder_with(recorder: Recorder) -> (SocketAddr, Recorder) {
     let listener = bind_loopback().await;
     let addr = listener.local_addr().unwrap();
     let server = tonic::transport::Server::builder()
