@@ -191,10 +191,12 @@ pub struct AnsweredBy(pub SocketAddr);
 
 /// Sends `req` to one replica and records the outcome in its health: an
 /// answer clears its failures, and a refused connection or repeated transport
-/// failures eject it (see [`EndpointState::failed`]). Any answer counts as the
-/// replica working, whatever its status: a plugin answers UNAVAILABLE when the
-/// external system behind it is down, and every replica would then be ejected
-/// and the plugin's own message replaced by the gateway's.
+/// failures eject it (see [`EndpointState::failed`]). An UNAVAILABLE answer
+/// neither clears nor counts here: it is marked with [`AnsweredBy`], and the
+/// caller judges it with [`Endpoints::answered_unavailable`], which counts it
+/// only against a replica that has ready peers (a plugin answers UNAVAILABLE
+/// when the external system behind it is down, and every replica would
+/// otherwise be ejected and the plugin's own message replaced by the gateway's).
 /// The balancer's endpoints and the one-replica path both send through here.
 async fn send_to(
     endpoint: &H2Endpoint,
@@ -209,8 +211,7 @@ async fn send_to(
             if grpc_status(resp.headers()) == Some(tonic::Code::Unavailable) {
                 // So that a retry can go elsewhere (rare: no allocation on the common path).
                 resp.extensions_mut().insert(AnsweredBy(state.addr));
-            }
-            if state.succeeded() {
+            } else if state.succeeded() {
                 tracing::info!(plugin = %plugin, addr = %state.addr, "Replica answers again");
             }
         }
@@ -301,10 +302,30 @@ impl Endpoints {
         }
     }
 
-    /// Whether more than one replica can take a call now, so that a retry
-    /// may land elsewhere than the replica that just answered.
-    pub fn several_ready(&self) -> bool {
-        self.states.load().iter().filter(|s| s.is_ready()).nth(1).is_some()
+    /// Whether a replica other than `addr` can take a call now, so that a
+    /// retry may land elsewhere than the replica that just answered.
+    pub fn ready_besides(&self, addr: SocketAddr) -> bool {
+        self.states.load().iter().any(|s| s.addr != addr && s.is_ready())
+    }
+
+    /// Records that `addr` answered UNAVAILABLE. While other replicas are
+    /// ready it counts as a failure (three in a row eject it, as a replica
+    /// whose own credentials or network broke should be); the last ready
+    /// replica is never ejected for it, so in an outage of the external system
+    /// the plugin's own answer keeps reaching callers.
+    pub fn answered_unavailable(&self, addr: SocketAddr) {
+        if !self.ready_besides(addr) {
+            return;
+        }
+        if let Some(state) = self.states.load().iter().find(|s| s.addr == addr) {
+            note_failure(
+                state,
+                &self.plugin,
+                &self.ejections,
+                false,
+                "answered UNAVAILABLE while other replicas were ready",
+            );
+        }
     }
 
     /// Replaces the replica set with `addrs`: new ones are inserted, gone ones removed.
@@ -514,7 +535,13 @@ impl Backend {
         req: http::Request<Body>,
         avoid: SocketAddr,
     ) -> Result<http::Response<Body>, BoxError> {
-        let other = self.endpoints.states.load().iter().find(|s| s.addr != avoid && s.is_ready()).cloned();
+        let other = {
+            let states = self.endpoints.states.load();
+            let others: Vec<&Arc<EndpointState>> =
+                states.iter().filter(|s| s.addr != avoid && s.is_ready()).collect();
+            // Spread over the others (no balancer state to consult on this rare path).
+            (!others.is_empty()).then(|| others[now_ms() as usize % others.len()].clone())
+        };
         match other {
             Some(s) => send_to(&s.endpoint, &s, &self.endpoints.plugin, &self.endpoints.ejections, req).await,
             None => self.endpoints.balanced_call(req).await,

@@ -278,13 +278,15 @@ pub fn poll_timeout(interval: Duration) -> Duration {
     interval.min(Duration::from_secs(3))
 }
 
-/// The agent with each deprecated `supported_task_types` entry also among its
-/// categories at version 0, as propeller reads them: an agent from before
-/// task categories lists only the names.
+/// The agent with each deprecated `supported_task_types` name that no category
+/// names also among its categories at version 0, as propeller reads them: an
+/// agent from before task categories lists only the names. (A category of the
+/// name replaces the deprecated entry in propeller's registry, whatever its
+/// version: flytekit and our SDK list both.)
 fn with_deprecated_types(mut agent: admin::Agent) -> admin::Agent {
     #[allow(deprecated)]
     for name in &agent.supported_task_types {
-        let listed = agent.supported_task_categories.iter().any(|c| &c.name == name && c.version == 0);
+        let listed = agent.supported_task_categories.iter().any(|c| &c.name == name);
         if !listed {
             agent.supported_task_categories.push(admin::TaskCategory { name: name.clone(), version: 0 });
         }
@@ -294,6 +296,41 @@ fn with_deprecated_types(mut agent: admin::Agent) -> admin::Agent {
 
 fn categories(agent: &admin::Agent) -> impl Iterator<Item = Category> + '_ {
     agent.supported_task_categories.iter().map(Category::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_proto::admin;
+
+    use super::with_deprecated_types;
+
+    #[allow(deprecated)]
+    fn agent(types: &[&str], categories: &[(&str, i32)]) -> admin::Agent {
+        admin::Agent {
+            name: "a".into(),
+            supported_task_types: types.iter().map(|t| (*t).to_owned()).collect(),
+            supported_task_categories: categories
+                .iter()
+                .map(|(n, v)| admin::TaskCategory { name: (*n).to_owned(), version: *v })
+                .collect(),
+            is_sync: false,
+        }
+    }
+
+    #[test]
+    fn a_deprecated_name_counts_at_version_0_only_when_no_category_names_it() {
+        let got = |a: admin::Agent| {
+            with_deprecated_types(a)
+                .supported_task_categories
+                .into_iter()
+                .map(|c| (c.name, c.version))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(got(agent(&["old"], &[])), [("old".to_owned(), 0)]);
+        // As flytekit and the SDK list a category at version 1: the name stands for that version only.
+        assert_eq!(got(agent(&["x"], &[("x", 1)])), [("x".to_owned(), 1)]);
+        assert_eq!(got(agent(&["x", "y"], &[("x", 0)])), [("x".to_owned(), 0), ("y".to_owned(), 0)]);
+    }
 }
 
 /// The gateway's own `AgentMetadataService`: the union over the fleet. Its

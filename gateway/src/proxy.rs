@@ -19,12 +19,12 @@ use flotilla_sdk::{
 use h2::{RecvStream, server::SendResponse};
 use http::{HeaderValue, Request, Response};
 use http_body::Frame;
-use tonic::{Code, Status, body::Body};
+use tonic::{Status, body::Body};
 use tonic_health::pb::health_server::Health as _;
 use tower::{BoxError, retry::budget::Budget as _};
 
 use crate::{
-    backend::{AnsweredBy, grpc_status, never_reached},
+    backend::{AnsweredBy, never_reached},
     fleet::Fleet,
     metrics::Metrics,
     route::{self, Key, KeyError},
@@ -282,8 +282,9 @@ impl Proxy {
         headers.remove(http::header::CONTENT_LENGTH);
         backend.budget.deposit();
         let mut attempt = 1;
-        // The replica whose UNAVAILABLE answer is being retried.
+        // The replica whose UNAVAILABLE answer is being retried, and whether one has been.
         let mut avoid = None;
+        let mut retried_unavailable = false;
         loop {
             // Each attempt carries what is left of the deadline downstream.
             let remaining = match deadline {
@@ -326,22 +327,23 @@ impl Proxy {
             // A replica that answered UNAVAILABLE is retried elsewhere, never on
             // itself alone: its plugin has already retried the external system
             // within the deadline, and the answer carries the plugin's own message.
-            let retry = match &result {
-                Err(e) if never_reached(e.as_ref()) => Some("connect"),
-                Err(_) if method.idempotent() => Some("error"),
-                Ok(resp)
-                    if method.idempotent()
-                        && grpc_status(resp.headers()) == Some(Code::Unavailable)
-                        && backend.endpoints.several_ready() =>
-                {
-                    Some("unavailable")
-                }
-                _ => None,
-            };
             avoid = match &result {
                 Ok(resp) => resp.extensions().get::<AnsweredBy>().map(|a| a.0),
                 Err(_) => None,
             };
+            let retry = match (&result, avoid) {
+                (Err(e), _) if never_reached(e.as_ref()) => Some("connect"),
+                (Err(_), _) if method.idempotent() => Some("error"),
+                // Once: the plugin has retried its API already.
+                (Ok(_), Some(addr)) if method.idempotent() && !retried_unavailable => {
+                    retried_unavailable = true;
+                    backend.endpoints.ready_besides(addr).then_some("unavailable")
+                }
+                _ => None,
+            };
+            if let Some(addr) = avoid {
+                backend.endpoints.answered_unavailable(addr);
+            }
             if let Some(reason) = retry
                 && attempt < MAX_ATTEMPTS
                 && backend.endpoints.any_ready().is_ok()

@@ -279,17 +279,24 @@ async fn an_unavailable_answer_is_retried_on_another_ready_replica() {
     let gw =
         spawn_gateway(vec![plugin("outage", format!("static://{},{}", down.addr, up.addr))], |_| {}).await;
     // The replica that answers UNAVAILABLE answers fastest, so the balancer
-    // keeps choosing it first; each such answer must be retried on the other.
-    for n in 0..20 {
+    // prefers it once it has tried both; each such answer must be retried on
+    // the other, and the caller never sees it. Calls go on (bounded) until the
+    // failing replica, the odd one out beside a healthy peer, is ejected.
+    let ejections =
+        || flotilla_testkit::metric(gw.admin, "flotilla_gateway_ejections_total{plugin=\"outage\"}");
+    let mut calls = 0;
+    while ejections().await < 1.0 {
+        assert!(calls < 500, "{calls} calls and the failing replica was never ejected");
         let answer = gw
             .async_client()
             .get_task(admin::GetTaskRequest { task_category: category("outage"), ..Default::default() })
             .await
-            .unwrap_or_else(|e| panic!("call {n}: {e:?}"));
+            .unwrap_or_else(|e| panic!("call {calls}: {e:?}"));
         assert_eq!(
             answer.into_inner().resource.map(|r| r.phase),
             Some(core::task_execution::Phase::Succeeded as i32)
         );
+        calls += 1;
     }
     let retries = flotilla_testkit::metric(
         gw.admin,
@@ -297,6 +304,6 @@ async fn an_unavailable_answer_is_retried_on_another_ready_replica() {
     )
     .await;
     let gets = outage.gets.load(std::sync::atomic::Ordering::SeqCst);
-    assert!(gets > 0, "the balancer never chose the failing replica; the test shows nothing");
+    assert!(gets >= 3, "ejected after {gets} UNAVAILABLE answers, not three in a row");
     assert_eq!(retries, gets as f64, "every UNAVAILABLE answer was retried once, elsewhere");
 }
