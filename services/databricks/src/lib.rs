@@ -287,24 +287,24 @@ fn run_id_of(v: Option<&Value>) -> Option<String> {
 
 /// What Databricks said when it answered a 400 or 404 about a run it does not
 /// know (`RESOURCE_DOES_NOT_EXIST`, or `INVALID_PARAMETER_VALUE` "Run N does
-/// not exist."), or `None` for any other refusal.
+/// not exist."), or `None` for any other refusal (a 404 without that, as a
+/// wrong host or path answers, stays an error).
 fn run_unknown(answer: &api::Response) -> Option<String> {
     let code = answer.body.get("error_code").and_then(Value::as_str).unwrap_or("");
     let message = answer.body.get("message").and_then(Value::as_str).unwrap_or("");
-    let unknown = answer.status == 404
-        || code == "RESOURCE_DOES_NOT_EXIST"
-        || message.to_ascii_lowercase().contains("does not exist");
-    unknown.then(|| if code.is_empty() { message.to_owned() } else { format!("{code}: {message}") })
+    let unknown =
+        code == "RESOURCE_DOES_NOT_EXIST" || message.to_ascii_lowercase().contains("does not exist");
+    unknown.then(|| api::error_message_of(status_code(answer.status), &answer.body))
 }
 
-/// A 400 answer that is not about an unknown run: the error it would have been.
+/// A refusal that is not about an unknown run: the error it would have been.
 fn refused(answer: &api::Response, op: &'static str) -> PluginError {
-    let message = match (answer.body.get("error_code"), answer.body.get("message")) {
-        (Some(Value::String(c)), Some(Value::String(m))) => format!("{c}: {m}"),
-        (_, Some(Value::String(m))) => m.clone(),
-        _ => api::excerpt(answer.body.to_string().as_bytes()),
-    };
+    let message = api::error_message_of(status_code(answer.status), &answer.body);
     ApiError::Status { api: API, op, status: answer.status, message, rate_limited: false }.into()
+}
+
+fn status_code(status: u16) -> reqwest::StatusCode {
+    reqwest::StatusCode::from_u16(status).unwrap_or(reqwest::StatusCode::BAD_REQUEST)
 }
 
 /// The run's page in the workspace console, as upstream links it.

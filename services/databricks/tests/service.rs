@@ -248,6 +248,18 @@ async fn a_run_the_workspace_does_not_know_is_a_failed_task_not_an_error() {
     );
     assert_eq!(phase(&rig.get(gone.as_bytes()).await.unwrap()), Phase::Failed);
 
+    // A 404 that is not about the run (a wrong path or host) is no verdict on the task.
+    rig.fake.inject(
+        GET,
+        Reply::json(
+            404,
+            json!({ "error_code": "ENDPOINT_NOT_FOUND", "message": "No API found for 'GET /jobs'" }),
+        ),
+    );
+    let e = rig.get(gone.as_bytes()).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("ENDPOINT_NOT_FOUND"), "{}", e.message());
+
     // Any other refusal stays an error naming Databricks' words.
     rig.fake.inject(
         GET,

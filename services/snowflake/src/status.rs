@@ -118,7 +118,9 @@ pub fn from_answer(http_status: u16, body: &Value) -> Option<Status> {
             format!("the statement ran past its timeout and Snowflake canceled it: {}", describe(body)),
         ),
         // Unknown to Snowflake (another account, or expired): it will never finish.
-        404 => {
+        // Only the SQL API's own answer (with its error code) says so; a 404 page
+        // from a wrong host or path is no answer about the statement.
+        404 if !field(body, "code").is_empty() => {
             Status::new(Phase::Failed, format!("Snowflake does not know the statement: {}", describe(body)))
         }
         422 => match field(body, "code") {

@@ -539,28 +539,40 @@ impl Api {
 /// Databricks (`{"error_code", "message"}`), Snowflake (`{"code", "message"}`).
 pub fn error_message(status: StatusCode, body: &[u8]) -> String {
     let reason = status.canonical_reason().unwrap_or("error");
-    let Ok(v) = serde_json::from_slice::<Value>(body) else {
-        return if body.iter().all(u8::is_ascii_whitespace) { reason.to_owned() } else { excerpt(body) };
-    };
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v) => json_message(status, &v).unwrap_or_else(|| excerpt(body)),
+        Err(_) if body.iter().all(u8::is_ascii_whitespace) => reason.to_owned(),
+        Err(_) => excerpt(body),
+    }
+}
+
+/// [`error_message`] of a body already parsed.
+pub fn error_message_of(status: StatusCode, v: &Value) -> String {
+    json_message(status, v).unwrap_or_else(|| excerpt(v.to_string().as_bytes()))
+}
+
+/// The message of a JSON error body in one of the shapes [`error_message`] knows.
+fn json_message(status: StatusCode, v: &Value) -> Option<String> {
+    let reason = status.canonical_reason().unwrap_or("error");
     let text = |v: &Value| v.as_str().map(str::to_owned).or_else(|| v.as_i64().map(|n| n.to_string()));
     if let Some(e) = v.get("error").filter(|e| e.is_object()) {
         let message = e.get("message").and_then(text).unwrap_or_else(|| reason.to_owned());
-        return match e.get("status").and_then(text) {
+        return Some(match e.get("status").and_then(text) {
             Some(s) => format!("{s}: {message}"),
             None => message,
-        };
+        });
     }
     if let Some(e) = v.get("error").and_then(text) {
-        return match v.get("error_description").and_then(text) {
+        return Some(match v.get("error_description").and_then(text) {
             Some(d) => format!("{e}: {d}"),
             None => e,
-        };
+        });
     }
     let code = v.get("error_code").or_else(|| v.get("code")).and_then(text);
     match (code, v.get("message").and_then(text)) {
-        (Some(c), Some(m)) => format!("{c}: {m}"),
-        (None, Some(m)) => m,
-        _ => excerpt(body),
+        (Some(c), Some(m)) => Some(format!("{c}: {m}")),
+        (None, Some(m)) => Some(m),
+        _ => None,
     }
 }
 

@@ -78,6 +78,8 @@ fn http_answers_map_to_phases() {
     let s = from_answer(404, &unknown).unwrap();
     assert_eq!(s.phase, Phase::Failed);
     assert!(s.message.contains("Statement 01ff not found"), "{}", s.message);
+    assert!(from_answer(404, &serde_json::Value::Null).is_none(), "a 404 that is not the SQL API's own");
+    assert!(from_answer(404, &json!({"message": "Not Found"})).is_none());
     for other in [201, 204, 400, 401, 403, 429, 500, 503] {
         assert!(from_answer(other, &done).is_none(), "{other}");
     }
