@@ -116,11 +116,7 @@ fn parse_gateway(text: &str) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    let matches = flotilla_telemetry::args::get_matches(<Cli as clap::CommandFactory>::command());
-    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
-        Ok(cli) => cli,
-        Err(e) => e.exit(),
-    };
+    let cli: Cli = flotilla_telemetry::args::parse();
     flotilla_telemetry::settle_allocator();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

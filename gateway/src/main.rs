@@ -37,11 +37,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let matches = flotilla_telemetry::args::get_matches(<Cli as clap::CommandFactory>::command());
-    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
-        Ok(cli) => cli,
-        Err(e) => e.exit(),
-    };
+    let cli: Cli = flotilla_telemetry::args::parse();
     flotilla_telemetry::init_tracing(cli.common.log_format, &cli.common.log);
     let config = match Config::load(&cli.common, &process_env) {
         Ok(c) => c,

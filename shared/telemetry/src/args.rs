@@ -86,6 +86,14 @@ pub fn get_matches(command: clap::Command) -> clap::ArgMatches {
     }
 }
 
+/// `C::parse()`, with [`get_matches`]'s tip for a refused value that came
+/// from an environment variable.
+#[must_use]
+pub fn parse<C: clap::Parser>() -> C {
+    let matches = get_matches(C::command());
+    C::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut C::command()).exit())
+}
+
 /// [`get_matches`] with the arguments given (the first is the program name) and
 /// without exiting.
 ///
