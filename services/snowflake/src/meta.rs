@@ -30,6 +30,25 @@ pub struct Connection {
     pub role: Option<String>,
 }
 
+/// An account identifier becomes the API's host name (`<account>.snowflakecomputing.com`)
+/// and signs the key-pair JWT: only the characters Snowflake's identifiers use, so that no
+/// template or `resource_meta` can point the service, and its signed token, at another host.
+fn check_account(account: &str) -> Result<(), String> {
+    let fine = !account.is_empty()
+        && account.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        && !account.starts_with(['.', '-'])
+        && !account.ends_with(['.', '-'])
+        && !account.contains("..");
+    if fine {
+        Ok(())
+    } else {
+        Err(format!(
+            "account {account:?} is not a Snowflake account identifier (letters, digits, _, - and . only, \
+             as in myorg-myaccount or xy12345.us-east-2.aws)"
+        ))
+    }
+}
+
 impl Connection {
     /// Reads the connection from a template's `config` map.
     ///
@@ -49,6 +68,7 @@ impl Connection {
             ));
         }
         let get = |k: &str| config[k].trim().to_owned();
+        check_account(&get("account"))?;
         Ok(Self {
             user: get("user"),
             account: get("account"),
@@ -129,6 +149,7 @@ impl Meta {
         {
             return Err("resource_meta.query_id is not a Snowflake query id".to_owned());
         }
+        check_account(&meta.account).map_err(|e| format!("resource_meta: {e}"))?;
         Ok(meta)
     }
 

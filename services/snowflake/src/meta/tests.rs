@@ -92,3 +92,34 @@ fn links_and_uris_match_upstream() {
     let m = Meta::new(&Connection::from_config(&single).unwrap(), "01ab".into(), false);
     assert_eq!(m.log_uri(), "https://app.snowflake.com//acct/#/compute/history/queries/01ab/detail");
 }
+
+#[test]
+fn an_account_that_could_name_another_host_is_refused_in_templates_and_metas() {
+    for bad in [
+        "myacct.attacker.invalid/",
+        "myacct.x@127.0.0.1:8080/",
+        "acct/path",
+        "acct:443",
+        "acct#frag",
+        ".acct",
+        "acct.",
+        "a..b",
+        "acct name",
+    ] {
+        let mut c = full();
+        c.insert("account".into(), bad.into());
+        let e = Connection::from_config(&c).unwrap_err();
+        assert!(e.contains("is not a Snowflake account identifier"), "{bad}: {e}");
+        let meta = serde_json::json!({
+            "user": "u", "account": bad, "database": "D", "schema": "S", "warehouse": "W",
+            "query_id": "01b2c3d4-0000-0000-0000-000000000001", "has_output": false
+        });
+        let e = Meta::decode(meta.to_string().as_bytes()).unwrap_err();
+        assert!(e.contains("is not a Snowflake account identifier"), "{bad}: {e}");
+    }
+    for good in ["myorg-my_account", "xy12345.us-east-2.aws", "ORG-ACCT"] {
+        let mut c = full();
+        c.insert("account".into(), good.into());
+        assert!(Connection::from_config(&c).is_ok(), "{good}");
+    }
+}
