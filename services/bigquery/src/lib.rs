@@ -185,16 +185,27 @@ impl Plugin for BigQuery {
         let meta = JobMeta::decode(&request.resource_meta)?;
         let url = self.location_query(self.jobs_url(&meta.project, &[&meta.job_id]), &meta);
         let link = meta.console_link();
-        let answer = match self.send(Request::get("jobs.get", url), deadline).await {
-            Ok(a) => a,
-            Err(PluginError::NotFound(message)) => {
-                let mut r =
-                    resource::failed(format!("BigQuery job {} no longer exists: {message}", meta.job_id));
-                r.log_links.push(link);
-                return Ok(r);
+        let answer = self.send(Request::get("jobs.get", url).accept_status(404), deadline).await?;
+        if answer.status == 404 {
+            let message = api::error_message_of(reqwest::StatusCode::NOT_FOUND, &answer.body);
+            // Only BigQuery's own answer about the job (reason notFound, "Not found:
+            // Job p:l.j") fails the task; a 404 from a wrong base URL, an unknown
+            // path or a proxy is an error to fix, not a verdict on every task.
+            let about_the_job = message.contains("Not found: Job");
+            if !(api::google_reason_is(&answer.body, "notFound") && about_the_job) {
+                return Err(ApiError::Status {
+                    api: "BigQuery",
+                    op: "jobs.get",
+                    status: 404,
+                    message,
+                    rate_limited: false,
+                }
+                .into());
             }
-            Err(e) => return Err(e),
-        };
+            let mut r = resource::failed(format!("BigQuery job {} no longer exists: {message}", meta.job_id));
+            r.log_links.push(link);
+            return Ok(r);
+        }
         let mut r = job::to_resource(&answer.body)
             .map_err(|detail| PluginError::from(ApiError::malformed("BigQuery", "jobs.get", detail)))?;
         if r.phase != Phase::Succeeded as i32 {

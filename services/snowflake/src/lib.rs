@@ -357,7 +357,6 @@ impl Plugin for Snowflake {
             .authorized(api::Request::get("get statement status", url), &token)
             .accept_status(422)
             .accept_status(408)
-            .accept_status(404)
             // 200 carries the first partition of the results, which may be
             // megabytes; the status alone says the statement succeeded.
             .ignore_body_of(200);

@@ -117,12 +117,6 @@ pub fn from_answer(http_status: u16, body: &Value) -> Option<Status> {
             Phase::Failed,
             format!("the statement ran past its timeout and Snowflake canceled it: {}", describe(body)),
         ),
-        // Unknown to Snowflake (another account, or expired): it will never finish.
-        // Only the SQL API's own answer (with its error code) says so; a 404 page
-        // from a wrong host or path is no answer about the statement.
-        404 if !field(body, "code").is_empty() => {
-            Status::new(Phase::Failed, format!("Snowflake does not know the statement: {}", describe(body)))
-        }
         422 => match field(body, "code") {
             // FAILED, not ABORTED: propeller drops the message of an ABORTED
             // task, and upstream's connector answers FAILED here too.

@@ -684,15 +684,21 @@ async fn the_fakes_binarys_identity_takes_any_user_of_the_test_key() {
 }
 
 #[tokio::test]
-async fn a_statement_snowflake_does_not_know_is_a_failed_task_not_an_error() {
+async fn a_404_on_a_statement_is_an_error_not_a_verdict_on_the_task() {
+    // The SQL API answers 404 both for a statement it does not know and for a
+    // wrong endpoint (a base URL or proxy mistake): no task is failed for it.
     let mut h = harness().await;
     let meta = h.started(vec![Step::InProgress(None)]).await;
     let handle = h.fake.statements()[0].handle.clone();
     h.fake.http.inject(
         &format!("/api/v2/statements/{handle}"),
-        Reply::json(404, json!({"code": "000709", "message": format!("Statement {handle} not found")})),
+        Reply::json(404, json!({"code": "390404", "message": "Not Found"})),
     );
-    let r = h.get(&meta).await.expect("an answer, not an RPC error");
-    assert_eq!(phase(&r), Phase::Failed, "{}", r.message);
-    assert!(r.message.contains("not found"), "{}", r.message);
+    let e = h.get(&meta).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(
+        e.message().contains("Not Found") && e.message().contains("get statement status"),
+        "{}",
+        e.message()
+    );
 }

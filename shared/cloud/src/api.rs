@@ -581,14 +581,14 @@ fn json_message(status: StatusCode, v: &Value) -> Option<String> {
 /// own clients retry it as they retry a 429.
 pub fn rate_limited(body: &[u8]) -> bool {
     let Ok(v) = serde_json::from_slice::<Value>(body) else { return false };
-    v.pointer("/error/errors").and_then(Value::as_array).is_some_and(|errors| {
-        errors.iter().any(|e| {
-            matches!(
-                e.get("reason").and_then(Value::as_str),
-                Some("rateLimitExceeded" | "userRateLimitExceeded")
-            )
-        })
-    })
+    google_reason_is(&v, "rateLimitExceeded") || google_reason_is(&v, "userRateLimitExceeded")
+}
+
+/// Whether a Google error body (`{"error": {"errors": [{"reason"}]}}`) gives `reason`.
+pub fn google_reason_is(body: &Value, reason: &str) -> bool {
+    body.pointer("/error/errors")
+        .and_then(Value::as_array)
+        .is_some_and(|errors| errors.iter().any(|e| e.get("reason").and_then(Value::as_str) == Some(reason)))
 }
 
 /// The first few hundred characters of a body, for an error message.
