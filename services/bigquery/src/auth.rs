@@ -15,7 +15,7 @@ use std::{
 };
 
 use flotilla_cloud::{
-    api::{Api, ApiError, Request},
+    api::{self, Api, ApiError, Request},
     jwt::RsaKey,
     secret::Secret,
 };
@@ -46,8 +46,6 @@ pub(crate) enum Source {
 /// The fields of a service-account key file we use.
 #[derive(Deserialize)]
 struct KeyFile {
-    #[serde(rename = "type")]
-    kind: String,
     client_email: String,
     private_key: String,
     #[serde(default)]
@@ -112,16 +110,31 @@ impl Credentials {
             format!("the service-account key file {} (GOOGLE_APPLICATION_CREDENTIALS)", path.display());
         let text = std::fs::read_to_string(path)
             .map_err(|e| PluginError::Unconfigured(format!("cannot read {where_}: {e}")))?;
-        let key: KeyFile = serde_json::from_str(&text).map_err(|e| {
-            // serde_json's message names the field and position, never the values.
-            PluginError::Unconfigured(format!("{where_} is not a service-account key: {e}"))
-        })?;
-        if key.kind != "service_account" {
-            return Err(PluginError::Unconfigured(format!(
-                "{where_} has type `{}`; only `service_account` keys are supported (or leave it unset to use the metadata server)",
-                key.kind
-            )));
+        // Errors name fields and positions, never values: the file holds a private key.
+        let not_a_key =
+            |why: String| PluginError::Unconfigured(format!("{where_} is not a service-account key: {why}"));
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| not_a_key(api::describe_json_error(&e)))?;
+        match json.get("type") {
+            Some(serde_json::Value::String(kind)) if kind == "service_account" => {}
+            Some(serde_json::Value::String(kind)) => {
+                return Err(PluginError::Unconfigured(format!(
+                    "{where_} has type `{kind}`; only `service_account` keys are supported (or leave it unset to use the metadata server)"
+                )));
+            }
+            _ if json.is_string() => {
+                return Err(not_a_key(
+                    "it holds a JSON string, not an object (was the key encoded twice?)".into(),
+                ));
+            }
+            _ => {
+                return Err(not_a_key(
+                    "it has no `type` (a service-account key says \"service_account\")".into(),
+                ));
+            }
         }
+        let key: KeyFile =
+            serde_json::from_value(json).map_err(|e| not_a_key(api::describe_json_error(&e)))?;
         let signer = RsaKey::from_pem(&key.private_key)
             .map_err(|e| PluginError::Unconfigured(format!("{where_}: private_key: {e}")))?;
         let token_uri = key.token_uri.unwrap_or_else(|| DEFAULT_TOKEN_URI.to_owned());
@@ -140,8 +153,11 @@ impl Credentials {
             ("grant_type".to_owned(), "urn:ietf:params:oauth:grant-type:jwt-bearer".to_owned()),
             ("assertion".to_owned(), assertion),
         ];
-        let answer =
-            self.api.send(Request::post_form("token", url, form), deadline).await.map_err(token_error)?;
+        let answer = self
+            .api
+            .send(Request::post_form("token", url, form).secret_answer(), deadline)
+            .await
+            .map_err(token_error)?;
         parse_token(&self.api, answer.body)
     }
 
@@ -153,7 +169,7 @@ impl Credentials {
         let url = base
             .join("computeMetadata/v1/instance/service-accounts/default/token")
             .expect("a relative path joins any base URL");
-        let request = Request::get("metadata token", url).header("metadata-flavor", "Google");
+        let request = Request::get("metadata token", url).header("metadata-flavor", "Google").secret_answer();
         // Off GCP there is no metadata server; say so quickly rather than retrying for the whole budget.
         let deadline = deadline.min(Instant::now() + METADATA_PATIENCE);
         let answer = self.api.send(request, deadline).await.map_err(|e| {
@@ -168,7 +184,11 @@ impl Credentials {
 
 fn parse_token(api: &Api, body: serde_json::Value) -> Result<(Secret, Duration), PluginError> {
     let answer: TokenAnswer = serde_json::from_value(body).map_err(|e| {
-        PluginError::from(ApiError::malformed(api.name(), "token", format!("no access_token: {e}")))
+        PluginError::from(ApiError::malformed(
+            api.name(),
+            "token",
+            format!("no access_token: {}", api::describe_json_error(&e)),
+        ))
     })?;
     let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(3600));
     Ok((Secret::new(answer.access_token), lifetime))

@@ -475,3 +475,53 @@ fn help_describes_the_service_and_its_credentials() {
         assert!(text.contains(needle), "--help lacks {needle}:\n{text}");
     }
 }
+
+/// CreateTask on a service whose key file holds `contents`; the refusal.
+async fn create_with_key_file(contents: &str, base: &str) -> tonic::Status {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sa.json");
+    std::fs::write(&path, contents).unwrap();
+    let svc = spawn_plugin(plugin(
+        &[
+            ("FLOTILLA_BIGQUERY_BASE_URL", base.to_owned()),
+            ("GOOGLE_APPLICATION_CREDENTIALS", path.display().to_string()),
+        ],
+        "",
+    ))
+    .await;
+    AsyncAgentServiceClient::new(channel(svc.addr))
+        .create_task(admin::CreateTaskRequest { template: Some(template("SELECT 1")), ..Default::default() })
+        .await
+        .unwrap_err()
+}
+
+#[tokio::test]
+async fn a_wrong_key_file_or_token_answer_is_described_never_quoted() {
+    let fake = FakeBigQuery::start(TEST_PUBLIC_KEY_DER.to_vec()).await;
+    let key = json!({
+        "type": "service_account", "private_key": TEST_KEY_PKCS8_PEM,
+        "client_email": "flyte@flyte-project.iam.gserviceaccount.com", "token_uri": fake.token_uri(),
+    });
+    let secret_part = &TEST_KEY_PKCS8_PEM[40..80];
+    // The key encoded twice (a JSON string holding the JSON), as a mistaken Secret would hold it.
+    let twice = serde_json::to_string(&key.to_string()).unwrap();
+    let e = create_with_key_file(&twice, &fake.url()).await;
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("encoded twice"), "{}", e.message());
+    assert!(!e.message().contains(secret_part), "the private key is quoted: {}", e.message());
+    // A value of the wrong type.
+    let mut wrong = key.clone();
+    wrong["client_email"] = json!(["flyte@flyte-project.iam.gserviceaccount.com"]);
+    let e = create_with_key_file(&wrong.to_string(), &fake.url()).await;
+    assert!(e.message().contains("wrong type") && !e.message().contains(secret_part), "{}", e.message());
+    let mut other = key.clone();
+    other["type"] = json!("authorized_user");
+    let e = create_with_key_file(&other.to_string(), &fake.url()).await;
+    assert!(e.message().contains("has type `authorized_user`"), "{}", e.message());
+
+    // A token endpoint answering 200 with something that is not JSON: not quoted.
+    fake.http.inject("/token", Reply::text(200, "access_token=ya29.secret-token-value&expires_in=3600"));
+    let e = create_with_key_file(&key.to_string(), &fake.url()).await;
+    assert!(e.message().contains("not JSON"), "{}", e.message());
+    assert!(!e.message().contains("ya29.secret-token-value"), "the token is quoted: {}", e.message());
+}

@@ -172,7 +172,8 @@ impl Databricks {
             ("client_secret".to_owned(), secret.expose().to_owned()),
         ];
         let url = self.url(instance, "oidc/v1/token")?;
-        let answer = self.api.send(Request::post_form("oidc/v1/token", url, form), deadline).await?;
+        let answer =
+            self.api.send(Request::post_form("oidc/v1/token", url, form).secret_answer(), deadline).await?;
         let token = answer.body.get("access_token").and_then(Value::as_str).filter(|t| !t.is_empty());
         let token = Secret::new(
             token

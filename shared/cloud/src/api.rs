@@ -171,6 +171,17 @@ pub enum ApiError {
         /// How long it had.
         after: Duration,
     },
+    /// The request cannot be sent as built: a credential that no HTTP header
+    /// can carry (a line break in a secret file, say). Not sent, not retried.
+    #[error("{api} {op} was not sent: {detail}")]
+    Unsendable {
+        /// The API.
+        api: &'static str,
+        /// The operation.
+        op: &'static str,
+        /// What is wrong, never the credential itself.
+        detail: String,
+    },
     /// The API answered, but not with what its documents describe.
     #[error("{api} {op} answered with an unexpected body: {detail}")]
     Malformed {
@@ -197,7 +208,7 @@ impl ApiError {
         match self {
             Self::Status { status, rate_limited, .. } => *rate_limited || is_transient_status(*status),
             Self::Unreachable { .. } | Self::Timeout { .. } => true,
-            Self::Malformed { .. } => false,
+            Self::Malformed { .. } | Self::Unsendable { .. } => false,
         }
     }
 
@@ -221,6 +232,7 @@ impl From<ApiError> for PluginError {
             ApiError::Status { status, .. } if is_transient_status(status) => PluginError::Unavailable(text),
             ApiError::Unreachable { .. } => PluginError::Unavailable(text),
             ApiError::Timeout { .. } => PluginError::Status(Status::deadline_exceeded(text)),
+            ApiError::Unsendable { .. } => PluginError::Unconfigured(text),
             ApiError::Status { .. } | ApiError::Malformed { .. } => PluginError::Internal(text),
         }
     }
@@ -264,13 +276,28 @@ pub struct Request {
     accept: Vec<u16>,
     /// Statuses whose body is not read: the status says all that is needed.
     bodiless: Vec<u16>,
+    /// The answer may hold a credential (a token endpoint's): never quoted in errors.
+    secret_answer: bool,
+    /// Why the request cannot be sent, when a credential could not be put in it.
+    unsendable: Option<String>,
 }
 
 impl Request {
     fn new(op: &'static str, method: Method, url: Url, body: Body) -> Self {
         let mut headers = HeaderMap::new();
         headers.insert(http::header::ACCEPT, HeaderValue::from_static("application/json"));
-        Self { op, method, url, headers, body, idempotent: true, accept: Vec::new(), bodiless: Vec::new() }
+        Self {
+            op,
+            method,
+            url,
+            headers,
+            body,
+            idempotent: true,
+            accept: Vec::new(),
+            bodiless: Vec::new(),
+            secret_answer: false,
+            unsendable: None,
+        }
     }
 
     /// `GET url`, named `op` in errors and logs.
@@ -300,12 +327,31 @@ impl Request {
     }
 
     /// Adds a header that carries a credential: marked sensitive, never printed.
+    /// A value no header can carry makes the request fail unsent, naming the
+    /// header (not the value): sent without it, the API would only say that
+    /// the credential is missing.
     #[must_use]
     pub fn sensitive_header(mut self, name: HeaderName, value: &str) -> Self {
-        if let Ok(mut v) = HeaderValue::from_str(value) {
-            v.set_sensitive(true);
-            self.headers.insert(name, v);
+        match HeaderValue::from_str(value) {
+            Ok(mut v) => {
+                v.set_sensitive(true);
+                self.headers.insert(name, v);
+            }
+            Err(_) => {
+                self.unsendable = Some(format!(
+                    "the credential for its {name} header holds characters no HTTP header can carry (a line \
+                     break or a control character in the secret?)"
+                ));
+            }
         }
+        self
+    }
+
+    /// The answer may carry a credential (a token endpoint's): an answer that
+    /// is not what was expected is described, never quoted, in errors.
+    #[must_use]
+    pub fn secret_answer(mut self) -> Self {
+        self.secret_answer = true;
         self
     }
 
@@ -414,6 +460,9 @@ impl Api {
     /// # Errors
     /// The last failure when no answer came in time, or the first that is not transient.
     pub async fn send(&self, request: Request, deadline: Instant) -> Result<Response, ApiError> {
+        if let Some(detail) = &request.unsendable {
+            return Err(ApiError::Unsendable { api: self.name, op: request.op, detail: detail.clone() });
+        }
         let mut backoff = self.settings.backoff_initial.0;
         let mut last: Option<ApiError> = None;
         for attempt in 1u32.. {
@@ -515,7 +564,11 @@ impl Api {
                             error: ApiError::malformed(
                                 api,
                                 op,
-                                format!("not JSON ({e}): {}", excerpt(&bytes)),
+                                if request.secret_answer {
+                                    format!("not JSON ({e}; not quoted here: it may hold a credential)")
+                                } else {
+                                    format!("not JSON ({e}): {}", excerpt(&bytes))
+                                },
                             ),
                             retry: false,
                             retry_after: None,
@@ -526,8 +579,14 @@ impl Api {
             return Attempt::Answer(Response { status: code, headers, body });
         }
         let rate_limited = code == 429 || rate_limited(&bytes);
-        let error =
-            ApiError::Status { api, op, status: code, message: error_message(status, &bytes), rate_limited };
+        let message = match serde_json::from_slice::<Value>(&bytes) {
+            // A token endpoint's error is quoted only in the shapes the APIs document.
+            Ok(v) if request.secret_answer => json_message(status, &v),
+            _ if request.secret_answer => None,
+            _ => Some(error_message(status, &bytes)),
+        };
+        let message = message.unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_owned());
+        let error = ApiError::Status { api, op, status: code, message, rate_limited };
         // A rate limit refused the request before doing anything: safe to send again.
         let retry = rate_limited || (is_transient_status(code) && request.idempotent);
         Attempt::Failed { error, retry, retry_after: retry_after(&headers) }
@@ -589,6 +648,24 @@ pub fn google_reason_is(body: &Value, reason: &str) -> bool {
     body.pointer("/error/errors")
         .and_then(Value::as_array)
         .is_some_and(|errors| errors.iter().any(|e| e.get("reason").and_then(Value::as_str) == Some(reason)))
+}
+
+/// What is wrong with a JSON document that may hold secrets, without its
+/// values: serde's own message for a missing field or bad syntax, else the
+/// position only (its "invalid type: string \"...\"" quotes the value).
+pub fn describe_json_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let text = e.to_string();
+    match e.classify() {
+        Category::Data if text.starts_with("missing field") => text,
+        Category::Data => {
+            format!("a value has the wrong type or shape at line {} column {}", e.line(), e.column())
+        }
+        Category::Syntax | Category::Eof => {
+            format!("not JSON: syntax error at line {} column {}", e.line(), e.column())
+        }
+        Category::Io => text,
+    }
 }
 
 /// The first few hundred characters of a body, for an error message.

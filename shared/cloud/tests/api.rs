@@ -151,3 +151,22 @@ fn a_printed_request_shows_no_credential() {
     assert!(printed.contains("client_secret"), "{printed}");
     assert!(!printed.contains("s3cr3t-value") && !printed.contains("bearer-value"), "{printed}");
 }
+
+#[tokio::test]
+async fn a_credential_no_header_can_carry_fails_unsent_naming_the_header() {
+    let fake = FakeHttp::start(|_| Reply::json(200, json!({"ok": true}))).await;
+    let token = Secret::new("dapi-test-token\n# rotated");
+    let e = api()
+        .send(
+            Request::get("runs/get", url(&fake, "/x")).bearer(&token),
+            Instant::now() + Duration::from_secs(2),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ApiError::Unsendable { .. }), "{e:?}");
+    let status = tonic::Status::from(PluginError::from(e));
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(status.message().contains("authorization header"), "{}", status.message());
+    assert!(!status.message().contains("dapi-test-token"), "{}", status.message());
+    assert!(fake.requests().is_empty(), "nothing was sent");
+}
