@@ -112,8 +112,10 @@ impl QueryJob {
         let parameters = template::native_inputs(inputs)
             .map_err(invalid)?
             .into_iter()
-            .map(|(name, value)| parameter(&name, &value))
-            .collect();
+            .map(|(name, value)| {
+                parameter(&name, &value).map_err(|e| invalid(format!("input {name:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
         for key in OWN_KEYS.iter().chain(&SET_BY_US) {
             custom.remove(*key);
         }
@@ -148,25 +150,42 @@ impl QueryJob {
 
 /// A named query parameter, typed as upstream types them (int → INT64, float → FLOAT64,
 /// str → STRING, bool → BOOL, datetime → DATETIME, list → ARRAY).
-fn parameter(name: &str, value: &Native) -> Value {
-    let (kind, value) = typed(value);
-    json!({"name": name, "parameterType": kind, "parameterValue": value})
+fn parameter(name: &str, value: &Native) -> Result<Value, String> {
+    Ok(
+        json!({"name": name, "parameterType": parameter_type(value)?, "parameterValue": parameter_value(value)}),
+    )
 }
 
-fn typed(value: &Native) -> (Value, Value) {
-    let scalar = |t: &str, v: String| (json!({"type": t}), json!({"value": v}));
+/// A value's BigQuery parameter type. BigQuery has no arrays of arrays, so a
+/// list of lists is refused here (and the work stays linear in the input).
+fn parameter_type(value: &Native) -> Result<Value, String> {
+    let scalar = |t: &str| Ok(json!({"type": t}));
     match value {
-        Native::Int(i) => scalar("INT64", i.to_string()),
-        Native::Float(f) => scalar("FLOAT64", f.to_string()),
-        Native::Str(s) => scalar("STRING", s.clone()),
-        Native::Bool(b) => scalar("BOOL", b.to_string()),
-        Native::Datetime(t) => scalar("DATETIME", template::format_datetime(t)),
-        Native::Duration(_) => scalar("STRING", value.to_text()),
-        Native::List(items) => {
-            let element = items.first().map_or_else(|| json!({"type": "STRING"}), |i| typed(i).0);
-            let values: Vec<Value> = items.iter().map(|i| typed(i).1).collect();
-            (json!({"type": "ARRAY", "arrayType": element}), json!({"arrayValues": values}))
+        Native::Int(_) => scalar("INT64"),
+        Native::Float(_) => scalar("FLOAT64"),
+        Native::Str(_) | Native::Duration(_) => scalar("STRING"),
+        Native::Bool(_) => scalar("BOOL"),
+        Native::Datetime(_) => scalar("DATETIME"),
+        Native::List(items) if items.iter().any(|i| matches!(i, Native::List(_))) => {
+            Err("a list of lists: BigQuery query parameters have no arrays of arrays".to_owned())
         }
+        Native::List(items) => {
+            let element = items.first().map_or_else(|| Ok(json!({"type": "STRING"})), parameter_type)?;
+            Ok(json!({"type": "ARRAY", "arrayType": element}))
+        }
+    }
+}
+
+fn parameter_value(value: &Native) -> Value {
+    let scalar = |v: String| json!({"value": v});
+    match value {
+        Native::Int(i) => scalar(i.to_string()),
+        Native::Float(f) => scalar(f.to_string()),
+        Native::Str(s) => scalar(s.clone()),
+        Native::Bool(b) => scalar(b.to_string()),
+        Native::Datetime(t) => scalar(template::format_datetime(t)),
+        Native::Duration(_) => scalar(value.to_text()),
+        Native::List(items) => json!({"arrayValues": items.iter().map(parameter_value).collect::<Vec<_>>()}),
     }
 }
 
@@ -251,15 +270,22 @@ mod tests {
     #[test]
     fn parameters_are_typed_like_upstream() {
         assert_eq!(
-            parameter("n", &Native::Int(3)),
+            parameter("n", &Native::Int(3)).unwrap(),
             json!({"name": "n", "parameterType": {"type": "INT64"}, "parameterValue": {"value": "3"}})
         );
         assert_eq!(
-            parameter("xs", &Native::List(vec![Native::Str("a".into()), Native::Str("b".into())])),
+            parameter("xs", &Native::List(vec![Native::Str("a".into()), Native::Str("b".into())])).unwrap(),
             json!({"name": "xs", "parameterType": {"type": "ARRAY", "arrayType": {"type": "STRING"}},
                    "parameterValue": {"arrayValues": [{"value": "a"}, {"value": "b"}]}})
         );
-        assert_eq!(parameter("b", &Native::Bool(true))["parameterValue"]["value"], "true");
-        assert_eq!(parameter("f", &Native::Float(1.5))["parameterType"]["type"], "FLOAT64");
+        assert_eq!(parameter("b", &Native::Bool(true)).unwrap()["parameterValue"]["value"], "true");
+        assert_eq!(parameter("f", &Native::Float(1.5)).unwrap()["parameterType"]["type"], "FLOAT64");
+        // BigQuery has no arrays of arrays; a deep nesting is refused at once, not typed level by level.
+        let mut deep = Native::Int(1);
+        for _ in 0..40 {
+            deep = Native::List(vec![deep]);
+        }
+        let e = parameter("deep", &deep).unwrap_err();
+        assert!(e.contains("no arrays of arrays"), "{e}");
     }
 }
