@@ -190,7 +190,7 @@ fn parse_token(api: &Api, body: serde_json::Value) -> Result<(Secret, Duration),
             format!("no access_token: {}", api::describe_json_error(&e)),
         ))
     })?;
-    let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(3600));
+    let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(3600)).min(api::MAX_TOKEN_LIFETIME);
     Ok((Secret::new(answer.access_token), lifetime))
 }
 
@@ -201,5 +201,22 @@ fn token_error(e: ApiError) -> PluginError {
             PluginError::Unconfigured(format!("the service-account key was refused: {e}"))
         }
         _ => e.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_cloud::api::{Api, ApiSettings, MAX_TOKEN_LIFETIME};
+    use serde_json::json;
+
+    use super::parse_token;
+
+    #[test]
+    fn a_token_lifetime_past_any_clock_is_capped_not_a_panic() {
+        let api = Api::new("BigQuery", &ApiSettings::default()).unwrap();
+        let (_, lifetime) = parse_token(&api, json!({"access_token": "t", "expires_in": u64::MAX})).unwrap();
+        assert_eq!(lifetime, MAX_TOKEN_LIFETIME);
+        // What the cache then computes from it.
+        let _ = std::time::Instant::now() + lifetime;
     }
 }

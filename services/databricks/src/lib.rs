@@ -180,7 +180,8 @@ impl Databricks {
                 .ok_or_else(|| ApiError::malformed(API, "oidc/v1/token", "no access_token in the answer"))?,
         );
         let lifetime =
-            Duration::from_secs(answer.body.get("expires_in").and_then(Value::as_u64).unwrap_or(3600));
+            Duration::from_secs(answer.body.get("expires_in").and_then(Value::as_u64).unwrap_or(3600))
+                .min(api::MAX_TOKEN_LIFETIME);
         let renew_at = Instant::now() + lifetime.saturating_sub(REFRESH_MARGIN);
         self.oauth_tokens.lock().expect("not poisoned").insert(key, (token.clone(), renew_at));
         tracing::debug!(instance = %instance, client_id = %client_id, "Got a Databricks OAuth token");

@@ -25,6 +25,10 @@ use tonic::Status;
 
 use crate::secret::Secret;
 
+/// The longest any timeout or backoff setting may be: a call waits at most this.
+const MAX_SETTING: Duration = Duration::from_secs(24 * 3600);
+/// The longest an access token is trusted, whatever lifetime its issuer claims.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// How long before the caller's deadline the plugin stops retrying, to leave time to answer.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
 /// The longest excerpt of an unexpected body quoted in an error.
@@ -100,9 +104,14 @@ impl ApiSettings {
             ("create_timeout", self.create_timeout),
             ("get_timeout", self.get_timeout),
             ("delete_timeout", self.delete_timeout),
+            ("backoff_initial", self.backoff_initial),
+            ("backoff_max", self.backoff_max),
         ] {
-            if d.0.is_zero() {
+            if d.0.is_zero() && !name.starts_with("backoff") {
                 p.push(format!("{name}: must be more than zero"));
+            }
+            if d.0 > MAX_SETTING {
+                p.push(format!("{name}: {d} is longer than the most a call can wait, 1 day"));
             }
         }
         if self.backoff_initial > self.backoff_max {

@@ -170,3 +170,16 @@ async fn a_credential_no_header_can_carry_fails_unsent_naming_the_header() {
     assert!(!status.message().contains("dapi-test-token"), "{}", status.message());
     assert!(fake.requests().is_empty(), "nothing was sent");
 }
+
+#[test]
+fn settings_longer_than_a_day_are_refused_before_any_call_overflows() {
+    let settings = ApiSettings {
+        create_timeout: HumanDuration(Duration::from_secs(500_000_000_000 * 365 * 86_400 / 1_000_000)),
+        backoff_max: HumanDuration(Duration::from_secs(7 * 86_400)),
+        ..ApiSettings::default()
+    };
+    let problems = settings.problems();
+    assert!(problems.iter().any(|p| p.starts_with("create_timeout:") && p.contains("1 day")), "{problems:?}");
+    assert!(problems.iter().any(|p| p.starts_with("backoff_max:")), "{problems:?}");
+    assert!(ApiSettings::default().problems().is_empty());
+}
