@@ -46,11 +46,9 @@ impl fmt::Display for Secret {
     }
 }
 
-/// A credential that is not configured anywhere the service looks.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "missing credential `{key}`{purpose}: set the environment variable {env} or mount it as the file {file}"
-)]
+/// A credential that is not configured anywhere the service looks, or whose
+/// file is there but cannot be read.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MissingSecret {
     /// The secret's key, as upstream operators know it.
     pub key: String,
@@ -60,7 +58,29 @@ pub struct MissingSecret {
     env: String,
     /// The file tried.
     file: String,
+    /// Why the file, which exists, could not be read (permissions, not UTF-8).
+    unreadable: Option<String>,
 }
+
+impl fmt::Display for MissingSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Self { key, purpose, env, file, unreadable } = self;
+        match unreadable {
+            Some(why) => write!(
+                f,
+                "credential `{key}`{purpose}: the file {file} is there but cannot be read ({why}); let the \
+                 service's user read it (a secret volume's defaultMode or fsGroup), or set the environment \
+                 variable {env}"
+            ),
+            None => write!(
+                f,
+                "missing credential `{key}`{purpose}: set the environment variable {env} or mount it as the file {file}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for MissingSecret {}
 
 impl MissingSecret {
     /// Says what the secret is for, in the message (e.g. "the Databricks access token").
@@ -132,16 +152,19 @@ impl SecretStore {
             }
         }
         let file = self.dir.join(key.to_ascii_lowercase());
-        if let Ok(v) = std::fs::read_to_string(&file)
-            && !v.trim().is_empty()
-        {
-            return Ok(Secret::new(v.trim()));
-        }
+        let unreadable = match std::fs::read_to_string(&file) {
+            Ok(v) if !v.trim().is_empty() => return Ok(Secret::new(v.trim())),
+            Ok(_) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            // The error names the reason only (permission denied, invalid UTF-8), never content.
+            Err(e) => Some(e.to_string()),
+        };
         Err(MissingSecret {
             key: key.to_owned(),
             purpose: String::new(),
             env: names.join(" or "),
             file: file.display().to_string(),
+            unreadable,
         })
     }
 }
@@ -181,5 +204,20 @@ mod tests {
         assert!(text.contains(&dir.path().join("empty").display().to_string()), "{text}");
         let secret = Secret::new("hunter2");
         assert_eq!(format!("{secret} {secret:?}"), "[redacted] Secret([redacted])");
+    }
+
+    #[test]
+    fn a_secret_file_that_is_there_but_unreadable_is_not_called_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("binary"), [0xff, 0xfe, b's', b'3', b'c']).unwrap();
+        std::fs::create_dir(dir.path().join("a_dir")).unwrap();
+        for key in ["binary", "a_dir"] {
+            let text = store(dir.path(), &[]).get(key).unwrap_err().to_string();
+            assert!(text.contains("is there but cannot be read"), "{key}: {text}");
+            assert!(!text.starts_with("missing"), "{key}: {text}");
+            assert!(!text.contains("s3c"), "{key}: {text}");
+        }
+        let text = store(dir.path(), &[]).get("absent").unwrap_err().to_string();
+        assert!(text.starts_with("missing credential `absent`"), "{text}");
     }
 }
