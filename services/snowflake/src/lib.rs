@@ -126,6 +126,22 @@ impl Snowflake {
         if let Some(url) = env(ENV_BASE_URL).filter(|u| !u.trim().is_empty()) {
             base_url = Some(url);
         }
+        // `[plugin.http]`, as every cloud service documents its budgets; the same
+        // keys straight under `[plugin]` are read too, as this service first took them.
+        match table.remove("http") {
+            None => {}
+            Some(toml::Value::Table(http)) => {
+                for (key, value) in http {
+                    if table.contains_key(&key) {
+                        problems.push(format!("[plugin] {key} and [plugin.http] {key}: set it in one place"));
+                    }
+                    table.insert(key, value);
+                }
+            }
+            Some(other) => {
+                problems.push(format!("[plugin] http: expected a table, got {}", other.type_str()))
+            }
+        }
         let mut settings: ApiSettings = match toml::Value::Table(table).try_into() {
             Ok(s) => s,
             Err(e) => {

@@ -140,6 +140,23 @@ fn config_reads_base_url_and_budgets_with_env_overrides() {
 }
 
 #[test]
+fn budgets_are_read_from_plugin_http_as_the_readme_documents() {
+    let table: toml::Table =
+        toml::from_str("[http]\nget_timeout = \"1s\"\ncreate_timeout = \"20s\"").unwrap();
+    let s = Snowflake::from_parts(&table, &|_| None, store()).unwrap();
+    assert_eq!(
+        (s.settings.get_timeout.0, s.settings.create_timeout.0),
+        (Duration::from_secs(1), Duration::from_secs(20))
+    );
+    let table: toml::Table = toml::from_str("get_timeout = \"2s\"\n[http]\nget_timeout = \"1s\"").unwrap();
+    let e = Snowflake::from_parts(&table, &|_| None, store()).unwrap_err();
+    assert!(e.contains("set it in one place"), "{e}");
+    let table: toml::Table = toml::from_str("[http]\nget_timeot = \"1s\"").unwrap();
+    let e = Snowflake::from_parts(&table, &|_| None, store()).unwrap_err();
+    assert!(e.contains("get_timeot"), "{e}");
+}
+
+#[test]
 fn bad_config_names_every_problem() {
     let table: toml::Table = toml::from_str("base_url = 5\nget_timeot = \"1s\"").unwrap();
     let e = Snowflake::from_parts(&table, &|_| None, store()).unwrap_err();
