@@ -141,6 +141,11 @@ impl Credentials {
         let url: Url = token_uri
             .parse()
             .map_err(|e| PluginError::Unconfigured(format!("{where_}: token_uri `{token_uri}`: {e}")))?;
+        if !matches!(url.scheme(), "https" | "http") {
+            return Err(PluginError::Unconfigured(format!(
+                "{where_}: token_uri `{token_uri}` is not an http(s) URL"
+            )));
+        }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let assertion = signer.sign_rs256(&json!({
             "iss": key.client_email,

@@ -514,6 +514,11 @@ async fn a_wrong_key_file_or_token_answer_is_described_never_quoted() {
     wrong["client_email"] = json!(["flyte@flyte-project.iam.gserviceaccount.com"]);
     let e = create_with_key_file(&wrong.to_string(), &fake.url()).await;
     assert!(e.message().contains("wrong type") && !e.message().contains(secret_part), "{}", e.message());
+    let mut ftp = key.clone();
+    ftp["token_uri"] = json!("ftp://oauth2.example/token");
+    let e = create_with_key_file(&ftp.to_string(), &fake.url()).await;
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("is not an http(s) URL"), "{}", e.message());
     let mut other = key.clone();
     other["type"] = json!("authorized_user");
     let e = create_with_key_file(&other.to_string(), &fake.url()).await;

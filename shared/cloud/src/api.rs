@@ -171,7 +171,7 @@ pub enum ApiError {
         detail: String,
     },
     /// The call's budget ran out before an answer.
-    #[error("{api} {op} did not answer within {after:?}")]
+    #[error("{api} {op} {}", waited(*.after))]
     Timeout {
         /// The API.
         api: &'static str,
@@ -244,6 +244,15 @@ impl From<ApiError> for PluginError {
             ApiError::Unsendable { .. } => PluginError::Unconfigured(text),
             ApiError::Status { .. } | ApiError::Malformed { .. } => PluginError::Internal(text),
         }
+    }
+}
+
+/// The end of a timeout's message: how long the API had, or that it had no time at all.
+fn waited(after: Duration) -> String {
+    if after.is_zero() {
+        "was not called: the caller's deadline left no time for it".to_owned()
+    } else {
+        format!("did not answer within {after:?}")
     }
 }
 

@@ -183,3 +183,11 @@ fn settings_longer_than_a_day_are_refused_before_any_call_overflows() {
     assert!(problems.iter().any(|p| p.starts_with("backoff_max:")), "{problems:?}");
     assert!(ApiSettings::default().problems().is_empty());
 }
+
+#[tokio::test]
+async fn a_deadline_already_spent_says_the_api_was_not_called() {
+    let fake = FakeHttp::start(|_| Reply::json(200, json!({"ok": true}))).await;
+    let e = api().send(Request::get("runs/get", url(&fake, "/x")), Instant::now()).await.unwrap_err();
+    assert!(e.to_string().contains("was not called: the caller's deadline left no time"), "{e}");
+    assert!(fake.requests().is_empty());
+}
