@@ -91,6 +91,11 @@ impl QueryJob {
         let mut custom = template::custom_json(template);
         let project = match custom.get("ProjectID") {
             Some(Value::String(p)) if !p.trim().is_empty() => p.trim().to_owned(),
+            Some(other @ (Value::Number(_) | Value::Bool(_) | Value::Array(_) | Value::Object(_))) => {
+                return Err(invalid(format!(
+                    "template custom.ProjectID must be a string (a GCP project id), got {other}"
+                )));
+            }
             _ => {
                 return Err(invalid(
                     "template custom.ProjectID is missing: the GCP project to run the BigQuery job in \
