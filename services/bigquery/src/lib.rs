@@ -154,6 +154,16 @@ impl Plugin for BigQuery {
         vec![AgentSpec::asynchronous("Bigquery Connector", TASK_TYPE)]
     }
 
+    fn settings(&self) -> Vec<(&'static str, String)> {
+        let credentials = match self.credentials.source() {
+            auth::Source::KeyFile(path) => format!("service-account key file {}", path.display()),
+            auth::Source::Metadata(url) => format!("the metadata server at {url}"),
+        };
+        let mut s = vec![("base_url", self.base.to_string()), ("credentials", credentials)];
+        s.extend(self.api.settings().describe());
+        s
+    }
+
     async fn create(
         &self,
         call: &Call,

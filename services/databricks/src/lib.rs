@@ -323,6 +323,29 @@ impl Plugin for Databricks {
         vec![agent]
     }
 
+    fn settings(&self) -> Vec<(&'static str, String)> {
+        let set = &self.settings;
+        let or = |v: &Option<String>, unset: &str| v.clone().unwrap_or_else(|| unset.to_owned());
+        let mut s = vec![
+            ("base_url", or(&set.base_url, "https://{instance}")),
+            ("instance", or(&set.instance, "(none: each task names its workspace)")),
+            (
+                "allowed_instances",
+                if set.allowed_instances.is_empty() {
+                    "(any)".to_owned()
+                } else {
+                    set.allowed_instances.join(", ")
+                },
+            ),
+            ("auth_type", or(&set.auth_type, "pat")),
+            ("client_id", or(&set.client_id, "(none)")),
+            ("service_credential_provider", or(&set.service_credential_provider, "(none)")),
+            ("secrets_dir", self.secrets.dir().display().to_string()),
+        ];
+        s.extend(set.api.describe());
+        s
+    }
+
     async fn create(
         &self,
         call: &Call,

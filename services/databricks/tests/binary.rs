@@ -209,6 +209,17 @@ fn check_config_accepts_the_documented_file_and_names_bad_keys() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("spark") && stdout.contains("databricks"), "{stdout}");
+    // The plugin's own settings, as read from the file.
+    for line in [
+        "  base_url = https://proxy.internal/{instance}",
+        "  instance = dbc-1.cloud.databricks.com",
+        "  allowed_instances = dbc-1.cloud.databricks.com",
+        "  auth_type = pat",
+        "  get_timeout = 2s",
+        "  create_timeout = 5s",
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "no line {line:?} in:\n{stdout}");
+    }
 
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[plugin]\nauth_type = \"kerberos\"\n[plugin.http]\nget_timout = \"2s\"\n").unwrap();

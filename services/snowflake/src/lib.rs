@@ -311,6 +311,16 @@ impl Plugin for Snowflake {
         vec![AgentSpec::asynchronous(AGENT_NAME, TASK_TYPE)]
     }
 
+    fn settings(&self) -> Vec<(&'static str, String)> {
+        let base = self
+            .base_url
+            .clone()
+            .unwrap_or_else(|| format!("https://{ACCOUNT_PLACEHOLDER}.snowflakecomputing.com"));
+        let mut s = vec![("base_url", base), ("secrets_dir", self.secrets.dir().display().to_string())];
+        s.extend(self.settings.describe());
+        s
+    }
+
     async fn create(
         &self,
         call: &Call,

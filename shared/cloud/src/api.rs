@@ -95,6 +95,22 @@ impl ApiSettings {
         over(env, &format!("{prefix}DELETE_TIMEOUT"), &mut self.delete_timeout, problems);
     }
 
+    /// The settings as `--check-config` prints them.
+    pub fn describe(&self) -> Vec<(&'static str, String)> {
+        [
+            ("create_timeout", self.create_timeout),
+            ("get_timeout", self.get_timeout),
+            ("delete_timeout", self.delete_timeout),
+            ("attempt_timeout", self.attempt_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("backoff_initial", self.backoff_initial),
+            ("backoff_max", self.backoff_max),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string()))
+        .collect()
+    }
+
     /// Every problem with these values.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();

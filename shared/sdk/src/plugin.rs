@@ -100,6 +100,13 @@ pub trait Plugin: Send + Sync + 'static {
     /// The agents this plugin carries. Called once when serving starts.
     fn agents(&self) -> Vec<AgentSpec>;
 
+    /// The plugin's own settings as `--check-config` prints them, one
+    /// `(key, value)` per line: where it calls, where its credentials come
+    /// from, its budgets. Never a secret's value.
+    fn settings(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+
     /// Starts a task; the answer's `resource_meta` comes back in `get` and `delete`.
     fn create(
         &self,

@@ -170,6 +170,9 @@ where
             Some(tls) => flotilla_telemetry::outln!("  tls = on, {tls}"),
             None => flotilla_telemetry::outln!("  tls = off (plaintext HTTP/2)"),
         }
+        for (key, value) in plugin.settings() {
+            flotilla_telemetry::outln!("  {key} = {value}");
+        }
         for agent in plugin.agents() {
             let kinds = agent.categories.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
             flotilla_telemetry::outln!(
