@@ -95,8 +95,8 @@ impl ApiSettings {
         over(env, &format!("{prefix}DELETE_TIMEOUT"), &mut self.delete_timeout, problems);
     }
 
-    /// The settings as `--check-config` prints them.
-    pub fn describe(&self) -> Vec<(&'static str, String)> {
+    /// Every setting by its key, in the order `--check-config` prints them.
+    fn by_key(&self) -> [(&'static str, HumanDuration); 7] {
         [
             ("create_timeout", self.create_timeout),
             ("get_timeout", self.get_timeout),
@@ -106,23 +106,17 @@ impl ApiSettings {
             ("backoff_initial", self.backoff_initial),
             ("backoff_max", self.backoff_max),
         ]
-        .into_iter()
-        .map(|(k, v)| (k, v.to_string()))
-        .collect()
+    }
+
+    /// The settings as `--check-config` prints them.
+    pub fn describe(&self) -> Vec<(&'static str, String)> {
+        self.by_key().into_iter().map(|(k, v)| (k, v.to_string())).collect()
     }
 
     /// Every problem with these values.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
-        for (name, d) in [
-            ("attempt_timeout", self.attempt_timeout),
-            ("connect_timeout", self.connect_timeout),
-            ("create_timeout", self.create_timeout),
-            ("get_timeout", self.get_timeout),
-            ("delete_timeout", self.delete_timeout),
-            ("backoff_initial", self.backoff_initial),
-            ("backoff_max", self.backoff_max),
-        ] {
+        for (name, d) in self.by_key() {
             if d.0.is_zero() && !name.starts_with("backoff") {
                 p.push(format!("{name}: must be more than zero"));
             }
