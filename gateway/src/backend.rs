@@ -302,10 +302,14 @@ impl Endpoints {
         }
     }
 
-    /// Whether a replica other than `addr` can take a call now, so that a
-    /// retry may land elsewhere than the replica that just answered.
-    pub fn ready_besides(&self, addr: SocketAddr) -> bool {
-        self.states.load().iter().any(|s| s.addr != addr && s.is_ready())
+    /// A replica other than `addr` that can take a call now, spread over the
+    /// ready ones, so that a retry lands elsewhere than the replica that just
+    /// answered (a rare path: no balancer state to consult).
+    pub fn ready_besides(&self, addr: SocketAddr) -> Option<Arc<EndpointState>> {
+        let states = self.states.load();
+        let others: Vec<&Arc<EndpointState>> =
+            states.iter().filter(|s| s.addr != addr && s.is_ready()).collect();
+        (!others.is_empty()).then(|| others[now_ms() as usize % others.len()].clone())
     }
 
     /// Records that `addr` answered UNAVAILABLE. While other replicas are
@@ -314,7 +318,7 @@ impl Endpoints {
     /// replica is never ejected for it, so in an outage of the external system
     /// the plugin's own answer keeps reaching callers.
     pub fn answered_unavailable(&self, addr: SocketAddr) {
-        if !self.ready_besides(addr) {
+        if self.ready_besides(addr).is_none() {
             return;
         }
         if let Some(state) = self.states.load().iter().find(|s| s.addr == addr) {
@@ -517,32 +521,18 @@ impl Backend {
         AgentMetadataServiceClient::new(MetadataService { endpoints: self.endpoints.clone() })
     }
 
-    /// Sends one call to a ready replica, or fails at once with [`NoEndpoints`].
+    /// Sends one call to a ready replica (other than `avoid`, the replica
+    /// whose answer is being retried, when another is ready), or fails at once
+    /// with [`NoEndpoints`].
     ///
     /// # Errors
     /// [`NoEndpoints`], or the connection error of the replica tried.
-    pub async fn call(&self, req: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
-        self.endpoints.balanced_call(req).await
-    }
-
-    /// Sends one call to a ready replica other than `avoid` (the balancer's
-    /// choice when there is none), for a retry after `avoid` answered.
-    ///
-    /// # Errors
-    /// As [`Backend::call`].
-    pub async fn call_avoiding(
+    pub async fn call(
         &self,
         req: http::Request<Body>,
-        avoid: SocketAddr,
+        avoid: Option<SocketAddr>,
     ) -> Result<http::Response<Body>, BoxError> {
-        let other = {
-            let states = self.endpoints.states.load();
-            let others: Vec<&Arc<EndpointState>> =
-                states.iter().filter(|s| s.addr != avoid && s.is_ready()).collect();
-            // Spread over the others (no balancer state to consult on this rare path).
-            (!others.is_empty()).then(|| others[now_ms() as usize % others.len()].clone())
-        };
-        match other {
+        match avoid.and_then(|a| self.endpoints.ready_besides(a)) {
             Some(s) => send_to(&s.endpoint, &s, &self.endpoints.plugin, &self.endpoints.ejections, req).await,
             None => self.endpoints.balanced_call(req).await,
         }

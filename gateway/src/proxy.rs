@@ -308,19 +308,12 @@ impl Proxy {
             }
             // The call's future is made where it is awaited: a `let` first
             // would keep a second copy of it in this future's state.
-            let result = match (remaining, deadline, avoid) {
-                (Some(r), Some(d), None) => match tokio::time::timeout(r, backend.call(req)).await {
+            let result = match (remaining, deadline) {
+                (Some(r), Some(d)) => match tokio::time::timeout(r, backend.call(req, avoid)).await {
                     Ok(result) => result,
                     Err(_) => return Err((Some(index), expired(d))),
                 },
-                (Some(r), Some(d), Some(a)) => {
-                    match tokio::time::timeout(r, backend.call_avoiding(req, a)).await {
-                        Ok(result) => result,
-                        Err(_) => return Err((Some(index), expired(d))),
-                    }
-                }
-                (_, _, None) => backend.call(req).await,
-                (_, _, Some(a)) => backend.call_avoiding(req, a).await,
+                _ => backend.call(req, avoid).await,
             };
             // Retry only what cannot start a second job: idempotent methods after a
             // failure, anything when the request provably never reached a replica.
@@ -337,7 +330,7 @@ impl Proxy {
                 // Once: the plugin has retried its API already.
                 (Ok(_), Some(addr)) if method.idempotent() && !retried_unavailable => {
                     retried_unavailable = true;
-                    backend.endpoints.ready_besides(addr).then_some("unavailable")
+                    backend.endpoints.ready_besides(addr).map(|_| "unavailable")
                 }
                 _ => None,
             };
