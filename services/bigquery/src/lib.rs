@@ -197,20 +197,13 @@ impl Plugin for BigQuery {
         let link = meta.console_link();
         let answer = self.send(Request::get("jobs.get", url).accept_status(404), deadline).await?;
         if answer.status == 404 {
-            let message = api::error_message_of(reqwest::StatusCode::NOT_FOUND, &answer.body);
+            let message = answer.error_message();
             // Only BigQuery's own answer about the job (reason notFound, "Not found:
             // Job p:l.j") fails the task; a 404 from a wrong base URL, an unknown
             // path or a proxy is an error to fix, not a verdict on every task.
             let about_the_job = message.contains("Not found: Job");
             if !(api::google_reason_is(&answer.body, "notFound") && about_the_job) {
-                return Err(ApiError::Status {
-                    api: "BigQuery",
-                    op: "jobs.get",
-                    status: 404,
-                    message,
-                    rate_limited: false,
-                }
-                .into());
+                return Err(ApiError::refusal("BigQuery", "jobs.get", &answer).into());
             }
             let mut r = resource::failed(format!("BigQuery job {} no longer exists: {message}", meta.job_id));
             r.log_links.push(link);

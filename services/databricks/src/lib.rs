@@ -296,17 +296,12 @@ fn run_unknown(answer: &api::Response) -> Option<String> {
     let message = answer.body.get("message").and_then(Value::as_str).unwrap_or("");
     let unknown =
         code == "RESOURCE_DOES_NOT_EXIST" || message.to_ascii_lowercase().contains("does not exist");
-    unknown.then(|| api::error_message_of(status_code(answer.status), &answer.body))
+    unknown.then(|| answer.error_message())
 }
 
 /// A refusal that is not about an unknown run: the error it would have been.
 fn refused(answer: &api::Response, op: &'static str) -> PluginError {
-    let message = api::error_message_of(status_code(answer.status), &answer.body);
-    ApiError::Status { api: API, op, status: answer.status, message, rate_limited: false }.into()
-}
-
-fn status_code(status: u16) -> reqwest::StatusCode {
-    reqwest::StatusCode::from_u16(status).unwrap_or(reqwest::StatusCode::BAD_REQUEST)
+    ApiError::refusal(API, op, answer).into()
 }
 
 /// The run's page in the workspace console, as upstream links it.

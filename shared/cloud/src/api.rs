@@ -231,6 +231,12 @@ impl ApiError {
         }
     }
 
+    /// The error an answer is when its status, accepted to be looked at
+    /// ([`Request::accept_status`]), turns out to be a refusal after all.
+    pub fn refusal(api: &'static str, op: &'static str, answer: &Response) -> Self {
+        Self::Status { api, op, status: answer.status, message: answer.error_message(), rate_limited: false }
+    }
+
     /// Builds a [`ApiError::Malformed`] for this API call.
     pub fn malformed(api: &'static str, op: &'static str, detail: impl Into<String>) -> Self {
         Self::Malformed { api, op, detail: detail.into() }
@@ -431,6 +437,14 @@ pub struct Response {
     pub headers: HeaderMap,
     /// The JSON body; `Null` when the body was empty.
     pub body: Value,
+}
+
+impl Response {
+    /// The API's message in this answer's body ([`error_message_of`]).
+    pub fn error_message(&self) -> String {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_REQUEST);
+        error_message_of(status, &self.body)
+    }
 }
 
 /// A client for one external API.
@@ -634,7 +648,7 @@ pub fn error_message(status: StatusCode, body: &[u8]) -> String {
 }
 
 /// [`error_message`] of a body already parsed.
-pub fn error_message_of(status: StatusCode, v: &Value) -> String {
+fn error_message_of(status: StatusCode, v: &Value) -> String {
     json_message(status, v).unwrap_or_else(|| excerpt(v.to_string().as_bytes()))
 }
 
