@@ -7,6 +7,11 @@
 //! varying from run to run (switching between address spaces, and where the
 //! kernel puts each task it wakes).
 //!
+//! [`ByteRelay`] is the same hop with the gateway's I/O model and none of its
+//! work: one tokio runtime thread that copies bytes between a client and a
+//! server, parsing nothing. Put in front of a real server, it measures what
+//! the hop costs a real call on this machine.
+//!
 //! The other processes are an executable that calls [`serve_role_if_asked`]
 //! first thing in `main` (`flotilla-compare` does), started again with
 //! [`ROLE_ENV`] naming what to be.
@@ -19,7 +24,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// Names the role of a floor process: `echo`, or `relay:<port>`.
+/// Names the role of a floor process: `echo`, `relay:<port>` or
+/// `byte-relay:<address>`.
 pub const ROLE_ENV: &str = "FLOTILLA_FLOOR_ROLE";
 
 /// Round-trip latencies of a bare loopback ping-pong.
@@ -46,10 +52,16 @@ const MESSAGE: usize = 200;
 /// returns the exit code; in any other process, `None`.
 pub fn serve_role_if_asked() -> Option<ExitCode> {
     let role = std::env::var(ROLE_ENV).ok()?;
-    let outcome = match role.strip_prefix("relay:").map(str::parse::<u16>) {
-        None if role == "echo" => serve(None),
-        Some(Ok(port)) => serve(Some(SocketAddr::from(([127, 0, 0, 1], port)))),
-        _ => Err(std::io::Error::other(format!("{ROLE_ENV}={role:?}: expected `echo` or `relay:<port>`"))),
+    let outcome = if role == "echo" {
+        serve(None)
+    } else if let Some(Ok(port)) = role.strip_prefix("relay:").map(str::parse::<u16>) {
+        serve(Some(SocketAddr::from(([127, 0, 0, 1], port))))
+    } else if let Some(Ok(upstream)) = role.strip_prefix("byte-relay:").map(str::parse::<SocketAddr>) {
+        byte_relay(upstream)
+    } else {
+        Err(std::io::Error::other(format!(
+            "{ROLE_ENV}={role:?}: expected `echo`, `relay:<port>` or `byte-relay:<address>`"
+        )))
     };
     Some(match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -87,14 +99,16 @@ fn serve(upstream: Option<SocketAddr>) -> std::io::Result<()> {
     }
 }
 
-/// A floor process, killed if dropped before it ends on its own.
+/// A floor process, killed if dropped before it ends on its own. Its stdin
+/// is a pipe from this process, so that a role that runs until told (the
+/// byte relay) also ends when this process is gone.
 struct Role(Child);
 
 impl Role {
     /// Starts `exe` as `role` and reads the port it listens on.
     fn start(exe: &Path, role: &str) -> std::io::Result<(Self, u16)> {
         let child =
-            Command::new(exe).env(ROLE_ENV, role).stdin(Stdio::null()).stdout(Stdio::piped()).spawn()?;
+            Command::new(exe).env(ROLE_ENV, role).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
         let mut this = Self(child);
         let mut line = String::new();
         let stdout = this.0.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?;
@@ -125,6 +139,66 @@ impl Drop for Role {
             let _ = self.0.wait();
         }
     }
+}
+
+/// A process that relays every connection made to [`ByteRelay::addr`] to an
+/// upstream server, byte for byte: the hop of a proxy that does nothing else.
+/// One tokio runtime thread, as the servers measured run with `--threads 1`.
+/// Ends when dropped (or when the process that started it ends).
+pub struct ByteRelay {
+    role: Role,
+    addr: SocketAddr,
+}
+
+impl ByteRelay {
+    /// Starts `exe` (which must call [`serve_role_if_asked`]) as a byte relay
+    /// in front of `upstream`.
+    ///
+    /// # Errors
+    /// When the process cannot be started or does not say its port.
+    pub fn start(exe: &Path, upstream: SocketAddr) -> std::io::Result<Self> {
+        let (role, port) = Role::start(exe, &format!("byte-relay:{upstream}"))?;
+        Ok(Self { role, addr: SocketAddr::from(([127, 0, 0, 1], port)) })
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The relay's process id, for its CPU time.
+    pub fn pid(&self) -> u32 {
+        self.role.0.id()
+    }
+}
+
+/// The byte relay's process: accepts connections until its stdin closes,
+/// and copies each one's bytes to and from a connection of its own to
+/// `upstream`. A client whose upstream connection fails is closed.
+fn byte_relay(upstream: SocketAddr) -> std::io::Result<()> {
+    // The parent holds the other end of stdin; it closes when the parent
+    // drops the relay, or dies.
+    std::thread::spawn(|| {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        std::process::exit(0);
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        println!("{}", listener.local_addr()?.port());
+        std::io::stdout().flush()?;
+        loop {
+            let (mut client, _) = listener.accept().await?;
+            tokio::spawn(async move {
+                let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                if client.set_nodelay(true).is_ok() && server.set_nodelay(true).is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    })
 }
 
 /// Measures `n` round trips (after a short warmup) from this process to an

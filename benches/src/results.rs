@@ -136,6 +136,26 @@ pub struct Results {
     pub scaling: Vec<(usize, Cell)>,
     /// Padding size of the payload variant.
     pub payload_bytes: usize,
+    /// The hop alone: echo direct and behind a byte relay, GetTask at c=1.
+    pub hop: Option<Hop>,
+}
+
+/// Echo called directly and through a process that only copies bytes (GetTask,
+/// c=1, measured alternately): what the hop itself costs a call on this
+/// machine, before any of a proxy's work.
+#[derive(Clone, Debug)]
+pub struct Hop {
+    /// Echo called directly.
+    pub direct: Cell,
+    /// Echo behind the byte relay.
+    pub relayed: Cell,
+}
+
+impl Hop {
+    /// p50 through the relay over p50 direct.
+    pub fn p50_ratio(&self) -> f64 {
+        self.relayed.report.latency_us.p50 / self.direct.report.latency_us.p50
+    }
 }
 
 /// The cold-start keys.
@@ -244,9 +264,12 @@ impl Results {
         }
         if let Some((a, b)) = pair(1, Gateway, Direct) {
             let (pa, pb) = (a.report.latency_us.p50, b.report.latency_us.p50);
+            let hop = self.hop.as_ref().map_or_else(String::new, |h| {
+                format!(" (a byte relay that parses nothing, in the same run: {})", ratio(h.p50_ratio()))
+            });
             push(
                 "GetTask p50 at c=1 through the gateway ≤ 1.5× echo direct",
-                format!("{} vs {} = {}", us(pa), us(pb), ratio(pa / pb)),
+                format!("{} vs {} = {}{hop}", us(pa), us(pb), ratio(pa / pb)),
                 Some(pa <= 1.5 * pb),
             );
         }
@@ -329,6 +352,7 @@ impl Results {
         self.write_memory(w);
         self.write_cold(w);
         self.write_scaling(w);
+        self.write_hop(w);
         let _ = writeln!(w, "\n{END}");
         o
     }
@@ -539,6 +563,48 @@ impl Results {
                 cell.cpu_per_1000_of("echo"),
             );
         }
+    }
+
+    fn write_hop(&self, w: &mut String) {
+        let Some(h) = &self.hop else {
+            return;
+        };
+        let _ = writeln!(w, "\n## The hop alone: echo behind a byte relay (GetTask, c=1)\n");
+        let _ = writeln!(
+            w,
+            "A process that copies bytes between the load generator and echo and parses nothing (one tokio \
+             runtime thread, the gateway's I/O model, none of its HTTP/2 or routing), measured alternately with \
+             echo direct: what the hop itself adds to a call on this machine. Its p50 ratio is the floor under the \
+             bar's gateway-vs-echo line; the gateway's own work is what it adds above it.\n"
+        );
+        let _ = writeln!(
+            w,
+            "| target | ops/s | p50 | p90 | p99 | p99.9 | errors | server CPU/1k |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for (title, cell) in [("echo direct", &h.direct), ("byte relay → echo", &h.relayed)] {
+            let r = &cell.report;
+            let split = if cell.cpu.len() > 1 {
+                format!(
+                    " (relay {:.3} + echo {:.3})",
+                    cell.cpu_per_1000_of("relay"),
+                    cell.cpu_per_1000_of("echo")
+                )
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                w,
+                "| {title} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.3}{split} |",
+                r.ops_per_sec,
+                r.latency_us.p50,
+                r.latency_us.p90,
+                r.latency_us.p99,
+                r.latency_us.p999,
+                r.errors + r.warmup_errors,
+                cell.cpu_per_1000(),
+            );
+        }
+        let _ = writeln!(w, "\np50 through the relay: {} of echo direct's.", ratio(h.p50_ratio()));
     }
 }
 

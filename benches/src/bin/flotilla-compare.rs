@@ -15,9 +15,10 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use flotilla_benches::{
     fleet::{Binaries, Launcher, Server, Upstream},
+    floor::ByteRelay,
     load::{self, LoadConfig, Sampler, Scenario},
     procs,
-    results::{self, Cell, Memory, Results, Target, cold},
+    results::{self, Cell, Hop, Memory, Results, Target, cold},
     workload::{Workload, WorkloadSpec},
 };
 
@@ -521,6 +522,45 @@ async fn scaling(plan: &Plan, launcher: &Launcher, results: &mut Results) -> any
     Ok(())
 }
 
+/// The hop on its own: echo direct against echo behind a [`ByteRelay`] (a
+/// process that copies bytes and parses nothing), GetTask at c=1, alternating
+/// for `rounds`. What the gateway-vs-echo line of the bar would measure for a
+/// proxy that did no work at all on this machine.
+async fn hop(plan: &Plan, launcher: &Launcher, exe: &Path, results: &mut Results) -> anyhow::Result<()> {
+    if !plan.scenarios.contains(&Scenario::Get) {
+        return Ok(());
+    }
+    eprintln!("==> the hop alone: echo behind a byte relay, GetTask c=1");
+    let echo = launcher.echo("h-echo").await?;
+    let relay = ByteRelay::start(exe, echo.addr).context("starting the byte relay")?;
+    let echo_only = [("echo".to_owned(), echo.process.pid())];
+    let both = [("relay".to_owned(), relay.pid()), ("echo".to_owned(), echo.process.pid())];
+    let workload = Arc::new(Workload::new(WorkloadSpec::default()));
+    let load = plan.load(Scenario::Get, 1);
+    let mut cells: [Option<Cell>; 2] = [None, None];
+    for round in 0..plan.rounds {
+        for k in 0..2 {
+            // Alternate which goes first, as in the matrix.
+            let i = (k + round) % 2;
+            let (addr, processes, title) = if i == 0 {
+                (echo.addr, &echo_only[..], "echo direct")
+            } else {
+                (relay.addr(), &both[..], "byte relay → echo")
+            };
+            let cell = measure(addr, processes, &workload, &load).await?;
+            progress(&format!("r{} get c=1 {title}", round + 1), &cell);
+            match &mut cells[i] {
+                Some(c) => c.merge(&cell),
+                none => *none = Some(cell),
+            }
+        }
+    }
+    if let [Some(direct), Some(relayed)] = cells {
+        results.hop = Some(Hop { direct, relayed });
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("benches/ has a parent")?.to_path_buf();
     let exe = std::env::current_exe().context("locating this binary")?;
@@ -673,10 +713,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     drop(live);
 
     scaling(&plan, &launcher, &mut results).await?;
+    hop(&plan, &launcher, &exe, &mut results).await?;
 
     let markdown = results.markdown();
     let mut clean = true;
-    let bad: Vec<String> = results
+    let mut bad: Vec<String> = results
         .cells
         .iter()
         .map(|((s, c, p, t), cell)| ((s, c, p, t), &cell.report))
@@ -696,6 +737,16 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             )
         })
         .collect();
+    if let Some(h) = &results.hop {
+        for (title, r) in [("echo direct", &h.direct.report), ("byte relay → echo", &h.relayed.report)] {
+            if r.errors > 0 || r.warmup_errors > 0 || r.ops == 0 {
+                bad.push(format!(
+                    "the hop alone, get c=1 {title}: {} ops, {} errors (+{} in warmup) {:?}",
+                    r.ops, r.errors, r.warmup_errors, r.error_samples
+                ));
+            }
+        }
+    }
     if !bad.is_empty() {
         eprintln!("==> loads with errors or no throughput:");
         for b in &bad {
