@@ -1,12 +1,16 @@
-//! Google access tokens for the BigQuery API, the two ways a BigQuery agent pod has them:
+//! Google access tokens for the BigQuery API, from the credentials Google's client libraries
+//! find by default (application default credentials), in their order:
 //!
-//! - a service-account key file (`GOOGLE_APPLICATION_CREDENTIALS`, as Google's client libraries
-//!   read it): a JWT signed with the key is exchanged at the key's `token_uri` for an access
-//!   token (OAuth 2.0 JWT bearer grant, RFC 7523);
+//! - a credentials file named by `GOOGLE_APPLICATION_CREDENTIALS` (or the plugin's settings),
+//!   else gcloud's own (`gcloud auth application-default login` writes it), holding either
+//!   - a service-account key: a JWT signed with the key is exchanged at the key's `token_uri`
+//!     for an access token (OAuth 2.0 JWT bearer grant, RFC 7523), or
+//!   - a user's credentials (`authorized_user`): the refresh token is exchanged for an access
+//!     token (OAuth 2.0 refresh token grant, RFC 6749 section 6);
 //! - otherwise the GCE/GKE metadata server (workload identity), which hands out tokens itself.
 //!
 //! Tokens are cached and fetched again five minutes before they expire, or at once after the
-//! API refuses one. The key file is read at each fetch, so a rotated key is picked up without a
+//! API refuses one. The file is read at each fetch, so a rotated key is picked up without a
 //! restart.
 
 use std::{
@@ -37,10 +41,26 @@ const REFRESH_EARLY: Duration = Duration::from_secs(300);
 /// Where tokens come from.
 #[derive(Clone, Debug)]
 pub(crate) enum Source {
-    /// A service-account key file.
-    KeyFile(PathBuf),
+    /// A credentials file, and what named it (for messages).
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The setting or variable that named it, or gcloud's default location.
+        named_by: &'static str,
+    },
     /// The metadata server at this base URL.
     Metadata(Url),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File { path, named_by } => {
+                write!(f, "the credentials file {} ({named_by})", path.display())
+            }
+            Self::Metadata(url) => write!(f, "the metadata server at {url}"),
+        }
+    }
 }
 
 /// The fields of a service-account key file we use.
@@ -52,6 +72,16 @@ struct KeyFile {
     token_uri: Option<String>,
 }
 
+/// The fields of a user's credentials file (`"type": "authorized_user"`) we use.
+#[derive(Deserialize)]
+struct UserCredentials {
+    client_id: String,
+    client_secret: String,
+    refresh_token: String,
+    #[serde(default)]
+    token_uri: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct TokenAnswer {
     access_token: String,
@@ -59,8 +89,17 @@ struct TokenAnswer {
     expires_in: Option<u64>,
 }
 
+/// An access token, and the project the credentials file bills quota to
+/// (`quota_project_id`; sent as `x-goog-user-project`, as Google's client
+/// libraries do).
+#[derive(Clone)]
+pub(crate) struct Token {
+    pub(crate) bearer: Secret,
+    pub(crate) quota_project: Option<String>,
+}
+
 struct Cached {
-    token: Secret,
+    token: Token,
     refresh_at: Instant,
 }
 
@@ -81,16 +120,17 @@ impl Credentials {
     }
 
     /// A valid access token, fetched if the cached one is missing or near its end.
-    pub(crate) async fn token(&self, deadline: Instant) -> Result<Secret, PluginError> {
+    pub(crate) async fn token(&self, deadline: Instant) -> Result<Token, PluginError> {
         // Held across the fetch: concurrent calls wait for one fetch instead of each making one.
         let mut cached = self.cached.lock().await;
         if let Some(c) = cached.as_ref().filter(|c| Instant::now() < c.refresh_at) {
             return Ok(c.token.clone());
         }
-        let (token, lifetime) = match &self.source {
-            Source::KeyFile(path) => self.fetch_with_key_file(path, deadline).await?,
-            Source::Metadata(base) => self.fetch_from_metadata(base, deadline).await?,
+        let ((bearer, lifetime), quota_project) = match &self.source {
+            Source::File { path, .. } => self.fetch_with_file(path, deadline).await?,
+            Source::Metadata(base) => (self.fetch_from_metadata(base, deadline).await?, None),
         };
+        let token = Token { bearer, quota_project };
         let refresh_at = Instant::now() + lifetime.saturating_sub(REFRESH_EARLY).max(Duration::from_secs(30));
         *cached = Some(Cached { token: token.clone(), refresh_at });
         Ok(token)
@@ -101,51 +141,73 @@ impl Credentials {
         *self.cached.lock().await = None;
     }
 
-    async fn fetch_with_key_file(
+    /// A token from the credentials file at `path`, and the file's quota project.
+    async fn fetch_with_file(
         &self,
         path: &PathBuf,
         deadline: Instant,
-    ) -> Result<(Secret, Duration), PluginError> {
-        let where_ =
-            format!("the service-account key file {} (GOOGLE_APPLICATION_CREDENTIALS)", path.display());
+    ) -> Result<((Secret, Duration), Option<String>), PluginError> {
+        let where_ = self.source.to_string();
         let text = std::fs::read_to_string(path)
             .map_err(|e| PluginError::Unconfigured(format!("cannot read {where_}: {e}")))?;
-        // Errors name fields and positions, never values: the file holds a private key.
-        let not_a_key =
-            |why: String| PluginError::Unconfigured(format!("{where_} is not a service-account key: {why}"));
+        // Errors name fields and positions, never values: the file holds a private key or a
+        // refresh token.
+        let unusable = |why: String| {
+            PluginError::Unconfigured(format!(
+                "{where_} is neither a service-account key nor a user's credentials: {why}"
+            ))
+        };
         let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| not_a_key(api::describe_json_error(&e)))?;
-        match json.get("type") {
-            Some(serde_json::Value::String(kind)) if kind == "service_account" => {}
-            Some(serde_json::Value::String(kind)) => {
-                return Err(PluginError::Unconfigured(format!(
-                    "{where_} has type `{kind}`; only `service_account` keys are supported (or leave it unset to use the metadata server)"
-                )));
+            serde_json::from_str(&text).map_err(|e| unusable(api::describe_json_error(&e)))?;
+        let quota_project = match json.get("quota_project_id") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(p)) if p.is_empty() => None,
+            Some(serde_json::Value::String(p)) => Some(p.clone()),
+            Some(_) => return Err(unusable("`quota_project_id` is not a string".into())),
+        };
+        let token = match json.get("type") {
+            Some(serde_json::Value::String(kind)) if kind == "service_account" => {
+                let key: KeyFile = serde_json::from_value(json).map_err(|e| {
+                    PluginError::Unconfigured(format!(
+                        "{where_} is not a service-account key: {}",
+                        api::describe_json_error(&e)
+                    ))
+                })?;
+                self.fetch_with_key(&where_, key, deadline).await
             }
+            Some(serde_json::Value::String(kind)) if kind == "authorized_user" => {
+                let user: UserCredentials = serde_json::from_value(json).map_err(|e| {
+                    PluginError::Unconfigured(format!(
+                        "{where_} is not a user's credentials: {}",
+                        api::describe_json_error(&e)
+                    ))
+                })?;
+                self.fetch_with_refresh_token(&where_, user, deadline).await
+            }
+            Some(serde_json::Value::String(kind)) => Err(PluginError::Unconfigured(format!(
+                "{where_} has type `{kind}`; supported are `service_account` keys and `authorized_user` \
+                 credentials (`gcloud auth application-default login`), or none, to use the metadata server"
+            ))),
             _ if json.is_string() => {
-                return Err(not_a_key(
-                    "it holds a JSON string, not an object (was the key encoded twice?)".into(),
-                ));
+                Err(unusable("it holds a JSON string, not an object (was the file encoded twice?)".into()))
             }
-            _ => {
-                return Err(not_a_key(
-                    "it has no `type` (a service-account key says \"service_account\")".into(),
-                ));
-            }
-        }
-        let key: KeyFile =
-            serde_json::from_value(json).map_err(|e| not_a_key(api::describe_json_error(&e)))?;
+            _ => Err(unusable(
+                "it has no `type` (\"service_account\" for a key, \"authorized_user\" for gcloud's)".into(),
+            )),
+        }?;
+        Ok((token, quota_project))
+    }
+
+    /// The service-account way: a signed JWT exchanged for a token.
+    async fn fetch_with_key(
+        &self,
+        where_: &str,
+        key: KeyFile,
+        deadline: Instant,
+    ) -> Result<(Secret, Duration), PluginError> {
         let signer = RsaKey::from_pem(&key.private_key)
             .map_err(|e| PluginError::Unconfigured(format!("{where_}: private_key: {e}")))?;
-        let token_uri = key.token_uri.unwrap_or_else(|| DEFAULT_TOKEN_URI.to_owned());
-        let url: Url = token_uri
-            .parse()
-            .map_err(|e| PluginError::Unconfigured(format!("{where_}: token_uri `{token_uri}`: {e}")))?;
-        if !matches!(url.scheme(), "https" | "http") {
-            return Err(PluginError::Unconfigured(format!(
-                "{where_}: token_uri `{token_uri}` is not an http(s) URL"
-            )));
-        }
+        let (token_uri, url) = token_endpoint(where_, key.token_uri)?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let assertion = signer.sign_rs256(&json!({
             "iss": key.client_email,
@@ -162,7 +224,31 @@ impl Credentials {
             .api
             .send(Request::post_form("token", url, form).secret_answer(), deadline)
             .await
-            .map_err(token_error)?;
+            .map_err(|e| token_error(e, "the service-account key"))?;
+        parse_token(&self.api, answer.body)
+    }
+
+    /// The user's way: the refresh token exchanged for an access token.
+    async fn fetch_with_refresh_token(
+        &self,
+        where_: &str,
+        user: UserCredentials,
+        deadline: Instant,
+    ) -> Result<(Secret, Duration), PluginError> {
+        let (_, url) = token_endpoint(where_, user.token_uri)?;
+        let form = vec![
+            ("grant_type".to_owned(), "refresh_token".to_owned()),
+            ("client_id".to_owned(), user.client_id),
+            ("client_secret".to_owned(), user.client_secret),
+            ("refresh_token".to_owned(), user.refresh_token),
+        ];
+        let answer = self
+            .api
+            .send(Request::post_form("token", url, form).secret_answer(), deadline)
+            .await
+            .map_err(|e| {
+                token_error(e, "the user's credentials (run `gcloud auth application-default login` again?)")
+            })?;
         parse_token(&self.api, answer.body)
     }
 
@@ -180,7 +266,8 @@ impl Credentials {
         let answer = self.api.send(request, deadline).await.map_err(|e| {
             PluginError::Unconfigured(format!(
                 "no Google credentials: GOOGLE_APPLICATION_CREDENTIALS (or [plugin] credentials_file) names no \
-                 service-account key file, and the metadata server at {base} did not give a token ({e})"
+                 credentials file, gcloud has none (`gcloud auth application-default login` makes one), and \
+                 the metadata server at {base} did not give a token ({e})"
             ))
         })?;
         parse_token(&self.api, answer.body)
@@ -199,12 +286,24 @@ fn parse_token(api: &Api, body: serde_json::Value) -> Result<(Secret, Duration),
     Ok((Secret::new(answer.access_token), lifetime))
 }
 
-fn token_error(e: ApiError) -> PluginError {
+/// A credentials file's `token_uri` (Google's endpoint when it names none), checked.
+fn token_endpoint(where_: &str, token_uri: Option<String>) -> Result<(String, Url), PluginError> {
+    let token_uri = token_uri.unwrap_or_else(|| DEFAULT_TOKEN_URI.to_owned());
+    let url: Url = token_uri
+        .parse()
+        .map_err(|e| PluginError::Unconfigured(format!("{where_}: token_uri `{token_uri}`: {e}")))?;
+    if !matches!(url.scheme(), "https" | "http") {
+        return Err(PluginError::Unconfigured(format!(
+            "{where_}: token_uri `{token_uri}` is not an http(s) URL"
+        )));
+    }
+    Ok((token_uri, url))
+}
+
+fn token_error(e: ApiError, what: &str) -> PluginError {
     match e.status() {
-        // The token endpoint refusing our assertion is a credential problem on our side.
-        Some(400 | 401 | 403) => {
-            PluginError::Unconfigured(format!("the service-account key was refused: {e}"))
-        }
+        // The token endpoint refusing what we sent is a credential problem on our side.
+        Some(400 | 401 | 403) => PluginError::Unconfigured(format!("{what} was refused: {e}")),
         _ => e.into(),
     }
 }

@@ -39,6 +39,11 @@ pub const ENV_CREDENTIALS_FILE: &str = "FLOTILLA_BIGQUERY_CREDENTIALS_FILE";
 pub const ENV_METADATA_URL: &str = "FLOTILLA_BIGQUERY_METADATA_URL";
 /// The variable Google's client libraries read the key file's path from.
 pub const GOOGLE_APPLICATION_CREDENTIALS: &str = "GOOGLE_APPLICATION_CREDENTIALS";
+/// gcloud's configuration directory when not `~/.config/gcloud`; its
+/// `application_default_credentials.json` is gcloud's credentials file.
+pub const CLOUDSDK_CONFIG: &str = "CLOUDSDK_CONFIG";
+/// The file `gcloud auth application-default login` writes, in gcloud's configuration directory.
+const GCLOUD_CREDENTIALS: &str = "application_default_credentials.json";
 
 /// The `[plugin]` table of `flotilla-bigquery`'s configuration.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -46,9 +51,10 @@ pub const GOOGLE_APPLICATION_CREDENTIALS: &str = "GOOGLE_APPLICATION_CREDENTIALS
 pub struct BigQueryConfig {
     /// The BigQuery API root (regional endpoints, proxies, fakes).
     pub base_url: String,
-    /// A service-account key file; default: `$GOOGLE_APPLICATION_CREDENTIALS`.
+    /// A credentials file (a service-account key, or a user's credentials); default:
+    /// `$GOOGLE_APPLICATION_CREDENTIALS`, else gcloud's, when there is one.
     pub credentials_file: Option<PathBuf>,
-    /// The metadata server, used when there is no key file.
+    /// The metadata server, used when there is no credentials file.
     pub metadata_url: String,
     /// HTTP timeouts and per-operation budgets.
     pub http: ApiSettings,
@@ -63,6 +69,16 @@ impl Default for BigQueryConfig {
             http: ApiSettings::default(),
         }
     }
+}
+
+/// Where gcloud keeps its credentials file: `$CLOUDSDK_CONFIG`, else
+/// `$HOME/.config/gcloud` (gcloud's own rule on Linux and macOS).
+fn gcloud_credentials(env: Env<'_>) -> Option<PathBuf> {
+    let dir = match env(CLOUDSDK_CONFIG).filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env("HOME").filter(|h| !h.is_empty())?).join(".config").join("gcloud"),
+    };
+    Some(dir.join(GCLOUD_CREDENTIALS))
 }
 
 /// The BigQuery plugin.
@@ -101,11 +117,19 @@ impl BigQuery {
         config::override_from_env(env, ENV_BASE_URL, &mut c.base_url, &mut problems);
         config::override_from_env(env, ENV_METADATA_URL, &mut c.metadata_url, &mut problems);
         c.http.override_from_env(env, "FLOTILLA_BIGQUERY_", &mut problems);
+        let mut named_by = "[plugin] credentials_file";
         if let Some(path) = env(ENV_CREDENTIALS_FILE).filter(|p| !p.is_empty()) {
             c.credentials_file = Some(path.into());
+            named_by = ENV_CREDENTIALS_FILE;
         } else if c.credentials_file.is_none() {
             c.credentials_file =
                 env(GOOGLE_APPLICATION_CREDENTIALS).filter(|p| !p.is_empty()).map(PathBuf::from);
+            named_by = GOOGLE_APPLICATION_CREDENTIALS;
+            if c.credentials_file.is_none() {
+                // As Google's client libraries do: gcloud's file, when it exists.
+                c.credentials_file = gcloud_credentials(env).filter(|p| p.is_file());
+                named_by = "gcloud's application default credentials";
+            }
         }
         problems.extend(c.http.problems().into_iter().map(|p| format!("[plugin.http] {p}")));
         let base = api::parse_base_url(&c.base_url).map_err(|e| problems.push(format!("base_url: {e}"))).ok();
@@ -116,7 +140,7 @@ impl BigQuery {
             return Err(problems.join("; "));
         };
         let source = match c.credentials_file {
-            Some(path) => auth::Source::KeyFile(path),
+            Some(path) => auth::Source::File { path, named_by },
             None => auth::Source::Metadata(metadata),
         };
         let api = Api::new("BigQuery", &c.http)?;
@@ -137,12 +161,19 @@ impl BigQuery {
 
     /// Sends `request` with a token; when the token is refused, once more with a fresh one.
     async fn send(&self, request: Request, deadline: Instant) -> Result<Response, PluginError> {
+        let authorized = |request: Request, token: auth::Token| {
+            let request = request.bearer(&token.bearer);
+            match token.quota_project {
+                Some(project) => request.header("x-goog-user-project", &project),
+                None => request,
+            }
+        };
         let token = self.credentials.token(deadline).await?;
-        match self.api.send(request.clone().bearer(&token), deadline).await {
+        match self.api.send(authorized(request.clone(), token), deadline).await {
             Err(e) if e.status() == Some(401) => {
                 self.credentials.invalidate().await;
                 let token = self.credentials.token(deadline).await?;
-                Ok(self.api.send(request.bearer(&token), deadline).await?)
+                Ok(self.api.send(authorized(request, token), deadline).await?)
             }
             other => Ok(other?),
         }
@@ -155,11 +186,8 @@ impl Plugin for BigQuery {
     }
 
     fn settings(&self) -> Vec<(&'static str, String)> {
-        let credentials = match self.credentials.source() {
-            auth::Source::KeyFile(path) => format!("service-account key file {}", path.display()),
-            auth::Source::Metadata(url) => format!("the metadata server at {url}"),
-        };
-        let mut s = vec![("base_url", self.base.to_string()), ("credentials", credentials)];
+        let mut s =
+            vec![("base_url", self.base.to_string()), ("credentials", self.credentials.source().to_string())];
         s.extend(self.api.settings().describe());
         s
     }

@@ -9,7 +9,7 @@ use flotilla_proto::{
     core::{self, task_execution::Phase},
     service::async_agent_service_client::AsyncAgentServiceClient,
 };
-use flotilla_sdk::ServiceConfig;
+use flotilla_sdk::{Plugin as _, ServiceConfig};
 use flotilla_testkit::{
     channel,
     fake_http::Reply,
@@ -148,6 +148,8 @@ async fn a_query_job_runs_from_insert_to_results() {
     let insert = &rig.fake.http.requests_to("/bigquery/v2/projects/flyte-project/jobs")[0];
     assert_eq!(insert.method, "POST");
     assert!(insert.bearer().is_some_and(|t| t.starts_with("ya29.fake-")));
+    // The key file names no quota project: none is sent.
+    assert_eq!(insert.header("x-goog-user-project"), None);
     let body = insert.json();
     assert_eq!(
         body["jobReference"],
@@ -413,6 +415,53 @@ async fn the_metadata_server_supplies_tokens_when_there_is_no_key_file() {
 }
 
 #[tokio::test]
+async fn gclouds_user_credentials_are_found_and_exchanged_for_tokens() {
+    let fake = FakeBigQuery::start(TEST_PUBLIC_KEY_DER.to_vec()).await;
+    let home = tempfile::tempdir().unwrap();
+    let gcloud = home.path().join(".config/gcloud");
+    std::fs::create_dir_all(&gcloud).unwrap();
+    let file = gcloud.join("application_default_credentials.json");
+    std::fs::write(&file, fake.user_credentials().to_string()).unwrap();
+    let base = ("FLOTILLA_BIGQUERY_BASE_URL", fake.url());
+    let home_var = ("HOME", home.path().display().to_string());
+    let credentials = |p: &BigQuery| p.settings().into_iter().find(|(k, _)| *k == "credentials").unwrap().1;
+
+    // Found under $HOME, as gcloud writes it.
+    let p = plugin(&[base.clone(), home_var.clone()], "");
+    let said = credentials(&p);
+    assert!(said.contains(&file.display().to_string()) && said.contains("gcloud"), "{said}");
+    // $CLOUDSDK_CONFIG moves gcloud's directory; there is no file there.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let p = plugin(
+        &[base.clone(), home_var.clone(), ("CLOUDSDK_CONFIG", elsewhere.path().display().to_string())],
+        "",
+    );
+    assert!(credentials(&p).contains("metadata server"), "{}", credentials(&p));
+    // GOOGLE_APPLICATION_CREDENTIALS comes first.
+    let key = key_file(elsewhere.path(), &fake.token_uri());
+    let p = plugin(&[base.clone(), home_var.clone(), ("GOOGLE_APPLICATION_CREDENTIALS", key.clone())], "");
+    assert!(credentials(&p).contains(&key) && credentials(&p).contains("GOOGLE_APPLICATION_CREDENTIALS"));
+
+    // The refresh token buys the access token that BigQuery then sees.
+    let svc = spawn_plugin(plugin(&[base, home_var], "")).await;
+    AsyncAgentServiceClient::new(channel(svc.addr))
+        .create_task(admin::CreateTaskRequest { template: Some(template("SELECT 1")), ..Default::default() })
+        .await
+        .unwrap();
+    let grants = fake.http.requests_to("/token");
+    assert_eq!(grants.len(), 1);
+    let form = grants[0].form();
+    let field = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    assert_eq!(field("grant_type").as_deref(), Some("refresh_token"));
+    assert_eq!(field("refresh_token"), fake.user_credentials()["refresh_token"].as_str().map(str::to_owned));
+    let inserts = fake.http.requests_to("/bigquery/v2/projects/flyte-project/jobs");
+    assert_eq!(inserts.len(), 1);
+    assert_eq!(inserts[0].bearer(), fake.issued_tokens().first().map(String::as_str));
+    // The file's quota project is billed, as Google's client libraries have it.
+    assert_eq!(inserts[0].header("x-goog-user-project"), Some("fake-project"));
+}
+
+#[tokio::test]
 async fn no_secret_reaches_logs_errors_or_resource_meta() {
     let fake = FakeBigQuery::start(TEST_PUBLIC_KEY_DER.to_vec()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -520,9 +569,36 @@ async fn a_wrong_key_file_or_token_answer_is_described_never_quoted() {
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("is not an http(s) URL"), "{}", e.message());
     let mut other = key.clone();
-    other["type"] = json!("authorized_user");
+    other["type"] = json!("external_account");
     let e = create_with_key_file(&other.to_string(), &fake.url()).await;
-    assert!(e.message().contains("has type `authorized_user`"), "{}", e.message());
+    assert!(e.message().contains("has type `external_account`"), "{}", e.message());
+    // A user's credentials without their refresh token.
+    let mut user = fake.user_credentials();
+    let refresh_token = user["refresh_token"].as_str().unwrap().to_owned();
+    user.as_object_mut().unwrap().remove("refresh_token");
+    let e = create_with_key_file(&user.to_string(), &fake.url()).await;
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("not a user's credentials: missing field `refresh_token`"),
+        "{}",
+        e.message()
+    );
+    // A refresh token the endpoint does not know: refused, named, not quoted.
+    let mut user = fake.user_credentials();
+    user["refresh_token"] = json!("1//0revoked-refresh-token");
+    let e = create_with_key_file(&user.to_string(), &fake.url()).await;
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("user's credentials") && e.message().contains("invalid_grant"),
+        "{}",
+        e.message()
+    );
+    assert!(e.message().contains("gcloud auth application-default login"), "{}", e.message());
+    for secret in
+        ["1//0revoked-refresh-token", refresh_token.as_str(), user["client_secret"].as_str().unwrap()]
+    {
+        assert!(!e.message().contains(secret), "a secret is quoted: {}", e.message());
+    }
 
     // A token endpoint answering 200 with something that is not JSON: not quoted.
     fake.http.inject("/token", Reply::text(200, "access_token=ya29.secret-token-value&expires_in=3600"));

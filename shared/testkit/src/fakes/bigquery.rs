@@ -1,10 +1,12 @@
 //! A fake of the BigQuery v2 REST jobs API and of Google's OAuth token endpoint and metadata
 //! server, as their public documents describe them:
 //!
-//! - `POST /token` (the key file's `token_uri`): form `grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer`
+//! - `POST /token` (the credentials file's `token_uri`): form `grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer`
 //!   and `assertion=<RS256 JWT>`; the assertion's signature is checked against the service
-//!   account's public key. Answers `{"access_token", "expires_in", "token_type": "Bearer"}` or an
-//!   OAuth error (`{"error", "error_description"}`).
+//!   account's public key. Or form `grant_type=refresh_token` with `client_id`, `client_secret`
+//!   and `refresh_token`, as a user's credentials (`gcloud auth application-default login`) are
+//!   exchanged; they must be those of [`FakeBigQuery::user_credentials`]. Answers `{"access_token",
+//!   "expires_in", "token_type": "Bearer"}` or an OAuth error (`{"error", "error_description"}`).
 //! - `GET /computeMetadata/v1/instance/service-accounts/default/token` with `Metadata-Flavor: Google`.
 //! - `POST /bigquery/v2/projects/{project}/jobs` (jobs.insert), `GET …/jobs/{jobId}` (jobs.get),
 //!   `POST …/jobs/{jobId}/cancel` (jobs.cancel), each requiring `Authorization: Bearer <issued
@@ -52,6 +54,11 @@ struct Job {
     cancelled: bool,
 }
 
+/// The one user whose refresh token the fake's token endpoint honours.
+const USER_CLIENT_ID: &str = "764086051850-fake.apps.googleusercontent.com";
+const USER_CLIENT_SECRET: &str = "d-FL95Q19q7MQmFpd7hHD0Ty-fake";
+const USER_REFRESH_TOKEN: &str = "1//0fake-refresh-token";
+
 #[derive(Default)]
 struct Model {
     /// Tokens the API accepts.
@@ -92,6 +99,21 @@ impl FakeBigQuery {
     /// The token endpoint, for a key file's `token_uri`.
     pub fn token_uri(&self) -> String {
         format!("{}/token", self.http.url())
+    }
+
+    /// A user's credentials file as `gcloud auth application-default login` writes it, with
+    /// `token_uri` pointing at this fake (gcloud's own has none: Google's endpoint is the default).
+    pub fn user_credentials(&self) -> Value {
+        json!({
+            "account": "",
+            "client_id": USER_CLIENT_ID,
+            "client_secret": USER_CLIENT_SECRET,
+            "quota_project_id": "fake-project",
+            "refresh_token": USER_REFRESH_TOKEN,
+            "type": "authorized_user",
+            "universe_domain": "googleapis.com",
+            "token_uri": self.token_uri(),
+        })
     }
 
     /// The next inserted job reports these states, one per jobs.get, then stays at the last.
@@ -170,6 +192,18 @@ fn handle(model: &Mutex<Model>, public_key_der: &[u8], r: &Recorded) -> Reply {
 fn token(m: &mut Model, public_key_der: &[u8], r: &Recorded) -> Reply {
     let form = r.form();
     let field = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    if field("grant_type") == Some("refresh_token") {
+        if field("client_id") != Some(USER_CLIENT_ID) || field("client_secret") != Some(USER_CLIENT_SECRET) {
+            return Reply::json(
+                401,
+                json!({"error": "invalid_client", "error_description": "The OAuth client was not found."}),
+            );
+        }
+        if field("refresh_token") != Some(USER_REFRESH_TOKEN) {
+            return Reply::json(400, json!({"error": "invalid_grant", "error_description": "Bad Request"}));
+        }
+        return issue(m);
+    }
     if field("grant_type") != Some("urn:ietf:params:oauth:grant-type:jwt-bearer") {
         return Reply::json(
             400,
