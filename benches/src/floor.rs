@@ -107,8 +107,19 @@ struct Role(Child);
 impl Role {
     /// Starts `exe` as `role` and reads the port it listens on.
     fn start(exe: &Path, role: &str) -> std::io::Result<(Self, u16)> {
-        let child =
-            Command::new(exe).env(ROLE_ENV, role).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+        Self::start_on(exe, role, None)
+    }
+
+    /// As [`Role::start`], confined to `cpus` (a `taskset -c` list) when given.
+    fn start_on(exe: &Path, role: &str, cpus: Option<&str>) -> std::io::Result<(Self, u16)> {
+        // taskset execs the program in place: the child's pid is the role's.
+        let (program, args) = crate::fleet::pinned_command(cpus, exe, &[]);
+        let child = Command::new(program)
+            .args(args)
+            .env(ROLE_ENV, role)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
         let mut this = Self(child);
         let mut line = String::new();
         let stdout = this.0.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?;
@@ -152,12 +163,13 @@ pub struct ByteRelay {
 
 impl ByteRelay {
     /// Starts `exe` (which must call [`serve_role_if_asked`]) as a byte relay
-    /// in front of `upstream`.
+    /// in front of `upstream`, confined to `cpus` (a `taskset -c` list, as the
+    /// servers are pinned) when given.
     ///
     /// # Errors
     /// When the process cannot be started or does not say its port.
-    pub fn start(exe: &Path, upstream: SocketAddr) -> std::io::Result<Self> {
-        let (role, port) = Role::start(exe, &format!("byte-relay:{upstream}"))?;
+    pub fn start(exe: &Path, upstream: SocketAddr, cpus: Option<&str>) -> std::io::Result<Self> {
+        let (role, port) = Role::start_on(exe, &format!("byte-relay:{upstream}"), cpus)?;
         Ok(Self { role, addr: SocketAddr::from(([127, 0, 0, 1], port)) })
     }
 

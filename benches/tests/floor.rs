@@ -54,7 +54,7 @@ fn read_n(stream: &mut TcpStream, n: usize) -> Vec<u8> {
 #[test]
 fn a_byte_relay_passes_bytes_both_ways_and_ends_when_dropped() {
     let server = TcpListener::bind("127.0.0.1:0").unwrap();
-    let relay = ByteRelay::start(Path::new(COMPARE), server.local_addr().unwrap()).unwrap();
+    let relay = ByteRelay::start(Path::new(COMPARE), server.local_addr().unwrap(), None).unwrap();
     let pid = relay.pid();
     let mut client = TcpStream::connect(relay.addr()).unwrap();
     client.write_all(b"request").unwrap();
@@ -82,7 +82,7 @@ fn a_byte_relay_passes_bytes_both_ways_and_ends_when_dropped() {
 fn a_byte_relay_closes_a_client_whose_upstream_refuses() {
     // A port that was free a moment ago: nothing listens there.
     let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let relay = ByteRelay::start(Path::new(COMPARE), closed).unwrap();
+    let relay = ByteRelay::start(Path::new(COMPARE), closed, None).unwrap();
     let mut client = TcpStream::connect(relay.addr()).unwrap();
     client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     assert_eq!(client.read(&mut [0; 1]).unwrap(), 0, "the client was not closed");
@@ -113,4 +113,19 @@ fn a_byte_relay_ends_when_the_process_that_started_it_is_gone() {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+#[test]
+fn a_pinned_byte_relay_runs_on_the_cpus_given() {
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay = ByteRelay::start(Path::new(COMPARE), server.local_addr().unwrap(), Some("0")).unwrap();
+    // taskset execs the relay in place: the pid is the relay's, confined to CPU 0.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", relay.pid())).unwrap();
+    let allowed = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim();
+    assert_eq!(allowed, "0", "{status}");
+    // And it relays.
+    let mut client = TcpStream::connect(relay.addr()).unwrap();
+    client.write_all(b"x").unwrap();
+    let (mut upstream, _) = server.accept().unwrap();
+    assert_eq!(read_n(&mut upstream, 1), b"x");
 }

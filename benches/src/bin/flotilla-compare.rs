@@ -525,14 +525,21 @@ async fn scaling(plan: &Plan, launcher: &Launcher, results: &mut Results) -> any
 /// The hop on its own: echo direct against echo behind a [`ByteRelay`] (a
 /// process that copies bytes and parses nothing), GetTask at c=1, alternating
 /// for `rounds`. What the gateway-vs-echo line of the bar would measure for a
-/// proxy that did no work at all on this machine.
-async fn hop(plan: &Plan, launcher: &Launcher, exe: &Path, results: &mut Results) -> anyhow::Result<()> {
+/// proxy that did no work at all on this machine. With `pin` (`--pin`) the
+/// relay runs on the servers' CPUs, as the gateway does.
+async fn hop(
+    plan: &Plan,
+    launcher: &Launcher,
+    exe: &Path,
+    pin: Option<&str>,
+    results: &mut Results,
+) -> anyhow::Result<()> {
     if !plan.scenarios.contains(&Scenario::Get) {
         return Ok(());
     }
     eprintln!("==> the hop alone: echo behind a byte relay, GetTask c=1");
     let echo = launcher.echo("h-echo").await?;
-    let relay = ByteRelay::start(exe, echo.addr).context("starting the byte relay")?;
+    let relay = ByteRelay::start(exe, echo.addr, pin).context("starting the byte relay")?;
     let echo_only = [("echo".to_owned(), echo.process.pid())];
     let both = [("relay".to_owned(), relay.pid()), ("echo".to_owned(), echo.process.pid())];
     let workload = Arc::new(Workload::new(WorkloadSpec::default()));
@@ -713,7 +720,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     drop(live);
 
     scaling(&plan, &launcher, &mut results).await?;
-    hop(&plan, &launcher, &exe, &mut results).await?;
+    hop(&plan, &launcher, &exe, cli.pin.then_some(SERVER_CPU), &mut results).await?;
 
     let markdown = results.markdown();
     let mut clean = true;

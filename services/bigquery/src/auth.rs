@@ -48,8 +48,14 @@ pub(crate) enum Source {
         /// The setting or variable that named it, or gcloud's default location.
         named_by: &'static str,
     },
-    /// The metadata server at this base URL.
-    Metadata(Url),
+    /// The metadata server at this base URL; `gcloud` is where gcloud's file
+    /// was looked for and not found (for the message when there is no server either).
+    Metadata {
+        /// The metadata server.
+        url: Url,
+        /// gcloud's file, not there.
+        gcloud: Option<PathBuf>,
+    },
 }
 
 impl std::fmt::Display for Source {
@@ -58,7 +64,7 @@ impl std::fmt::Display for Source {
             Self::File { path, named_by } => {
                 write!(f, "the credentials file {} ({named_by})", path.display())
             }
-            Self::Metadata(url) => write!(f, "the metadata server at {url}"),
+            Self::Metadata { url, .. } => write!(f, "the metadata server at {url}"),
         }
     }
 }
@@ -107,12 +113,15 @@ struct Cached {
 pub(crate) struct Credentials {
     source: Source,
     api: Api,
+    quota_project: Option<String>,
     cached: Mutex<Option<Cached>>,
 }
 
 impl Credentials {
-    pub(crate) fn new(source: Source, api: Api) -> Self {
-        Self { source, api, cached: Mutex::new(None) }
+    /// Tokens from `source`; `quota_project`, when given, is billed instead of
+    /// the credentials file's (`GOOGLE_CLOUD_QUOTA_PROJECT`).
+    pub(crate) fn new(source: Source, api: Api, quota_project: Option<String>) -> Self {
+        Self { source, api, quota_project, cached: Mutex::new(None) }
     }
 
     pub(crate) fn source(&self) -> &Source {
@@ -128,9 +137,11 @@ impl Credentials {
         }
         let ((bearer, lifetime), quota_project) = match &self.source {
             Source::File { path, .. } => self.fetch_with_file(path, deadline).await?,
-            Source::Metadata(base) => (self.fetch_from_metadata(base, deadline).await?, None),
+            Source::Metadata { url, gcloud } => {
+                (self.fetch_from_metadata(url, gcloud.as_deref(), deadline).await?, None)
+            }
         };
-        let token = Token { bearer, quota_project };
+        let token = Token { bearer, quota_project: self.quota_project.clone().or(quota_project) };
         let refresh_at = Instant::now() + lifetime.saturating_sub(REFRESH_EARLY).max(Duration::from_secs(30));
         *cached = Some(Cached { token: token.clone(), refresh_at });
         Ok(token)
@@ -162,26 +173,27 @@ impl Credentials {
         let quota_project = match json.get("quota_project_id") {
             None | Some(serde_json::Value::Null) => None,
             Some(serde_json::Value::String(p)) if p.is_empty() => None,
-            Some(serde_json::Value::String(p)) => Some(p.clone()),
-            Some(_) => return Err(unusable("`quota_project_id` is not a string".into())),
+            Some(serde_json::Value::String(p)) if reqwest::header::HeaderValue::from_str(p).is_ok() => {
+                Some(p.clone())
+            }
+            Some(serde_json::Value::String(_)) => {
+                return Err(PluginError::Unconfigured(format!(
+                    "{where_}: `quota_project_id` is not a project id (it holds characters no header can carry)"
+                )));
+            }
+            Some(_) => {
+                return Err(PluginError::Unconfigured(format!(
+                    "{where_}: `quota_project_id` is not a string"
+                )));
+            }
         };
         let token = match json.get("type") {
             Some(serde_json::Value::String(kind)) if kind == "service_account" => {
-                let key: KeyFile = serde_json::from_value(json).map_err(|e| {
-                    PluginError::Unconfigured(format!(
-                        "{where_} is not a service-account key: {}",
-                        api::describe_json_error(&e)
-                    ))
-                })?;
+                let key = fields(&where_, "a service-account key", json)?;
                 self.fetch_with_key(&where_, key, deadline).await
             }
             Some(serde_json::Value::String(kind)) if kind == "authorized_user" => {
-                let user: UserCredentials = serde_json::from_value(json).map_err(|e| {
-                    PluginError::Unconfigured(format!(
-                        "{where_} is not a user's credentials: {}",
-                        api::describe_json_error(&e)
-                    ))
-                })?;
+                let user = fields(&where_, "a user's credentials", json)?;
                 self.fetch_with_refresh_token(&where_, user, deadline).await
             }
             Some(serde_json::Value::String(kind)) => Err(PluginError::Unconfigured(format!(
@@ -224,7 +236,7 @@ impl Credentials {
             .api
             .send(Request::post_form("token", url, form).secret_answer(), deadline)
             .await
-            .map_err(|e| token_error(e, "the service-account key"))?;
+            .map_err(|e| token_error(e, &format!("the service-account key in {where_} was")))?;
         parse_token(&self.api, answer.body)
     }
 
@@ -242,19 +254,25 @@ impl Credentials {
             ("client_secret".to_owned(), user.client_secret),
             ("refresh_token".to_owned(), user.refresh_token),
         ];
-        let answer = self
-            .api
-            .send(Request::post_form("token", url, form).secret_answer(), deadline)
-            .await
-            .map_err(|e| {
-                token_error(e, "the user's credentials (run `gcloud auth application-default login` again?)")
-            })?;
+        let answer =
+            self.api.send(Request::post_form("token", url, form).secret_answer(), deadline).await.map_err(
+                |e| {
+                    token_error(
+                        e,
+                        &format!(
+                            "the user's credentials in {where_} (run `gcloud auth application-default login` \
+                         again?) were"
+                        ),
+                    )
+                },
+            )?;
         parse_token(&self.api, answer.body)
     }
 
     async fn fetch_from_metadata(
         &self,
         base: &Url,
+        gcloud: Option<&std::path::Path>,
         deadline: Instant,
     ) -> Result<(Secret, Duration), PluginError> {
         let url = base
@@ -264,10 +282,14 @@ impl Credentials {
         // Off GCP there is no metadata server; say so quickly rather than retrying for the whole budget.
         let deadline = deadline.min(Instant::now() + METADATA_PATIENCE);
         let answer = self.api.send(request, deadline).await.map_err(|e| {
+            let gcloud = gcloud.map_or_else(
+                || "gcloud's (neither $CLOUDSDK_CONFIG nor $HOME is set)".to_owned(),
+                |p| format!("gcloud's at {}", p.display()),
+            );
             PluginError::Unconfigured(format!(
                 "no Google credentials: GOOGLE_APPLICATION_CREDENTIALS (or [plugin] credentials_file) names no \
-                 credentials file, gcloud has none (`gcloud auth application-default login` makes one), and \
-                 the metadata server at {base} did not give a token ({e})"
+                 credentials file, there is no {gcloud} (`gcloud auth application-default login` makes it), \
+                 and the metadata server at {base} did not give a token ({e})"
             ))
         })?;
         parse_token(&self.api, answer.body)
@@ -286,6 +308,17 @@ fn parse_token(api: &Api, body: serde_json::Value) -> Result<(Secret, Duration),
     Ok((Secret::new(answer.access_token), lifetime))
 }
 
+/// The fields of a credentials file of one type; errors name fields, never values.
+fn fields<T: serde::de::DeserializeOwned>(
+    where_: &str,
+    what: &str,
+    json: serde_json::Value,
+) -> Result<T, PluginError> {
+    serde_json::from_value(json).map_err(|e| {
+        PluginError::Unconfigured(format!("{where_} is not {what}: {}", api::describe_json_error(&e)))
+    })
+}
+
 /// A credentials file's `token_uri` (Google's endpoint when it names none), checked.
 fn token_endpoint(where_: &str, token_uri: Option<String>) -> Result<(String, Url), PluginError> {
     let token_uri = token_uri.unwrap_or_else(|| DEFAULT_TOKEN_URI.to_owned());
@@ -300,10 +333,11 @@ fn token_endpoint(where_: &str, token_uri: Option<String>) -> Result<(String, Ur
     Ok((token_uri, url))
 }
 
+/// `what` names the credentials and ends with the verb: "the key in … was".
 fn token_error(e: ApiError, what: &str) -> PluginError {
     match e.status() {
         // The token endpoint refusing what we sent is a credential problem on our side.
-        Some(400 | 401 | 403) => PluginError::Unconfigured(format!("{what} was refused: {e}")),
+        Some(400 | 401 | 403) => PluginError::Unconfigured(format!("{what} refused: {e}")),
         _ => e.into(),
     }
 }

@@ -33,12 +33,16 @@ pub use job::{JobMeta, TASK_TYPE};
 
 /// Environment variable overriding `base_url`.
 pub const ENV_BASE_URL: &str = "FLOTILLA_BIGQUERY_BASE_URL";
-/// Environment variable overriding `credentials_file` (after `GOOGLE_APPLICATION_CREDENTIALS`).
+/// Environment variable naming the credentials file, ahead of `credentials_file` and
+/// `GOOGLE_APPLICATION_CREDENTIALS`.
 pub const ENV_CREDENTIALS_FILE: &str = "FLOTILLA_BIGQUERY_CREDENTIALS_FILE";
 /// Environment variable overriding `metadata_url`.
 pub const ENV_METADATA_URL: &str = "FLOTILLA_BIGQUERY_METADATA_URL";
 /// The variable Google's client libraries read the key file's path from.
 pub const GOOGLE_APPLICATION_CREDENTIALS: &str = "GOOGLE_APPLICATION_CREDENTIALS";
+/// The project to bill quota to, ahead of the credentials file's `quota_project_id` (as
+/// Google's client libraries read it).
+pub const GOOGLE_CLOUD_QUOTA_PROJECT: &str = "GOOGLE_CLOUD_QUOTA_PROJECT";
 /// gcloud's configuration directory when not `~/.config/gcloud`; its
 /// `application_default_credentials.json` is gcloud's credentials file.
 pub const CLOUDSDK_CONFIG: &str = "CLOUDSDK_CONFIG";
@@ -117,7 +121,10 @@ impl BigQuery {
         config::override_from_env(env, ENV_BASE_URL, &mut c.base_url, &mut problems);
         config::override_from_env(env, ENV_METADATA_URL, &mut c.metadata_url, &mut problems);
         c.http.override_from_env(env, "FLOTILLA_BIGQUERY_", &mut problems);
+        // The order: our own variable, the config file, then as Google's client libraries
+        // look: GOOGLE_APPLICATION_CREDENTIALS, gcloud's file when it exists, the metadata server.
         let mut named_by = "[plugin] credentials_file";
+        let gcloud = gcloud_credentials(env);
         if let Some(path) = env(ENV_CREDENTIALS_FILE).filter(|p| !p.is_empty()) {
             c.credentials_file = Some(path.into());
             named_by = ENV_CREDENTIALS_FILE;
@@ -126,10 +133,15 @@ impl BigQuery {
                 env(GOOGLE_APPLICATION_CREDENTIALS).filter(|p| !p.is_empty()).map(PathBuf::from);
             named_by = GOOGLE_APPLICATION_CREDENTIALS;
             if c.credentials_file.is_none() {
-                // As Google's client libraries do: gcloud's file, when it exists.
-                c.credentials_file = gcloud_credentials(env).filter(|p| p.is_file());
+                c.credentials_file = gcloud.clone().filter(|p| p.is_file());
                 named_by = "gcloud's application default credentials";
             }
+        }
+        let quota_project = env(GOOGLE_CLOUD_QUOTA_PROJECT).filter(|p| !p.is_empty());
+        if quota_project.as_deref().is_some_and(|p| reqwest::header::HeaderValue::from_str(p).is_err()) {
+            problems.push(format!(
+                "{GOOGLE_CLOUD_QUOTA_PROJECT}: not a project id (it holds characters no header can carry)"
+            ));
         }
         problems.extend(c.http.problems().into_iter().map(|p| format!("[plugin.http] {p}")));
         let base = api::parse_base_url(&c.base_url).map_err(|e| problems.push(format!("base_url: {e}"))).ok();
@@ -141,11 +153,11 @@ impl BigQuery {
         };
         let source = match c.credentials_file {
             Some(path) => auth::Source::File { path, named_by },
-            None => auth::Source::Metadata(metadata),
+            None => auth::Source::Metadata { url: metadata, gcloud },
         };
         let api = Api::new("BigQuery", &c.http)?;
         let token_api = Api::new("Google OAuth", &c.http)?;
-        Ok(Self { api, base, credentials: auth::Credentials::new(source, token_api) })
+        Ok(Self { api, base, credentials: auth::Credentials::new(source, token_api, quota_project) })
     }
 
     /// `<base>bigquery/v2/projects/<project>/jobs[/<job_id>[/cancel]]`, each segment escaped.

@@ -318,7 +318,9 @@ async fn a_refused_token_is_replaced_once_and_a_refused_key_is_a_clear_error() {
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(
-        e.message().contains("service-account key was refused") && e.message().contains("invalid_grant"),
+        e.message().contains("service-account key in the credentials file")
+            && e.message().contains("was refused")
+            && e.message().contains("invalid_grant"),
         "{}",
         e.message()
     );
@@ -376,9 +378,16 @@ async fn bad_templates_name_what_is_missing() {
 
 #[tokio::test]
 async fn without_credentials_it_serves_and_create_names_the_missing_credential() {
-    // No key file, and a metadata server that is not there.
+    // No key file, no gcloud file under $HOME, and a metadata server that is not there.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let p = plugin(&[("FLOTILLA_BIGQUERY_METADATA_URL", format!("http://{closed}"))], "");
+    let home = tempfile::tempdir().unwrap();
+    let p = plugin(
+        &[
+            ("FLOTILLA_BIGQUERY_METADATA_URL", format!("http://{closed}")),
+            ("HOME", home.path().display().to_string()),
+        ],
+        "",
+    );
     let svc = spawn_plugin(p).await;
     let agents = flotilla_proto::service::agent_metadata_service_client::AgentMetadataServiceClient::new(
         channel(svc.addr),
@@ -395,6 +404,8 @@ async fn without_credentials_it_serves_and_create_names_the_missing_credential()
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("GOOGLE_APPLICATION_CREDENTIALS"), "{}", e.message());
     assert!(e.message().contains(&format!("metadata server at http://{closed}/")), "{}", e.message());
+    let looked = home.path().join(".config/gcloud/application_default_credentials.json");
+    assert!(e.message().contains(&format!("no gcloud's at {}", looked.display())), "{}", e.message());
 }
 
 #[tokio::test]
@@ -457,8 +468,63 @@ async fn gclouds_user_credentials_are_found_and_exchanged_for_tokens() {
     let inserts = fake.http.requests_to("/bigquery/v2/projects/flyte-project/jobs");
     assert_eq!(inserts.len(), 1);
     assert_eq!(inserts[0].bearer(), fake.issued_tokens().first().map(String::as_str));
-    // The file's quota project is billed, as Google's client libraries have it.
+    // The file's quota project is billed, as Google's client libraries have it, unless
+    // GOOGLE_CLOUD_QUOTA_PROJECT names another.
     assert_eq!(inserts[0].header("x-goog-user-project"), Some("fake-project"));
+    let svc = spawn_plugin(plugin(
+        &[
+            ("FLOTILLA_BIGQUERY_BASE_URL", fake.url()),
+            ("HOME", home.path().display().to_string()),
+            ("GOOGLE_CLOUD_QUOTA_PROJECT", "billing-project".to_owned()),
+        ],
+        "",
+    ))
+    .await;
+    AsyncAgentServiceClient::new(channel(svc.addr))
+        .create_task(admin::CreateTaskRequest { template: Some(template("SELECT 1")), ..Default::default() })
+        .await
+        .unwrap();
+    let inserts = fake.http.requests_to("/bigquery/v2/projects/flyte-project/jobs");
+    assert_eq!(inserts[1].header("x-goog-user-project"), Some("billing-project"));
+    // A value no header can carry is a configuration error, not a header dropped in silence.
+    let config = ServiceConfig::default();
+    let bad = HashMap::from([("GOOGLE_CLOUD_QUOTA_PROJECT".to_owned(), "a\nb".to_owned())]);
+    let e = BigQuery::from_config_with_env(&config, &move |k| bad.get(k).cloned()).unwrap_err();
+    assert!(e.contains("GOOGLE_CLOUD_QUOTA_PROJECT: not a project id"), "{e}");
+}
+
+#[tokio::test]
+async fn a_users_refresh_token_and_client_secret_reach_no_log_or_error() {
+    let fake = FakeBigQuery::start(TEST_PUBLIC_KEY_DER.to_vec()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let user = fake.user_credentials();
+    let path = dir.path().join("adc.json");
+    std::fs::write(&path, user.to_string()).unwrap();
+    let svc = ServiceProcess::start(
+        env!("CARGO_BIN_EXE_flotilla-bigquery"),
+        &["--log", "trace"],
+        &[
+            ("FLOTILLA_BIGQUERY_BASE_URL", &fake.url()),
+            ("GOOGLE_APPLICATION_CREDENTIALS", &path.display().to_string()),
+        ],
+    )
+    .await;
+    let mut client = AsyncAgentServiceClient::new(channel(svc.addr));
+    let request = admin::CreateTaskRequest { template: Some(template("SELECT 1")), ..Default::default() };
+    client.create_task(request.clone()).await.unwrap();
+    // Then the endpoint refuses the client: the error path logs too.
+    fake.revoke_tokens();
+    fake.http.inject("/token", Reply::json(401, json!({"error": "invalid_client"})));
+    let error = client.create_task(request).await.unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}");
+    let logs = svc.stderr();
+    assert!(logs.contains("BigQuery"), "the service logged its calls at trace level:\n{logs}");
+    let secrets = [&user["refresh_token"], &user["client_secret"]].map(|v| v.as_str().unwrap().to_owned());
+    for secret in secrets.iter().chain(&fake.issued_tokens()) {
+        for (what, text) in [("logs", &logs), ("error", &error.message().to_owned())] {
+            assert!(!text.contains(secret.as_str()), "a secret appears in the {what}");
+        }
+    }
 }
 
 #[tokio::test]
