@@ -171,8 +171,13 @@ fn parameter_type(value: &Native) -> Result<Value, String> {
         Native::Str(_) | Native::Duration(_) => scalar("STRING"),
         Native::Bool(_) => scalar("BOOL"),
         Native::Datetime(_) => scalar("DATETIME"),
+        // Upstream's agent refuses it too (its parameter typing has no None).
+        Native::Null => Err("None: a BigQuery query parameter needs a value".to_owned()),
         Native::List(items) if items.iter().any(|i| matches!(i, Native::List(_))) => {
             Err("a list of lists: BigQuery query parameters have no arrays of arrays".to_owned())
+        }
+        Native::List(items) if items.iter().any(|i| matches!(i, Native::Null)) => {
+            Err("a list holding None: BigQuery arrays cannot hold NULL".to_owned())
         }
         Native::List(items) => {
             let element = items.first().map_or_else(|| Ok(json!({"type": "STRING"})), parameter_type)?;
@@ -191,6 +196,8 @@ fn parameter_value(value: &Native) -> Value {
         Native::Datetime(t) => scalar(template::format_datetime(t)),
         Native::Duration(_) => scalar(value.to_text()),
         Native::List(items) => json!({"arrayValues": items.iter().map(parameter_value).collect::<Vec<_>>()}),
+        // Refused by parameter_type before a value is made.
+        Native::Null => json!({"value": Value::Null}),
     }
 }
 
@@ -292,5 +299,9 @@ mod tests {
         }
         let e = parameter("deep", &deep).unwrap_err();
         assert!(e.contains("no arrays of arrays"), "{e}");
+        // None has no BigQuery parameter type (upstream's agent refuses it too), alone or in a list.
+        assert!(parameter("o", &Native::Null).unwrap_err().contains("needs a value"));
+        let e = parameter("os", &Native::List(vec![Native::Int(1), Native::Null])).unwrap_err();
+        assert!(e.contains("cannot hold NULL"), "{e}");
     }
 }

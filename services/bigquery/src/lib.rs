@@ -75,6 +75,14 @@ impl Default for BigQueryConfig {
     }
 }
 
+/// The location in BigQuery's "Already Exists: Job project:location.job_id" message.
+fn location_in_message(message: &str, job_id: &str) -> Option<String> {
+    let job = message.split_whitespace().find(|w| w.ends_with(&format!(".{job_id}")))?;
+    let (_, rest) = job.rsplit_once(':')?;
+    let location = rest.strip_suffix(job_id)?.strip_suffix('.')?;
+    (!location.is_empty()).then(|| location.to_owned())
+}
+
 /// Where gcloud keeps its credentials file: `$CLOUDSDK_CONFIG`, else
 /// `$HOME/.config/gcloud` (gcloud's own rule on Linux and macOS).
 fn gcloud_credentials(env: Env<'_>) -> Option<PathBuf> {
@@ -220,7 +228,14 @@ impl Plugin for BigQuery {
         let answer = self
             .send(Request::post_json("jobs.insert", url, job.body()).accept_status(409), deadline)
             .await?;
-        let location = answer.body["jobReference"]["location"].as_str().map(str::to_owned);
+        // A repeat's 409 carries no jobReference, but its message names the job as
+        // "project:location.job_id": without the location, a regional job would read
+        // as "Not found" on every poll.
+        let location = answer.body["jobReference"]["location"].as_str().map(str::to_owned).or_else(|| {
+            (answer.status == 409)
+                .then(|| location_in_message(&answer.error_message(), &job.job_id))
+                .flatten()
+        });
         let meta = JobMeta {
             job_id: job.job_id,
             project: job.project,
@@ -274,5 +289,29 @@ impl BigQuery {
             url.query_pairs_mut().append_pair("location", &meta.location);
         }
         url
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::location_in_message;
+
+    #[test]
+    fn a_repeated_inserts_409_names_the_jobs_location() {
+        let job = "flotilla_3f2a";
+        let said = |m: &str| location_in_message(m, job);
+        assert_eq!(
+            said("Already Exists: Job my-project:europe-west2.flotilla_3f2a").as_deref(),
+            Some("europe-west2")
+        );
+        // Domain-scoped projects have a colon of their own.
+        assert_eq!(
+            said("Already Exists: Job example.com:my-project:US.flotilla_3f2a").as_deref(),
+            Some("US")
+        );
+        assert_eq!(said("Already Exists: Job my-project:US.flotilla_other"), None);
+        assert_eq!(said("Already Exists: Job my-project.flotilla_3f2a"), None);
+        assert_eq!(said("Already Exists: Job my-project:.flotilla_3f2a"), None);
+        assert_eq!(said(""), None);
     }
 }

@@ -234,9 +234,35 @@ fn to_input(value: Native) -> Input {
         Native::Float(f) => Input::Float(f),
         Native::Str(s) => Input::Str(s),
         Native::Bool(b) => Input::Bool(b),
-        d @ Native::Datetime(_) => Input::Datetime(d.to_text()),
-        d @ Native::Duration(_) => Input::Duration(d.to_text()),
+        Native::Datetime(t) => Input::Datetime(datetime_text(&t)),
+        Native::Duration(d) => Input::Duration(duration_text(&d)),
         Native::List(items) => Input::List(items.into_iter().map(to_input).collect()),
+        Native::Null => Input::Null,
+    }
+}
+
+/// A datetime as the Python connector renders flytekit's (UTC) one:
+/// `YYYY-MM-DD HH:MM:SS[.ffffff]+00:00`. The offset keeps TIMESTAMP_LTZ/TZ
+/// comparisons in UTC whatever the session's time zone.
+fn datetime_text(t: &prost_types::Timestamp) -> String {
+    let text = template::format_datetime(t).replacen('T', " ", 1);
+    let text = text.strip_suffix(".000000").unwrap_or(&text);
+    format!("{text}+00:00")
+}
+
+/// A duration as the Python connector renders a `timedelta`: `HH:MM:SS[.ffffff]`, hours
+/// unbounded, a negative one as Python normalises it (-1 s is `-1:59:59`).
+fn duration_text(d: &prost_types::Duration) -> String {
+    let micros = i128::from(d.seconds) * 1_000_000 + i128::from(d.nanos / 1000);
+    let days = micros.div_euclid(86_400_000_000);
+    let in_day = micros.rem_euclid(86_400_000_000);
+    let (secs, fraction) = (in_day / 1_000_000, in_day % 1_000_000);
+    let hours = secs / 3600 + days * 24;
+    let (mins, secs) = (secs % 3600 / 60, secs % 60);
+    if fraction == 0 {
+        format!("{hours:02}:{mins:02}:{secs:02}")
+    } else {
+        format!("{hours:02}:{mins:02}:{secs:02}.{fraction:06}")
     }
 }
 

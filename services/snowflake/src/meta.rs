@@ -113,7 +113,9 @@ pub struct Meta {
     pub warehouse: String,
     /// The statement handle, which is Snowflake's query id.
     pub query_id: String,
-    /// Whether the task declares outputs (then a success answers `results`).
+    /// Whether the task declares outputs (then a success answers `results`). Upstream's
+    /// earlier agent wrote no such field and answered `results` on every success.
+    #[serde(default = "always")]
     pub has_output: bool,
     /// See [`Connection::role`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -200,6 +202,11 @@ pub fn is_query_id(s: &str) -> bool {
 
 /// The log link's name, as upstream.
 pub const LOG_NAME: &str = "Snowflake Query Details";
+
+/// What a resource_meta without `has_output` meant to the agent that wrote it.
+fn always() -> bool {
+    true
+}
 
 #[cfg(test)]
 mod tests;

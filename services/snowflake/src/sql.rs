@@ -28,12 +28,14 @@ pub enum Input {
     Str(String),
     /// `BOOLEAN`.
     Bool(bool),
-    /// `DATETIME`, as an RFC 3339 timestamp.
+    /// `DATETIME`, as text (`2024-01-02 03:04:05+00:00`, as the Python connector renders it).
     Datetime(String),
-    /// `DURATION`, as text (e.g. `"90s"`).
+    /// `DURATION`, as text (`00:01:30`, as the Python connector renders it).
     Duration(String),
     /// A collection of the above.
     List(Vec<Input>),
+    /// `None`: the SQL `NULL` literal, as the Python connector renders it (no binding).
+    Null,
 }
 
 /// One SQL API binding: `{"type": ..., "value": ...}`.
@@ -234,21 +236,28 @@ fn bind(name: &str, value: &Input, bindings: &mut Vec<Binding>) -> Result<String
                     "input {name:?} is an empty list, which cannot be bound as SQL values"
                 )));
             }
+            let mut marks = Vec::with_capacity(items.len());
             for item in items {
                 if matches!(item, Input::List(_)) {
                     return Err(PrepareError(format!(
                         "input {name:?} is a list of lists, which cannot be bound as SQL values"
                     )));
                 }
-                bindings.push(scalar(item));
+                marks.push(mark(item, bindings));
             }
-            Ok(vec!["?"; items.len()].join(", "))
+            Ok(marks.join(", "))
         }
-        other => {
-            bindings.push(scalar(other));
-            Ok("?".to_owned())
-        }
+        other => Ok(mark(other, bindings).to_owned()),
     }
+}
+
+/// `?` with its binding appended, or `NULL` for None (a literal of our own, not the input's text).
+fn mark(value: &Input, bindings: &mut Vec<Binding>) -> &'static str {
+    if matches!(value, Input::Null) {
+        return "NULL";
+    }
+    bindings.push(scalar(value));
+    "?"
 }
 
 fn scalar(value: &Input) -> Binding {
@@ -260,7 +269,7 @@ fn scalar(value: &Input) -> Binding {
         // Text, so Snowflake converts it to whatever the expression needs (DATE,
         // TIMESTAMP_NTZ/LTZ/TZ) under the session's rules, as a literal would be.
         Input::Datetime(s) | Input::Duration(s) => ("TEXT", s.clone()),
-        Input::List(_) => unreachable!("lists are expanded by bind()"),
+        Input::List(_) | Input::Null => unreachable!("lists and None are expanded by bind()"),
     };
     Binding { kind, value }
 }

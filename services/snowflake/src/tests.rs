@@ -91,6 +91,67 @@ fn a_template_without_a_query_or_with_unbindable_inputs_is_refused() {
     assert!(matches!(&e, PluginError::InvalidArgument(m) if m.contains("`m`")), "{e}");
 }
 
+fn scalar_literal(value: scalar::Value) -> core::Literal {
+    core::Literal {
+        value: Some(literal::Value::Scalar(Box::new(core::Scalar { value: Some(value) }))),
+        ..Default::default()
+    }
+}
+
+fn primitive_literal(value: primitive::Value) -> core::Literal {
+    scalar_literal(scalar::Value::Primitive(core::Primitive { value: Some(value) }))
+}
+
+#[test]
+fn datetimes_durations_and_none_reach_snowflake_as_the_python_connector_renders_them() {
+    let at = |seconds, nanos| {
+        primitive_literal(primitive::Value::Datetime(prost_types::Timestamp { seconds, nanos }))
+    };
+    let took = |seconds, nanos| {
+        primitive_literal(primitive::Value::Duration(prost_types::Duration { seconds, nanos }))
+    };
+    let none = || scalar_literal(scalar::Value::NoneType(core::Void {}));
+    let list = |items: Vec<core::Literal>| core::Literal {
+        value: Some(literal::Value::Collection(core::LiteralCollection { literals: items })),
+        ..Default::default()
+    };
+    let inputs = core::LiteralMap {
+        literals: [
+            ("a", at(1_704_164_645, 0)),
+            ("b", at(1_704_164_645, 123_456_789)),
+            ("c", took(90, 0)),
+            ("d", took(93_784, 500_000_000)),
+            ("e", took(-1, 0)),
+            ("f", none()),
+            ("g", list(vec![literal_int(1), none(), literal_int(3)])),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+    };
+    let t = template(
+        "SELECT %(a)s, %(b)s, %(c)s, %(d)s, %(e)s WHERE x IS %(f)s AND '{{ .inputs.f }}' IS NULL AND n IN (%(g)s)",
+    );
+    let body = statement_body(&t, &connection(None), Some(&inputs)).unwrap();
+    assert_eq!(
+        body["statement"],
+        "SELECT ?, ?, ?, ?, ? WHERE x IS NULL AND NULL IS NULL AND n IN (?, NULL, ?)"
+    );
+    let text = |v: &str| json!({"type": "TEXT", "value": v});
+    assert_eq!(
+        body["bindings"],
+        json!({
+            "1": text("2024-01-02 03:04:05+00:00"),
+            "2": text("2024-01-02 03:04:05.123456+00:00"),
+            "3": text("00:01:30"),
+            "4": text("26:03:04.500000"),
+            "5": text("-1:59:59"),
+            "6": {"type": "FIXED", "value": "1"},
+            "7": {"type": "FIXED", "value": "3"},
+        })
+    );
+}
+
 #[test]
 fn request_ids_are_uuids_stable_per_attempt() {
     let id = |attempt: u32, prefix: &str| {

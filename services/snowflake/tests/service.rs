@@ -270,7 +270,7 @@ async fn the_submission_is_what_the_sql_api_documents_field_by_field() {
             "timeout": 600,
             "bindings": {
                 "1": {"type": "FIXED", "value": "42"},
-                "2": {"type": "TEXT", "value": "2024-01-02T00:00:00.000000"},
+                "2": {"type": "TEXT", "value": "2024-01-02 00:00:00+00:00"},
                 "3": {"type": "BOOLEAN", "value": "false"},
                 "4": {"type": "REAL", "value": "2.5"},
                 "5": {"type": "TEXT", "value": "a"},

@@ -62,6 +62,8 @@ pub enum Native {
     Duration(prost_types::Duration),
     /// `list` of any of these.
     List(Vec<Native>),
+    /// `None` (an `Optional` input left unset).
+    Null,
 }
 
 impl Native {
@@ -77,6 +79,7 @@ impl Native {
             Self::List(items) => {
                 format!("[{}]", items.iter().map(Self::to_text).collect::<Vec<_>>().join(", "))
             }
+            Self::Null => "NULL".to_owned(),
         }
     }
 }
@@ -140,7 +143,7 @@ fn native(literal: &Literal) -> Result<Native, &'static str> {
             Some(scalar::Value::Blob(_)) => Err("a file or directory (blob)"),
             Some(scalar::Value::StructuredDataset(_) | scalar::Value::Schema(_)) => Err("a dataframe"),
             Some(scalar::Value::Generic(_) | scalar::Value::Binary(_)) => Err("a struct or dataclass"),
-            Some(scalar::Value::NoneType(_)) => Err("None"),
+            Some(scalar::Value::NoneType(_)) => Ok(Native::Null),
             Some(scalar::Value::Error(_)) => Err("an error"),
             None => Err("an empty scalar"),
         },

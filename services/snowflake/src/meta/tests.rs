@@ -67,6 +67,9 @@ fn meta_is_upstreams_json() {
     let upstream = br#"{"user": "u", "account": "a-b", "database": "d", "schema": "s", "warehouse": "w", "query_id": "01ab", "has_output": false}"#;
     let m = Meta::decode(upstream).unwrap();
     assert_eq!((m.query_id.as_str(), m.has_output, m.role.as_deref()), ("01ab", false, None));
+    // Upstream's earlier agent wrote no has_output and answered `results` on every success.
+    let older = br#"{"user": "u", "account": "a-b", "database": "d", "schema": "s", "warehouse": "w", "table": "t", "query_id": "01ab"}"#;
+    assert!(Meta::decode(older).unwrap().has_output);
 }
 
 #[test]

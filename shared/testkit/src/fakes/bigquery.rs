@@ -245,12 +245,13 @@ fn insert(m: &mut Model, project: &str, r: &Recorded) -> Reply {
         return google_error(400, "INVALID_ARGUMENT", "invalid", "Query text must be specified.");
     }
     let location = body["jobReference"]["location"].as_str().unwrap_or("US").to_owned();
-    if m.jobs.contains_key(&job_id) {
+    if let Some(existing) = m.jobs.get(&job_id) {
+        // Named with the location it runs in, whatever the repeat says.
         return google_error(
             409,
             "ALREADY_EXISTS",
             "duplicate",
-            &format!("Already Exists: Job {project}:{location}.{job_id}"),
+            &format!("Already Exists: Job {project}:{}.{job_id}", existing.location),
         );
     }
     let mut configuration = body["configuration"].clone();
