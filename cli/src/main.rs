@@ -12,7 +12,14 @@ use clap::{Parser, Subcommand};
 /// Flotilla: Flyte's agent (connector) services as a fleet of plugin services
 /// behind one routing gateway.
 #[derive(Parser)]
-#[command(name = "flotilla", version, propagate_version = true)]
+#[command(
+    name = "flotilla",
+    version,
+    propagate_version = true,
+    after_help = "Exit status: 0 done; 1 an error (gateway unreachable, call refused, bad task file); \
+2 a bad command line; 3 the task ended FAILED, ABORTED or RETRYABLE_FAILED; 64 (up) an invalid \
+configuration; 130 (up) stopped by a second Ctrl-C before in-flight calls finished."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,18 +58,22 @@ x: 42\n    greeting: hello\n\nExamples:\n  flotilla create examples/echo-task.ya
     },
 
     /// Print a task's phase, message, log links and outputs.
-    #[command(after_help = "Example:\n  flotilla get echo:0:eyJ2IjoxLC4uLn0=")]
+    #[command(after_help = "Examples:\n  flotilla get echo:0:eyJ2IjoxLC4uLn0=\n  \
+flotilla create big-task.yaml > handle.txt && flotilla get - < handle.txt")]
     Get {
-        /// The handle `flotilla create` printed (TYPE:VERSION:BASE64_RESOURCE_META).
+        /// The handle `flotilla create` printed (TYPE:VERSION:BASE64_RESOURCE_META), or - to
+        /// read it (or create's whole `created ...` line) from standard input.
         handle: String,
         #[command(flatten)]
         target: Target,
     },
 
     /// Cancel a task.
-    #[command(after_help = "Example:\n  flotilla delete echo:0:eyJ2IjoxLC4uLn0=")]
+    #[command(
+        after_help = "Examples:\n  flotilla delete echo:0:eyJ2IjoxLC4uLn0=\n  flotilla delete - < handle.txt"
+    )]
     Delete {
-        /// The handle `flotilla create` printed.
+        /// The handle `flotilla create` printed, or - to read it from standard input.
         handle: String,
         #[command(flatten)]
         target: Target,

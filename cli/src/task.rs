@@ -131,7 +131,16 @@ fn call_timeout(target: &Target) -> anyhow::Result<Duration> {
         .with_context(|| format!("--timeout {} is not a positive number of seconds", target.timeout))
 }
 
-fn status_error(what: &str, s: &tonic::Status) -> anyhow::Error {
+/// The exit status of a command whose task ended without success.
+pub(crate) const EXIT_TASK_FAILED: u8 = 3;
+
+/// The largest answer the CLI reads: a sync task's outputs come back inline, and
+/// tonic's own 4 MiB would refuse an answer the gateway sent whole.
+const MAX_ANSWER_BYTES: usize = 256 * 1024 * 1024;
+
+/// A call that failed, said so that the user knows what to change: `timeout`
+/// is --timeout in seconds, `sync` whether the call waits for a sync task.
+fn call_error(what: &str, s: &tonic::Status, timeout: f64, sync: bool) -> anyhow::Error {
     // The connection itself failed (no gRPC answer): a plaintext call to a TLS
     // gateway ends this way, as does the reverse.
     // A status the gateway sent has no source; one the client made from a
@@ -141,15 +150,25 @@ fn status_error(what: &str, s: &tonic::Status) -> anyhow::Error {
     let timed_out =
         s.code() == tonic::Code::Cancelled && s.message() == tonic::TimeoutExpired(()).to_string();
     let transport = dropped || std::error::Error::source(s).is_some();
-    let hint = if timed_out {
-        " (no answer within --timeout; a sync task type answers only when its task ends)"
+    let hint = if timed_out && sync {
+        format!(
+            " (no answer within --timeout {timeout} s: a sync task answers only once it has run; raise --timeout)"
+        )
+    } else if timed_out {
+        format!(" (no answer within --timeout {timeout} s)")
+    } else if dropped {
+        " (the gateway closed the connection mid-call: was it stopped?)".to_owned()
     } else if transport {
-        " (the connection to the gateway failed: if the gateway serves TLS, pass --tls or --tls-ca; if it \
-         does not, leave them out)"
+        " (the connection to the gateway failed: is --gateway its gRPC port, not its admin port? if the \
+         gateway serves TLS, pass --tls or --tls-ca; if it does not, leave them out)"
+            .to_owned()
+    } else if s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large") {
+        format!(" (the CLI reads answers of at most {} MiB)", MAX_ANSWER_BYTES >> 20)
     } else {
-        ""
+        String::new()
     };
-    anyhow::anyhow!("{what} failed: {:?}: {}{hint}", s.code(), s.message())
+    let code = if timed_out { tonic::Code::DeadlineExceeded } else { s.code() };
+    anyhow::anyhow!("{what} failed: {code:?}: {}{hint}", s.message())
 }
 
 pub(crate) async fn agents(target: &Target) -> anyhow::Result<ExitCode> {
@@ -157,7 +176,7 @@ pub(crate) async fn agents(target: &Target) -> anyhow::Result<ExitCode> {
     let agents = client
         .list_agents(admin::ListAgentsRequest {})
         .await
-        .map_err(|s| status_error("ListAgents", &s))?
+        .map_err(|s| call_error("ListAgents", &s, target.timeout, false))?
         .into_inner()
         .agents;
     if agents.is_empty() {
@@ -244,6 +263,18 @@ fn handle(category: &admin::TaskCategory, meta: &[u8]) -> String {
     format!("{}:{}:{}", category.name, category.version, B64.encode(meta))
 }
 
+/// The handle argument, or (for `-`) the one on standard input: a task with
+/// large inputs has a handle too long for a command line.
+fn handle_arg(arg: &str) -> anyhow::Result<String> {
+    if arg != "-" {
+        return Ok(arg.to_owned());
+    }
+    let text = std::io::read_to_string(std::io::stdin()).context("reading the handle from standard input")?;
+    // `flotilla create` prints `created <handle>`; either line is taken.
+    let text = text.trim();
+    Ok(text.strip_prefix("created ").unwrap_or(text).trim().to_owned())
+}
+
 fn parse_handle(h: &str) -> anyhow::Result<(admin::TaskCategory, Vec<u8>)> {
     let mut parts = h.rsplitn(3, ':');
     let (Some(meta), Some(version), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
@@ -264,7 +295,7 @@ pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::
     let agents = AgentMetadataServiceClient::new(channel.clone())
         .list_agents(admin::ListAgentsRequest {})
         .await
-        .map_err(|s| status_error("ListAgents", &s))?
+        .map_err(|s| call_error("Looking up the task type (ListAgents)", &s, target.timeout, false))?
         .into_inner()
         .agents;
     let is_sync = agents.iter().any(|a| a.is_sync && a.supported_task_categories.contains(&category));
@@ -277,12 +308,14 @@ pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::
             })),
         };
         let body = admin::ExecuteTaskSyncRequest { part: Some(Part::Inputs(inputs)) };
+        let failed = |s: tonic::Status| call_error("ExecuteTaskSync", &s, target.timeout, true);
         let mut stream = SyncAgentServiceClient::new(channel)
+            .max_decoding_message_size(MAX_ANSWER_BYTES)
             .execute_task_sync(Request::new(tokio_stream::iter([header, body])))
             .await
-            .map_err(|s| status_error("ExecuteTaskSync", &s))?
+            .map_err(failed)?
             .into_inner();
-        let first = stream.message().await.map_err(|s| status_error("ExecuteTaskSync", &s))?;
+        let first = stream.message().await.map_err(failed)?;
         let Some(admin::ExecuteTaskSyncResponse { res: Some(Res::Header(h)) }) = first else {
             bail!("ExecuteTaskSync answered without a header message");
         };
@@ -290,7 +323,7 @@ pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::
         return Ok(print_resource(&resource));
     }
 
-    let mut client = AsyncAgentServiceClient::new(channel);
+    let mut client = async_client(channel);
     let created = client
         .create_task(admin::CreateTaskRequest {
             inputs: Some(inputs),
@@ -299,7 +332,7 @@ pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::
             task_execution_metadata: None,
         })
         .await
-        .map_err(|s| status_error("CreateTask", &s))?
+        .map_err(|s| call_error("CreateTask", &s, target.timeout, false))?
         .into_inner();
     let h = handle(&category, &created.resource_meta);
     flotilla_telemetry::outln!("created {h}");
@@ -307,7 +340,7 @@ pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::
         return Ok(ExitCode::SUCCESS);
     }
     loop {
-        let resource = get_resource(&mut client, &category, &created.resource_meta).await?;
+        let resource = get_resource(&mut client, &category, &created.resource_meta, target.timeout).await?;
         let phase = Phase::try_from(resource.phase).unwrap_or(Phase::Undefined);
         if matches!(phase, Phase::Succeeded | Phase::Failed | Phase::Aborted | Phase::RetryableFailed) {
             return Ok(print_resource(&resource));
@@ -317,10 +350,16 @@ pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::
     }
 }
 
+/// The async agent service's client, reading answers as large as [`MAX_ANSWER_BYTES`].
+fn async_client(channel: Conn) -> AsyncAgentServiceClient<Conn> {
+    AsyncAgentServiceClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES)
+}
+
 async fn get_resource(
     client: &mut AsyncAgentServiceClient<Conn>,
     category: &admin::TaskCategory,
     meta: &[u8],
+    timeout: f64,
 ) -> anyhow::Result<admin::Resource> {
     #[allow(deprecated)]
     let req = admin::GetTaskRequest {
@@ -332,7 +371,7 @@ async fn get_resource(
     Ok(client
         .get_task(req)
         .await
-        .map_err(|s| status_error("GetTask", &s))?
+        .map_err(|s| call_error("GetTask", &s, timeout, false))?
         .into_inner()
         .resource
         .unwrap_or_default())
@@ -352,22 +391,23 @@ fn print_resource(r: &admin::Resource) -> ExitCode {
         flotilla_telemetry::out!("{}", literals::render(outputs));
     }
     if matches!(phase, Phase::Failed | Phase::Aborted | Phase::RetryableFailed) {
-        ExitCode::from(2)
+        // Not 2: that is clap's, for a bad command line.
+        ExitCode::from(EXIT_TASK_FAILED)
     } else {
         ExitCode::SUCCESS
     }
 }
 
 pub(crate) async fn get(target: &Target, h: &str) -> anyhow::Result<ExitCode> {
-    let (category, meta) = parse_handle(h)?;
-    let mut client = AsyncAgentServiceClient::new(channel(target).await?);
-    let resource = get_resource(&mut client, &category, &meta).await?;
+    let (category, meta) = parse_handle(&handle_arg(h)?)?;
+    let mut client = async_client(channel(target).await?);
+    let resource = get_resource(&mut client, &category, &meta, target.timeout).await?;
     Ok(print_resource(&resource))
 }
 
 pub(crate) async fn delete(target: &Target, h: &str) -> anyhow::Result<ExitCode> {
-    let (category, meta) = parse_handle(h)?;
-    let mut client = AsyncAgentServiceClient::new(channel(target).await?);
+    let (category, meta) = parse_handle(&handle_arg(h)?)?;
+    let mut client = async_client(channel(target).await?);
     #[allow(deprecated)]
     client
         .delete_task(admin::DeleteTaskRequest {
@@ -376,7 +416,7 @@ pub(crate) async fn delete(target: &Target, h: &str) -> anyhow::Result<ExitCode>
             task_category: Some(category),
         })
         .await
-        .map_err(|s| status_error("DeleteTask", &s))?;
+        .map_err(|s| call_error("DeleteTask", &s, target.timeout, false))?;
     flotilla_telemetry::outln!("deleted");
     Ok(ExitCode::SUCCESS)
 }

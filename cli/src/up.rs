@@ -22,7 +22,7 @@ pub(crate) struct UpArgs {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090", value_parser = parse_listen_addr)]
     pub(crate) admin_listen: SocketAddr,
     /// Log filter, in RUST_LOG syntax.
-    #[arg(long, value_name = "FILTER", default_value = "warn", env = "RUST_LOG")]
+    #[arg(long, value_name = "FILTER", default_value = "warn", env = "RUST_LOG", value_parser = flotilla_telemetry::parse_log_filter)]
     log: String,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -46,9 +46,13 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     // Ctrl-C and SIGTERM stop the fleet from here on, during start-up too.
     let signalled = flotilla_telemetry::signal();
     let trigger = shutdown.clone();
+    // The fleet's grace: the gateway's and each service's default.
+    let grace = flotilla_telemetry::config::HumanDuration(GatewayConfig::default().shutdown_grace.0);
     tokio::spawn(async move {
         signalled.await;
-        flotilla_telemetry::errln!("flotilla: stopping (finishing in-flight calls)");
+        flotilla_telemetry::errln!(
+            "flotilla: stopping: finishing in-flight calls for up to {grace} (Ctrl-C again to stop now)"
+        );
         trigger.trigger();
     });
 

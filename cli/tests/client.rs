@@ -174,3 +174,63 @@ async fn a_call_that_outlasts_timeout_says_so_not_that_the_connection_failed() {
     assert!(!stderr.contains("TLS"), "{stderr}");
     shutdown.trigger();
 }
+
+/// `flotilla ARGS` with `input` on standard input (bounded by its `--timeout 5`).
+async fn flotilla_with_stdin(args: Vec<String>, input: Vec<u8>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(&args)
+            .args(["--timeout", "5"])
+            .env("FLOTILLA_TOKEN", TOKEN)
+            .env_remove("FLOTILLA_GATEWAY")
+            .env_remove("FLOTILLA_TLS")
+            .env_remove("FLOTILLA_TLS_CA")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("flotilla runs");
+        child.stdin.take().unwrap().write_all(&input).unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_handle_too_long_for_a_command_line_is_read_from_stdin_and_a_failed_task_exits_3() {
+    let (addr, shutdown, _echo) = gateway(|_| {}).await;
+    let gw = || vec!["--gateway".to_owned(), addr.to_string()];
+    let env = || vec![("FLOTILLA_TOKEN", TOKEN.to_owned())];
+    let dir = tempfile::tempdir().unwrap();
+    // 300 KB of input: its handle is longer than Linux lets one argument be (128 KiB).
+    let big = "x".repeat(300_000);
+    let file = dir.path().join("big.yaml");
+    std::fs::write(&file, format!("type: echo\ninputs:\n  big: {big}\n")).unwrap();
+    let created = flotilla([vec!["create".into(), file.display().to_string()], gw()].concat(), env()).await;
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    assert!(created.stdout.len() > 128 * 1024, "the handle is {} bytes", created.stdout.len());
+    // create's whole output goes in, `created ` and all.
+    let got =
+        flotilla_with_stdin([vec!["get".into(), "-".into()], gw()].concat(), created.stdout.clone()).await;
+    assert!(got.status.success(), "{}", text(&got.stderr));
+    assert!(text(&got.stdout).contains("phase: SUCCEEDED") && text(&got.stdout).contains(&big));
+    let deleted =
+        flotilla_with_stdin([vec!["delete".into(), "-".into()], gw()].concat(), created.stdout).await;
+    assert!(deleted.status.success(), "{}", text(&deleted.stderr));
+    let nothing = flotilla_with_stdin([vec!["get".into(), "-".into()], gw()].concat(), Vec::new()).await;
+    assert!(text(&nothing.stderr).contains("is not a task handle"), "{}", text(&nothing.stderr));
+
+    // A task that ends FAILED exits 3, not clap's 2 for a bad command line.
+    let failing = dir.path().join("fail.yaml");
+    std::fs::write(&failing, "type: echo\ncustom:\n  fail_with: no luck\ninputs:\n  x: 1\n").unwrap();
+    let out = flotilla(
+        [vec!["create".into(), failing.display().to_string(), "--wait".into()], gw()].concat(),
+        env(),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("phase: FAILED") && text(&out.stdout).contains("no luck"));
+    shutdown.trigger();
+}

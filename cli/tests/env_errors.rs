@@ -24,3 +24,13 @@ fn a_bad_value_from_the_environment_is_named_as_such() {
     assert_eq!(code, Some(2), "{err}");
     assert!(!err.contains("environment variable"), "{err}");
 }
+
+#[test]
+fn a_log_filter_that_does_not_parse_is_refused_by_name() {
+    let (code, err) = stderr_of(&["up", "--log", "foo=["], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--log") && err.contains("not a log filter"), "{err}");
+    let (code, err) = stderr_of(&["up"], &[("RUST_LOG", "foo=[")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("RUST_LOG"), "{err}");
+}

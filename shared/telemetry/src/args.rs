@@ -39,7 +39,7 @@ pub struct CommonArgs {
     pub check_config: bool,
 
     /// Log filter, in RUST_LOG syntax.
-    #[arg(long, value_name = "FILTER", default_value = "info", env = "RUST_LOG")]
+    #[arg(long, value_name = "FILTER", default_value = "info", env = "RUST_LOG", value_parser = crate::parse_log_filter)]
     pub log: String,
 
     /// Log format.

@@ -53,6 +53,18 @@ pub fn init_tracing(format: LogFormat, filter: &str) {
     };
 }
 
+/// A `--log` value checked as [`init_tracing`] will read it (RUST_LOG syntax), for
+/// clap's `value_parser`: a bad filter is refused by name instead of logging at
+/// another level than asked.
+///
+/// # Errors
+/// What is wrong with the filter.
+pub fn parse_log_filter(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| format!("not a log filter ({e}); e.g. `info`, `warn,flotilla_gateway=debug`"))
+}
+
 /// An error and its `source()` chain on one line: `outer: middle: root cause`.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
