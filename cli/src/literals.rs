@@ -31,6 +31,11 @@ fn to_literal(value: &Value) -> anyhow::Result<Literal> {
         Value::Bool(b) => primitive(primitive::Value::Boolean(*b)),
         Value::Number(n) => match n.as_i64() {
             Some(i) => primitive(primitive::Value::Integer(i)),
+            // A whole number past i64 would silently become an approximate float.
+            None if n.is_u64() => bail!(
+                "{n} does not fit a Flyte integer (64-bit, at most {}); quote it to send a string",
+                i64::MAX
+            ),
             None => primitive(primitive::Value::FloatValue(n.as_f64().unwrap_or(f64::NAN))),
         },
         Value::String(s) => primitive(primitive::Value::StringValue(s.clone())),
@@ -113,6 +118,17 @@ mod tests {
             render(&map),
             "  b = true\n  f = 1.5\n  l = [1, 2]\n  m = {k: \"v\"}\n  n = 3\n  s = \"hi\"\n"
         );
+    }
+
+    #[test]
+    fn integers_past_64_bits_are_refused_not_rounded() {
+        let v: Value =
+            serde_json::from_str(r#"{"big": 12345678901234567890, "ok": 9223372036854775807}"#).unwrap();
+        let e = to_literal_map(v.as_object().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("inputs.big") && e.contains("does not fit a Flyte integer"), "{e}");
+        let v: Value =
+            serde_json::from_str(r#"{"ok": 9223372036854775807, "neg": -9223372036854775808}"#).unwrap();
+        assert!(to_literal_map(v.as_object().unwrap()).is_ok());
     }
 
     #[test]

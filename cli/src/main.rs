@@ -96,7 +96,7 @@ struct Target {
     token: Option<String>,
     /// Talk to a gateway that serves TLS (its `tls_cert_file`), verifying its
     /// certificate against the system's trusted roots.
-    #[arg(long, env = "FLOTILLA_TLS")]
+    #[arg(long, env = "FLOTILLA_TLS", value_parser = clap::builder::BoolishValueParser::new())]
     tls: bool,
     /// Trust this CA certificate (PEM) for the gateway's TLS certificate,
     /// instead of the system's roots; implies --tls.
@@ -148,17 +148,39 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            flotilla_telemetry::errln!("flotilla: {e:#}");
+            flotilla_telemetry::errln!("flotilla: {}", chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each said once: transport errors
+/// repeat their cause's words ("tcp connect error: tcp connect error: ...").
+fn chain(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
 }
 
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
 
-    use super::{Cli, Command, parse_gateway};
+    use super::{Cli, Command, chain, parse_gateway};
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        let e = anyhow::anyhow!("root")
+            .context("tcp connect error")
+            .context("tcp connect error")
+            .context("cannot reach");
+        assert_eq!(chain(&e), "cannot reach: tcp connect error: root");
+    }
 
     #[test]
     fn up_takes_the_listen_forms_the_servers_take() {

@@ -339,13 +339,19 @@ pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::
     if !wait {
         return Ok(ExitCode::SUCCESS);
     }
+    let mut said = String::new();
     loop {
         let resource = get_resource(&mut client, &category, &created.resource_meta, target.timeout).await?;
         let phase = Phase::try_from(resource.phase).unwrap_or(Phase::Undefined);
         if matches!(phase, Phase::Succeeded | Phase::Failed | Phase::Aborted | Phase::RetryableFailed) {
             return Ok(print_resource(&resource));
         }
-        flotilla_telemetry::errln!("{}: {}", phase.as_str_name(), resource.message);
+        // Progress when it changes, not at every poll.
+        let now = format!("{}: {}", phase.as_str_name(), resource.message);
+        if now != said {
+            flotilla_telemetry::errln!("{now}");
+            said = now;
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

@@ -34,3 +34,18 @@ fn a_log_filter_that_does_not_parse_is_refused_by_name() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("RUST_LOG"), "{err}");
 }
+
+#[test]
+fn flotilla_tls_takes_the_usual_spellings_of_true() {
+    // Nothing listens on port 1: the call fails, but after parsing, and as a TLS call.
+    for yes in ["1", "true", "yes", "on"] {
+        let (code, err) =
+            stderr_of(&["agents", "--gateway", "127.0.0.1:1", "--timeout", "2"], &[("FLOTILLA_TLS", yes)]);
+        assert_eq!(code, Some(1), "FLOTILLA_TLS={yes}: {err}");
+        assert!(err.contains("is it serving TLS"), "FLOTILLA_TLS={yes}: {err}");
+    }
+    let (code, err) =
+        stderr_of(&["agents", "--gateway", "127.0.0.1:1", "--timeout", "2"], &[("FLOTILLA_TLS", "0")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("is `flotilla up` running?"), "{err}");
+}
