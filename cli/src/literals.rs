@@ -55,53 +55,77 @@ fn to_literal(value: &Value) -> anyhow::Result<Literal> {
     })
 }
 
-/// A `LiteralMap` as `name = value` lines, sorted by name.
+/// A `LiteralMap` as `name = value` lines, sorted by name, each value as
+/// [`to_json`] gives it.
 pub(crate) fn render(map: &LiteralMap) -> String {
     let mut names: Vec<&String> = map.literals.keys().collect();
     names.sort();
     let mut out = String::new();
     for name in names {
-        let _ = writeln!(out, "  {name} = {}", render_literal(&map.literals[name]));
+        let _ = writeln!(out, "  {name} = {}", to_json(&map.literals[name]));
     }
     out
 }
 
-fn render_literal(l: &Literal) -> String {
+/// A `LiteralMap` as a JSON object.
+pub(crate) fn map_to_json(map: &LiteralMap) -> Value {
+    Value::Object(map.literals.iter().map(|(k, v)| (k.clone(), to_json(v))).collect())
+}
+
+/// A literal as plain JSON, the reverse of the task file's inputs where there
+/// is one: numbers, strings, booleans, lists and maps as themselves; a datetime
+/// as RFC 3339 text, a duration as text (`90s`); None as null; a float JSON
+/// cannot hold (NaN, infinity) as text; references to data as `{"blob": uri}`,
+/// `{"structured_dataset": uri}` and the like.
+pub(crate) fn to_json(l: &Literal) -> Value {
+    use serde_json::json;
     match &l.value {
         Some(literal::Value::Scalar(s)) => match &s.value {
             Some(scalar::Value::Primitive(p)) => match &p.value {
-                Some(primitive::Value::Integer(i)) => i.to_string(),
-                Some(primitive::Value::FloatValue(f)) => format!("{f:?}"),
-                Some(primitive::Value::StringValue(s)) => format!("{s:?}"),
-                Some(primitive::Value::Boolean(b)) => b.to_string(),
-                Some(primitive::Value::Datetime(t)) => format!("datetime({}s)", t.seconds),
-                Some(primitive::Value::Duration(d)) => format!("duration({}s)", d.seconds),
-                None => "(empty primitive)".to_owned(),
+                Some(primitive::Value::Integer(i)) => json!(i),
+                Some(primitive::Value::FloatValue(f)) => {
+                    serde_json::Number::from_f64(*f).map_or_else(|| json!(f.to_string()), Value::Number)
+                }
+                Some(primitive::Value::StringValue(s)) => json!(s),
+                Some(primitive::Value::Boolean(b)) => json!(b),
+                Some(primitive::Value::Datetime(t)) => json!(t.to_string()),
+                Some(primitive::Value::Duration(d)) => json!(d.to_string()),
+                None => Value::Null,
             },
-            Some(scalar::Value::Blob(b)) => format!("blob {}", b.uri),
-            Some(scalar::Value::StructuredDataset(d)) => format!("structured dataset {}", d.uri),
-            Some(scalar::Value::Schema(s)) => format!("schema {}", s.uri),
-            Some(scalar::Value::NoneType(_)) => "none".to_owned(),
-            Some(scalar::Value::Binary(b)) => format!("binary ({} bytes, tag {:?})", b.value.len(), b.tag),
-            Some(scalar::Value::Generic(s)) => format!("struct with {} fields", s.fields.len()),
-            Some(scalar::Value::Error(e)) => format!("error {:?}", e.message),
-            Some(scalar::Value::Union(u)) => {
-                u.value.as_deref().map_or_else(|| "union (empty)".to_owned(), render_literal)
+            Some(scalar::Value::Blob(b)) => json!({"blob": b.uri}),
+            Some(scalar::Value::StructuredDataset(d)) => json!({"structured_dataset": d.uri}),
+            Some(scalar::Value::Schema(s)) => json!({"schema": s.uri}),
+            Some(scalar::Value::NoneType(_)) | None => Value::Null,
+            Some(scalar::Value::Binary(b)) => {
+                use base64::Engine as _;
+                json!({"binary": base64::engine::general_purpose::STANDARD.encode(&b.value), "tag": b.tag})
             }
-            None => "(empty scalar)".to_owned(),
+            Some(scalar::Value::Generic(s)) => struct_to_json(s),
+            Some(scalar::Value::Error(e)) => json!({"error": e.message, "failed_node_id": e.failed_node_id}),
+            Some(scalar::Value::Union(u)) => u.value.as_deref().map_or(Value::Null, to_json),
         },
-        Some(literal::Value::Collection(c)) => {
-            format!("[{}]", c.literals.iter().map(render_literal).collect::<Vec<_>>().join(", "))
+        Some(literal::Value::Collection(c)) => Value::Array(c.literals.iter().map(to_json).collect()),
+        Some(literal::Value::Map(m)) => map_to_json(m),
+        Some(literal::Value::OffloadedMetadata(o)) => json!({"offloaded": o.uri, "size_bytes": o.size_bytes}),
+        None => Value::Null,
+    }
+}
+
+fn struct_to_json(s: &prost_types::Struct) -> Value {
+    Value::Object(s.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v))).collect())
+}
+
+fn value_to_json(v: &prost_types::Value) -> Value {
+    use prost_types::value::Kind;
+    match &v.kind {
+        Some(Kind::NullValue(_)) | None => Value::Null,
+        Some(Kind::NumberValue(n)) => {
+            serde_json::Number::from_f64(*n).map_or_else(|| Value::String(n.to_string()), Value::Number)
         }
-        Some(literal::Value::Map(m)) => {
-            let mut names: Vec<&String> = m.literals.keys().collect();
-            names.sort();
-            let parts: Vec<String> =
-                names.iter().map(|n| format!("{n}: {}", render_literal(&m.literals[*n]))).collect();
-            format!("{{{}}}", parts.join(", "))
-        }
-        Some(literal::Value::OffloadedMetadata(o)) => format!("offloaded {} ({} bytes)", o.uri, o.size_bytes),
-        None => "(empty)".to_owned(),
+        Some(Kind::StringValue(s)) => Value::String(s.clone()),
+        Some(Kind::BoolValue(b)) => Value::Bool(*b),
+        Some(Kind::StructValue(s)) => struct_to_json(s),
+        Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(value_to_json).collect()),
     }
 }
 
@@ -116,8 +140,34 @@ mod tests {
         let map = to_literal_map(v.as_object().unwrap()).unwrap();
         assert_eq!(
             render(&map),
-            "  b = true\n  f = 1.5\n  l = [1, 2]\n  m = {k: \"v\"}\n  n = 3\n  s = \"hi\"\n"
+            "  b = true\n  f = 1.5\n  l = [1,2]\n  m = {\"k\":\"v\"}\n  n = 3\n  s = \"hi\"\n"
         );
+        // As JSON, the task file's inputs come back as they were written.
+        assert_eq!(map_to_json(&map), v);
+    }
+
+    #[test]
+    fn outputs_that_no_task_file_writes_have_a_json_form() {
+        let scalar = |value| Literal {
+            value: Some(literal::Value::Scalar(Box::new(Scalar { value: Some(value) }))),
+            ..Default::default()
+        };
+        let at = prost_types::Timestamp { seconds: 1_704_164_645, nanos: 0 };
+        let took = prost_types::Duration { seconds: 90, nanos: 0 };
+        let sd = flotilla_proto::core::StructuredDataset { uri: "bq://p:d.t".into(), metadata: None };
+        let cases = [
+            (primitive(primitive::Value::Datetime(at)), serde_json::json!("2024-01-02T03:04:05Z")),
+            (primitive(primitive::Value::Duration(took)), serde_json::json!("90s")),
+            (primitive(primitive::Value::FloatValue(f64::NAN)), serde_json::json!("NaN")),
+            (
+                scalar(scalar::Value::StructuredDataset(sd)),
+                serde_json::json!({"structured_dataset": "bq://p:d.t"}),
+            ),
+            (scalar(scalar::Value::NoneType(flotilla_proto::core::Void {})), Value::Null),
+        ];
+        for (literal, json) in cases {
+            assert_eq!(to_json(&literal), json);
+        }
     }
 
     #[test]

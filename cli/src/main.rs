@@ -106,6 +106,10 @@ struct Target {
     /// host); implies --tls.
     #[arg(long, value_name = "NAME")]
     tls_server_name: Option<String>,
+    /// What to print: text for people, or json for scripts (one JSON document
+    /// on standard output; errors stay text on standard error).
+    #[arg(long, short = 'o', value_enum, value_name = "FORMAT", default_value_t = task::Output::Text)]
+    output: task::Output,
 }
 
 /// `HOST:PORT`, checked here so that a typo is named before any connection is tried.

@@ -54,6 +54,23 @@ fn default_output_prefix() -> String {
     "file:///tmp/flotilla/outputs".to_owned()
 }
 
+/// What the task subcommands print.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Output {
+    /// Lines for people.
+    Text,
+    /// One JSON document.
+    Json,
+}
+
+/// Prints one JSON document on standard output.
+fn print_json(value: &serde_json::Value) {
+    flotilla_telemetry::outln!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+    );
+}
+
 /// A connection to the gateway whose calls carry the `--token`, when one is given.
 type Conn = InterceptedService<Channel, Bearer>;
 
@@ -157,7 +174,10 @@ fn call_error(what: &str, s: &tonic::Status, timeout: f64, sync: bool) -> anyhow
     } else if timed_out {
         format!(" (no answer within --timeout {timeout} s)")
     } else if dropped {
-        " (the gateway closed the connection mid-call: was it stopped?)".to_owned()
+        // What a plaintext call to a TLS gateway meets too, and the reverse.
+        " (the gateway closed the connection mid-call: was it stopped? if it serves TLS, pass --tls or \
+         --tls-ca; if it does not, leave them out)"
+            .to_owned()
     } else if transport {
         " (the connection to the gateway failed: is --gateway its gRPC port, not its admin port? if the \
          gateway serves TLS, pass --tls or --tls-ca; if it does not, leave them out)"
@@ -179,6 +199,21 @@ pub(crate) async fn agents(target: &Target) -> anyhow::Result<ExitCode> {
         .map_err(|s| call_error("ListAgents", &s, target.timeout, false))?
         .into_inner()
         .agents;
+    if target.output == Output::Json {
+        let list: Vec<serde_json::Value> = agents
+            .iter()
+            .map(|a| {
+                let types: Vec<serde_json::Value> = a
+                    .supported_task_categories
+                    .iter()
+                    .map(|c| serde_json::json!({"name": c.name, "version": c.version}))
+                    .collect();
+                serde_json::json!({"name": a.name, "kind": if a.is_sync { "sync" } else { "async" }, "task_types": types})
+            })
+            .collect();
+        print_json(&serde_json::Value::Array(list));
+        return Ok(ExitCode::SUCCESS);
+    }
     if agents.is_empty() {
         flotilla_telemetry::outln!("The gateway routes no task types yet.");
     }
@@ -320,7 +355,7 @@ pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::
             bail!("ExecuteTaskSync answered without a header message");
         };
         let resource = h.resource.unwrap_or_default();
-        return Ok(print_resource(&resource));
+        return Ok(print_resource(&resource, target.output));
     }
 
     let mut client = async_client(channel);
@@ -335,7 +370,12 @@ pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::
         .map_err(|s| call_error("CreateTask", &s, target.timeout, false))?
         .into_inner();
     let h = handle(&category, &created.resource_meta);
-    flotilla_telemetry::outln!("created {h}");
+    match target.output {
+        Output::Text => flotilla_telemetry::outln!("created {h}"),
+        // With --wait, the handle is part of the one document printed at the end.
+        Output::Json if !wait => print_json(&serde_json::json!({ "handle": h })),
+        Output::Json => flotilla_telemetry::errln!("created {h}"),
+    }
     if !wait {
         return Ok(ExitCode::SUCCESS);
     }
@@ -344,7 +384,7 @@ pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::
         let resource = get_resource(&mut client, &category, &created.resource_meta, target.timeout).await?;
         let phase = Phase::try_from(resource.phase).unwrap_or(Phase::Undefined);
         if matches!(phase, Phase::Succeeded | Phase::Failed | Phase::Aborted | Phase::RetryableFailed) {
-            return Ok(print_resource(&resource));
+            return Ok(print_resource(&resource, target.output));
         }
         // Progress when it changes, not at every poll.
         let now = format!("{}: {}", phase.as_str_name(), resource.message);
@@ -383,8 +423,25 @@ async fn get_resource(
         .unwrap_or_default())
 }
 
-fn print_resource(r: &admin::Resource) -> ExitCode {
+fn print_resource(r: &admin::Resource, output: Output) -> ExitCode {
     let phase = Phase::try_from(r.phase).unwrap_or(Phase::Undefined);
+    let code = if matches!(phase, Phase::Failed | Phase::Aborted | Phase::RetryableFailed) {
+        // Not 2: that is clap's, for a bad command line.
+        ExitCode::from(EXIT_TASK_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    };
+    if output == Output::Json {
+        let links: Vec<serde_json::Value> =
+            r.log_links.iter().map(|l| serde_json::json!({"name": l.name, "uri": l.uri})).collect();
+        print_json(&serde_json::json!({
+            "phase": phase.as_str_name(),
+            "message": r.message,
+            "log_links": links,
+            "outputs": r.outputs.as_ref().map(literals::map_to_json),
+        }));
+        return code;
+    }
     flotilla_telemetry::outln!("phase: {}", phase.as_str_name());
     if !r.message.is_empty() {
         flotilla_telemetry::outln!("message: {}", r.message);
@@ -393,22 +450,21 @@ fn print_resource(r: &admin::Resource) -> ExitCode {
         flotilla_telemetry::outln!("log: {} {}", link.name, link.uri);
     }
     if let Some(outputs) = &r.outputs {
-        flotilla_telemetry::outln!("outputs:");
-        flotilla_telemetry::out!("{}", literals::render(outputs));
+        if outputs.literals.is_empty() {
+            flotilla_telemetry::outln!("outputs: (none)");
+        } else {
+            flotilla_telemetry::outln!("outputs:");
+            flotilla_telemetry::out!("{}", literals::render(outputs));
+        }
     }
-    if matches!(phase, Phase::Failed | Phase::Aborted | Phase::RetryableFailed) {
-        // Not 2: that is clap's, for a bad command line.
-        ExitCode::from(EXIT_TASK_FAILED)
-    } else {
-        ExitCode::SUCCESS
-    }
+    code
 }
 
 pub(crate) async fn get(target: &Target, h: &str) -> anyhow::Result<ExitCode> {
     let (category, meta) = parse_handle(&handle_arg(h)?)?;
     let mut client = async_client(channel(target).await?);
     let resource = get_resource(&mut client, &category, &meta, target.timeout).await?;
-    Ok(print_resource(&resource))
+    Ok(print_resource(&resource, target.output))
 }
 
 pub(crate) async fn delete(target: &Target, h: &str) -> anyhow::Result<ExitCode> {
@@ -423,7 +479,10 @@ pub(crate) async fn delete(target: &Target, h: &str) -> anyhow::Result<ExitCode>
         })
         .await
         .map_err(|s| call_error("DeleteTask", &s, target.timeout, false))?;
-    flotilla_telemetry::outln!("deleted");
+    match target.output {
+        Output::Text => flotilla_telemetry::outln!("deleted"),
+        Output::Json => print_json(&serde_json::json!({ "deleted": true })),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

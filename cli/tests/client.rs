@@ -234,3 +234,44 @@ async fn a_handle_too_long_for_a_command_line_is_read_from_stdin_and_a_failed_ta
     assert!(text(&out.stdout).contains("phase: FAILED") && text(&out.stdout).contains("no luck"));
     shutdown.trigger();
 }
+
+#[tokio::test]
+async fn json_output_is_one_document_a_script_can_read() {
+    let (addr, shutdown, _echo) = gateway(|_| {}).await;
+    let gw = || vec!["--gateway".to_owned(), addr.to_string(), "-o".into(), "json".into()];
+    let env = || vec![("FLOTILLA_TOKEN", TOKEN.to_owned())];
+    let json = |out: &Output| -> serde_json::Value {
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", text(&out.stdout), text(&out.stderr)))
+    };
+
+    let agents = flotilla([vec!["agents".into()], gw()].concat(), env()).await;
+    assert!(agents.status.success(), "{}", text(&agents.stderr));
+    let agents = json(&agents);
+    let echo = agents.as_array().unwrap().iter().find(|a| a["kind"] == "async").unwrap();
+    assert_eq!(echo["task_types"][0], serde_json::json!({"name": "echo", "version": 0}));
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("task.yaml");
+    std::fs::write(&file, "type: echo\ninputs:\n  x: 42\n  tags: [a, b]\n").unwrap();
+    let created = flotilla([vec!["create".into(), file.display().to_string()], gw()].concat(), env()).await;
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let handle = json(&created)["handle"].as_str().unwrap().to_owned();
+    let got = flotilla([vec!["get".into(), handle.clone()], gw()].concat(), env()).await;
+    let got = json(&got);
+    assert_eq!(got["phase"], "SUCCEEDED");
+    assert_eq!(got["outputs"], serde_json::json!({"x": 42, "tags": ["a", "b"]}));
+    let deleted = flotilla([vec!["delete".into(), handle], gw()].concat(), env()).await;
+    assert_eq!(json(&deleted), serde_json::json!({"deleted": true}));
+
+    // --wait: still one document, the handle going to standard error.
+    std::fs::write(&file, "type: echo\ncustom:\n  fail_with: no luck\ninputs:\n  x: 1\n").unwrap();
+    let failed =
+        flotilla([vec!["create".into(), file.display().to_string(), "--wait".into()], gw()].concat(), env())
+            .await;
+    assert_eq!(failed.status.code(), Some(3), "{}", text(&failed.stderr));
+    let doc = json(&failed);
+    assert_eq!((doc["phase"].as_str(), doc["message"].as_str()), (Some("FAILED"), Some("no luck")));
+    assert!(text(&failed.stderr).contains("created echo:0:"), "{}", text(&failed.stderr));
+    shutdown.trigger();
+}
