@@ -49,3 +49,11 @@ fn flotilla_tls_takes_the_usual_spellings_of_true() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("is `flotilla up` running?"), "{err}");
 }
+
+#[test]
+fn one_address_for_both_listeners_is_named_as_the_mistake() {
+    let (code, err) =
+        stderr_of(&["up", "--listen", "127.0.0.1:42555", "--admin-listen", "127.0.0.1:42555"], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("both set to 127.0.0.1:42555") && err.contains("--admin-listen"), "{err}");
+}

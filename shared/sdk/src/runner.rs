@@ -244,6 +244,12 @@ where
 /// # Errors
 /// A message naming the listener, its address and the OS error.
 pub async fn bind_pair(grpc: SocketAddr, admin: SocketAddr) -> Result<(TcpListener, TcpListener), String> {
+    if grpc == admin && grpc.port() != 0 {
+        return Err(format!(
+            "the gRPC and admin HTTP listeners are both set to {grpc} (--listen and --admin-listen): give \
+             each its own port"
+        ));
+    }
     let g = TcpListener::bind(grpc).await.map_err(|e| format!("cannot listen for gRPC on {grpc}: {e}"))?;
     let a = TcpListener::bind(admin)
         .await
