@@ -164,7 +164,7 @@ impl Gateway {
         let stopping = flotilla_sdk::stopping(&shutdown, readiness.clone(), health, addr);
         readiness.set(true);
         tracing::info!(
-            ?addr,
+            addr = %flotilla_sdk::shown(addr),
             plugins = config.plugins.len(),
             auth = if config.auth.is_some() { "bearer" } else { "off" },
             tls = config.tls.is_some(),

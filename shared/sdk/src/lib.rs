@@ -56,4 +56,4 @@ pub use plugin::{AgentSpec, Call, Category, Plugin};
 pub use runner::{
     ENV_MAX_REQUEST_BYTES, ENV_SHUTDOWN_GRACE, EXIT_CONFIG, ServiceConfig, bind_pair, main, run_process,
 };
-pub use serve::{ServeError, ServeOptions, serve, set_health, stopping, with_grace};
+pub use serve::{ServeError, ServeOptions, serve, set_health, shown, stopping, with_grace};

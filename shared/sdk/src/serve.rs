@@ -147,6 +147,11 @@ pub async fn set_health(health: &tonic_health::server::HealthReporter, status: S
     }
 }
 
+/// A listener's address for a log line: `-` when the socket could not say.
+pub fn shown(addr: Option<SocketAddr>) -> String {
+    addr.map_or_else(|| "-".to_owned(), |a| a.to_string())
+}
+
 /// The signal a server stops on: when `shutdown` fires it reports not
 /// ready and NOT_SERVING first, so probes and balancers move away while
 /// in-flight calls finish.
@@ -161,6 +166,6 @@ pub fn stopping(
         wait.await;
         readiness.set(false);
         set_health(&health, ServingStatus::NotServing).await;
-        tracing::info!(?addr, "Shutting down: refusing new calls, finishing in-flight ones");
+        tracing::info!(addr = %shown(addr), "Shutting down: refusing new calls, finishing in-flight ones");
     }
 }
