@@ -46,7 +46,8 @@ enum Command {
     #[command(after_help = "The file names the task type, its inputs and template options:\n\n  \
 type: echo            # task type (TaskTemplate.type)\n  version: 0            # task type version\n  \
 custom:               # TaskTemplate.custom\n    duration_ms: 2000\n  inputs:               # name: value (numbers, strings, booleans, lists, maps)\n    \
-x: 42\n    greeting: hello\n\nExamples:\n  flotilla create examples/echo-task.yaml\n  flotilla create examples/echo-task.yaml --wait")]
+x: 42\n    greeting: hello\n\nAlso: `config` (TaskTemplate.config, string to string: Snowflake's connection), `sql` \
+(TaskTemplate.sql.statement, for query task types) and `output_prefix` (default file:///tmp/flotilla/outputs).\n\nExamples:\n  flotilla create examples/echo-task.yaml\n  flotilla create examples/echo-task.yaml --wait")]
     Create {
         /// Task file (.json, .yaml or .yml; - for standard input, read as YAML).
         file: PathBuf,
@@ -87,8 +88,8 @@ struct Target {
     /// Service's, say) or an IP address ([::1]:8000 for IPv6).
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8000", env = "FLOTILLA_GATEWAY", value_parser = parse_gateway)]
     gateway: String,
-    /// Give up on each call after this many seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    /// Give up on each call after this many seconds (2.5 and 2.5s alike).
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds, allow_negative_numbers = true)]
     timeout: f64,
     /// Bearer token for a gateway that requires one (its `auth_token_file`);
     /// sent as `authorization: Bearer <token>`.
@@ -104,12 +105,25 @@ struct Target {
     tls_ca: Option<std::path::PathBuf>,
     /// The name the gateway's certificate must carry (default: the --gateway
     /// host); implies --tls.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     tls_server_name: Option<String>,
     /// What to print: text for people, or json for scripts (one JSON document
     /// on standard output; errors stay text on standard error).
     #[arg(long, short = 'o', value_enum, value_name = "FORMAT", default_value_t = task::Output::Text)]
     output: task::Output,
+}
+
+/// The longest --timeout: a day.
+const MAX_TIMEOUT_SECONDS: f64 = 86_400.0;
+
+/// Seconds, as a number (`2.5`) or with the unit (`2.5s`), positive and at most a day.
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    let number = text.trim().strip_suffix('s').unwrap_or(text.trim());
+    match number.parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= MAX_TIMEOUT_SECONDS => Ok(s),
+        Ok(s) if s > MAX_TIMEOUT_SECONDS => Err(format!("at most {MAX_TIMEOUT_SECONDS} seconds (a day)")),
+        _ => Err("expected a positive number of seconds, e.g. 10 or 2.5".to_owned()),
+    }
 }
 
 /// `HOST:PORT`, checked here so that a typo is named before any connection is tried.
@@ -176,6 +190,22 @@ mod tests {
     use clap::Parser as _;
 
     use super::{Cli, Command, chain, parse_gateway};
+
+    #[test]
+    fn timeouts_are_positive_seconds_with_or_without_the_unit() {
+        let timeout = |t: &str| {
+            Cli::try_parse_from(["flotilla", "agents", "--timeout", t]).map(|c| match c.command {
+                Command::Agents { target } => target.timeout,
+                _ => unreachable!(),
+            })
+        };
+        assert_eq!(timeout("2.5").unwrap(), 2.5);
+        assert_eq!(timeout("5s").unwrap(), 5.0);
+        for (bad, says) in [("-1", "positive"), ("0", "positive"), ("abc", "e.g. 10"), ("1e30", "at most")] {
+            let e = timeout(bad).unwrap_err().to_string();
+            assert!(e.contains("--timeout") && e.contains(says), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn an_error_chain_says_each_cause_once() {

@@ -3,7 +3,11 @@
 use std::{path::Path, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, bail};
-use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use base64::{
+    Engine as _,
+    alphabet::STANDARD as ALPHABET,
+    engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
+};
 use flotilla_proto::{
     admin::{self, execute_task_sync_request::Part, execute_task_sync_response::Res},
     core::{self, task_execution::Phase},
@@ -22,6 +26,12 @@ use tonic::{
 };
 
 use crate::{Target, literals};
+
+/// Base64 for handles: written padded, read with or without the padding.
+const B64: GeneralPurpose = GeneralPurpose::new(
+    &ALPHABET,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 /// A task file.
 #[derive(Debug, Deserialize)]
@@ -118,6 +128,9 @@ fn tls_config(target: &Target) -> anyhow::Result<ClientTlsConfig> {
     config = match &target.tls_ca {
         Some(path) => {
             let pem = std::fs::read(path).with_context(|| format!("--tls-ca {}", path.display()))?;
+            if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                bail!("--tls-ca {}: no PEM certificate in it (-----BEGIN CERTIFICATE-----)", path.display());
+            }
             config.ca_certificate(Certificate::from_pem(pem))
         }
         None => config.with_native_roots(),
@@ -142,6 +155,7 @@ impl Interceptor for Bearer {
 }
 
 fn call_timeout(target: &Target) -> anyhow::Result<Duration> {
+    // The parser allows only positive seconds up to a day.
     Duration::try_from_secs_f64(target.timeout)
         .ok()
         .filter(|d| !d.is_zero())
@@ -239,7 +253,9 @@ fn read_task(file: &Path) -> anyhow::Result<TaskFile> {
     };
     let is_json = file.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
     let task: TaskFile = if is_json {
-        serde_json::from_str(&text).with_context(|| format!("{} is not a valid task file", file.display()))?
+        serde_json::from_str(&text).with_context(|| {
+            format!("{} is not a valid task file (read as JSON, for its .json name)", file.display())
+        })?
     } else {
         serde_yaml::from_str(&text).with_context(|| format!("{} is not a valid task file", file.display()))?
     };
@@ -316,7 +332,8 @@ fn parse_handle(h: &str) -> anyhow::Result<(admin::TaskCategory, Vec<u8>)> {
         bail!("{h:?} is not a task handle: expected TYPE:VERSION:BASE64 as `flotilla create` prints");
     };
     let version = version.parse().with_context(|| format!("handle version {version:?} is not an integer"))?;
-    let meta = B64.decode(meta).context("the handle's resource_meta is not base64")?;
+    // With its padding or without: a copied handle may have lost its trailing `=`.
+    let meta = B64.decode(meta.trim_end_matches('=')).context("the handle's resource_meta is not base64")?;
     Ok((admin::TaskCategory { name: name.to_owned(), version }, meta))
 }
 
@@ -494,7 +511,11 @@ mod tests {
     fn handles_round_trip() {
         let c = admin::TaskCategory { name: "a:b".into(), version: 3 };
         let (c2, meta) = parse_handle(&handle(&c, b"{\"x\":1}")).unwrap();
-        assert_eq!((c2, meta), (c, b"{\"x\":1}".to_vec()));
+        assert_eq!((c2, meta), (c.clone(), b"{\"x\":1}".to_vec()));
         assert!(parse_handle("nonsense").is_err());
+        // A handle whose trailing `=` was lost in a copy still reads.
+        let h = handle(&c, b"{\"x\":12}");
+        assert!(h.ends_with('='), "{h}");
+        assert_eq!(parse_handle(h.trim_end_matches('=')).unwrap().1, b"{\"x\":12}".to_vec());
     }
 }

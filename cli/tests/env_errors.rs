@@ -57,3 +57,17 @@ fn one_address_for_both_listeners_is_named_as_the_mistake() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("both set to 127.0.0.1:42555") && err.contains("--admin-listen"), "{err}");
 }
+
+#[test]
+fn tls_options_that_cannot_work_are_named_before_any_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("ca.pem");
+    std::fs::write(&not_pem, "this is not a certificate\n").unwrap();
+    let ca = not_pem.display().to_string();
+    let (code, err) = stderr_of(&["agents", "--gateway", "127.0.0.1:1", "--tls-ca", &ca], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--tls-ca") && err.contains("no PEM certificate"), "{err}");
+    let (code, err) = stderr_of(&["agents", "--tls-server-name", ""], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--tls-server-name"), "{err}");
+}
