@@ -321,15 +321,29 @@ fn handle_arg(arg: &str) -> anyhow::Result<String> {
         return Ok(arg.to_owned());
     }
     let text = std::io::read_to_string(std::io::stdin()).context("reading the handle from standard input")?;
-    // `flotilla create` prints `created <handle>`; either line is taken.
     let text = text.trim();
+    // What `flotilla create -o json` prints: {"handle": ...}.
+    if text.starts_with('{') {
+        let doc: serde_json::Value = serde_json::from_str(text)
+            .context("standard input starts with `{` but is not a JSON document")?;
+        return doc["handle"]
+            .as_str()
+            .map(str::to_owned)
+            .context("the JSON document on standard input has no \"handle\" string");
+    }
+    // `flotilla create` prints `created <handle>`; either line is taken.
     Ok(text.strip_prefix("created ").unwrap_or(text).trim().to_owned())
 }
 
 fn parse_handle(h: &str) -> anyhow::Result<(admin::TaskCategory, Vec<u8>)> {
     let mut parts = h.rsplitn(3, ':');
     let (Some(meta), Some(version), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
-        bail!("{h:?} is not a task handle: expected TYPE:VERSION:BASE64 as `flotilla create` prints");
+        // A handle can be hundreds of kilobytes: quote only its start.
+        let shown: String = h.chars().take(60).collect();
+        let more = if shown.len() < h.len() { "..." } else { "" };
+        bail!(
+            "{shown:?}{more} is not a task handle: expected TYPE:VERSION:BASE64 as `flotilla create` prints"
+        );
     };
     let version = version.parse().with_context(|| format!("handle version {version:?} is not an integer"))?;
     // With its padding or without: a copied handle may have lost its trailing `=`.
@@ -372,7 +386,7 @@ pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::
             bail!("ExecuteTaskSync answered without a header message");
         };
         let resource = h.resource.unwrap_or_default();
-        return Ok(print_resource(&resource, target.output));
+        return Ok(print_resource(&resource, target.output, None));
     }
 
     let mut client = async_client(channel);
@@ -389,8 +403,9 @@ pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::
     let h = handle(&category, &created.resource_meta);
     match target.output {
         Output::Text => flotilla_telemetry::outln!("created {h}"),
-        // With --wait, the handle is part of the one document printed at the end.
         Output::Json if !wait => print_json(&serde_json::json!({ "handle": h })),
+        // With --wait, the handle is in the one document printed at the end, and said
+        // on stderr now, for whoever stops waiting.
         Output::Json => flotilla_telemetry::errln!("created {h}"),
     }
     if !wait {
@@ -401,7 +416,7 @@ pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::
         let resource = get_resource(&mut client, &category, &created.resource_meta, target.timeout).await?;
         let phase = Phase::try_from(resource.phase).unwrap_or(Phase::Undefined);
         if matches!(phase, Phase::Succeeded | Phase::Failed | Phase::Aborted | Phase::RetryableFailed) {
-            return Ok(print_resource(&resource, target.output));
+            return Ok(print_resource(&resource, target.output, Some(&h)));
         }
         // Progress when it changes, not at every poll.
         let now = format!("{}: {}", phase.as_str_name(), resource.message);
@@ -440,7 +455,8 @@ async fn get_resource(
         .unwrap_or_default())
 }
 
-fn print_resource(r: &admin::Resource, output: Output) -> ExitCode {
+/// Prints a task's state; `handle`, when known, goes into the JSON document.
+fn print_resource(r: &admin::Resource, output: Output, handle: Option<&str>) -> ExitCode {
     let phase = Phase::try_from(r.phase).unwrap_or(Phase::Undefined);
     let code = if matches!(phase, Phase::Failed | Phase::Aborted | Phase::RetryableFailed) {
         // Not 2: that is clap's, for a bad command line.
@@ -451,12 +467,16 @@ fn print_resource(r: &admin::Resource, output: Output) -> ExitCode {
     if output == Output::Json {
         let links: Vec<serde_json::Value> =
             r.log_links.iter().map(|l| serde_json::json!({"name": l.name, "uri": l.uri})).collect();
-        print_json(&serde_json::json!({
+        let mut doc = serde_json::json!({
             "phase": phase.as_str_name(),
             "message": r.message,
             "log_links": links,
             "outputs": r.outputs.as_ref().map(literals::map_to_json),
-        }));
+        });
+        if let Some(h) = handle {
+            doc["handle"] = serde_json::Value::String(h.to_owned());
+        }
+        print_json(&doc);
         return code;
     }
     flotilla_telemetry::outln!("phase: {}", phase.as_str_name());
@@ -481,7 +501,7 @@ pub(crate) async fn get(target: &Target, h: &str) -> anyhow::Result<ExitCode> {
     let (category, meta) = parse_handle(&handle_arg(h)?)?;
     let mut client = async_client(channel(target).await?);
     let resource = get_resource(&mut client, &category, &meta, target.timeout).await?;
-    Ok(print_resource(&resource, target.output))
+    Ok(print_resource(&resource, target.output, None))
 }
 
 pub(crate) async fn delete(target: &Target, h: &str) -> anyhow::Result<ExitCode> {

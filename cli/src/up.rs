@@ -41,6 +41,13 @@ const ANY_LOOPBACK: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::
 
 pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
+    if args.listen == args.admin_listen && args.listen.port() != 0 {
+        flotilla_telemetry::errln!(
+            "flotilla: invalid configuration: --listen and --admin-listen are both {}: give each its own port",
+            args.listen
+        );
+        return Ok(ExitCode::from(flotilla_sdk::EXIT_CONFIG));
+    }
     flotilla_telemetry::init_tracing(args.log_format, &args.log);
     let shutdown = Shutdown::new();
     // Ctrl-C and SIGTERM stop the fleet from here on, during start-up too.

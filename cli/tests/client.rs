@@ -272,6 +272,11 @@ async fn json_output_is_one_document_a_script_can_read() {
     assert_eq!(failed.status.code(), Some(3), "{}", text(&failed.stderr));
     let doc = json(&failed);
     assert_eq!((doc["phase"].as_str(), doc["message"].as_str()), (Some("FAILED"), Some("no luck")));
-    assert!(text(&failed.stderr).contains("created echo:0:"), "{}", text(&failed.stderr));
+    let handle = doc["handle"].as_str().unwrap();
+    assert!(text(&failed.stderr).contains(&format!("created {handle}")), "{}", text(&failed.stderr));
+    // create -o json's document is a handle `get -` reads.
+    let again =
+        flotilla_with_stdin([vec!["get".into(), "-".into()], gw()].concat(), failed.stdout.clone()).await;
+    assert_eq!(json(&again)["message"], "no luck");
     shutdown.trigger();
 }

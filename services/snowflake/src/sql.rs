@@ -41,7 +41,7 @@ pub enum Input {
 /// One SQL API binding: `{"type": ..., "value": ...}`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Binding {
-    /// The Snowflake binding type (`FIXED`, `REAL`, `TEXT`, `BOOLEAN`, `TIMESTAMP_TZ`).
+    /// The Snowflake binding type (`FIXED`, `REAL`, `TEXT`, `BOOLEAN`).
     pub kind: &'static str,
     /// The value, as text (the SQL API takes every value as a string).
     pub value: String,

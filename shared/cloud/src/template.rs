@@ -120,7 +120,7 @@ pub fn native_inputs(inputs: Option<&LiteralMap>) -> Result<BTreeMap<String, Nat
     let mut out = BTreeMap::new();
     for (name, literal) in inputs.map(|m| &m.literals).into_iter().flatten() {
         let value = native(literal).map_err(|kind| {
-            format!("input `{name}` is {kind}; only int, float, str, bool, datetime, timedelta and lists of them can be bound")
+            format!("input `{name}` is {kind}; only int, float, str, bool, datetime, timedelta, None and lists of them can be bound")
         })?;
         out.insert(name.clone(), value);
     }

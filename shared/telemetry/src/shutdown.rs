@@ -43,17 +43,15 @@ impl Shutdown {
     }
 }
 
-/// Exit status after a second stop signal: 128 + SIGINT, as a shell reports Ctrl-C.
-pub const EXIT_FORCED: i32 = 130;
-
 /// Resolves on the first SIGTERM or Ctrl-C (SIGINT). The handlers are in
 /// place when this returns, before the future is first polled: a signal that
 /// comes between this call and the first poll is not lost (nor does it kill
 /// the process, as it would before any handler). Call it within the runtime.
 ///
 /// A second signal, while the first one's graceful stop waits for in-flight
-/// calls, ends the process at once with [`EXIT_FORCED`], saying so: what a
-/// second Ctrl-C means to whoever presses it.
+/// calls, ends the process at once, saying so, with 128 + the signal's number
+/// as a shell reports it (130 for Ctrl-C, 143 for SIGTERM): what a second
+/// Ctrl-C means to whoever presses it.
 pub fn signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
@@ -68,12 +66,21 @@ pub fn signal() -> impl std::future::Future<Output = ()> + Send + 'static {
                         _ = int.recv() => {}
                     }
                     tokio::spawn(async move {
-                        tokio::select! {
-                            _ = term.recv() => {}
-                            _ = int.recv() => {}
-                        }
-                        crate::errln!("second stop signal: exiting now, without waiting for in-flight calls");
-                        std::process::exit(EXIT_FORCED);
+                        let code = tokio::select! {
+                            _ = term.recv() => 128 + 15,
+                            _ = int.recv() => 128 + 2,
+                        };
+                        // Said from a thread of its own, and not waited for long: a
+                        // stderr that nobody reads must not hold the exit back.
+                        let (said, told) = std::sync::mpsc::channel();
+                        std::thread::spawn(move || {
+                            crate::errln!(
+                                "second stop signal: exiting now, without waiting for in-flight calls"
+                            );
+                            let _ = said.send(());
+                        });
+                        let _ = told.recv_timeout(std::time::Duration::from_millis(200));
+                        std::process::exit(code);
                     });
                 }
                 // No handler could be installed (no signal driver): Ctrl-C alone, as tokio offers it.
