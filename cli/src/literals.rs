@@ -1,4 +1,4 @@
-//! Plain JSON values ↔ Flyte literals, for task files and printed outputs.
+//! Task file values → Flyte literals, and literals → plain JSON for printed outputs.
 
 use std::fmt::Write as _;
 
@@ -8,10 +8,13 @@ use flotilla_proto::core::{
 };
 use serde_json::Value;
 
-/// A JSON object of inputs → a `LiteralMap`.
-pub(crate) fn to_literal_map(inputs: &serde_json::Map<String, Value>) -> anyhow::Result<LiteralMap> {
+/// A task file's `inputs` (YAML, or JSON read into the same form) → a `LiteralMap`.
+pub(crate) fn to_literal_map(inputs: &serde_yaml::Mapping) -> anyhow::Result<LiteralMap> {
     let mut literals = std::collections::HashMap::new();
-    for (name, value) in inputs {
+    for (key, value) in inputs {
+        let serde_yaml::Value::String(name) = key else {
+            bail!("inputs: the key {key:?} is not a name");
+        };
         literals.insert(name.clone(), to_literal(value).map_err(|e| anyhow::anyhow!("inputs.{name}: {e}"))?);
     }
     Ok(LiteralMap { literals })
@@ -26,32 +29,38 @@ fn primitive(value: primitive::Value) -> Literal {
     }
 }
 
-fn to_literal(value: &Value) -> anyhow::Result<Literal> {
+fn to_literal(value: &serde_yaml::Value) -> anyhow::Result<Literal> {
+    use serde_yaml::Value as Y;
     Ok(match value {
-        Value::Bool(b) => primitive(primitive::Value::Boolean(*b)),
-        Value::Number(n) => match n.as_i64() {
+        Y::Bool(b) => primitive(primitive::Value::Boolean(*b)),
+        Y::Number(n) => match n.as_i64() {
             Some(i) => primitive(primitive::Value::Integer(i)),
             // A whole number past i64 would silently become an approximate float.
             None if n.is_u64() => bail!(
                 "{n} does not fit a Flyte integer (64-bit, at most {}); quote it to send a string",
                 i64::MAX
             ),
+            // YAML's .nan and .inf included: a Flyte float holds them.
             None => primitive(primitive::Value::FloatValue(n.as_f64().unwrap_or(f64::NAN))),
         },
-        Value::String(s) => primitive(primitive::Value::StringValue(s.clone())),
-        Value::Array(items) => Literal {
+        Y::String(s) => primitive(primitive::Value::StringValue(s.clone())),
+        Y::Sequence(items) => Literal {
             value: Some(literal::Value::Collection(LiteralCollection {
                 literals: items.iter().map(to_literal).collect::<anyhow::Result<_>>()?,
             })),
             ..Default::default()
         },
-        Value::Object(map) => {
+        Y::Mapping(map) => {
             Literal { value: Some(literal::Value::Map(to_literal_map(map)?)), ..Default::default() }
         }
-        // YAML's .nan and .inf arrive here as null too: JSON numbers are finite.
-        Value::Null => {
-            bail!("null (or .nan/.inf, which a task file cannot carry) is not a value a Flyte input can hold")
-        }
+        // An unset Optional input, as flytekit sends one.
+        Y::Null => Literal {
+            value: Some(literal::Value::Scalar(Box::new(Scalar {
+                value: Some(scalar::Value::NoneType(flotilla_proto::core::Void {})),
+            }))),
+            ..Default::default()
+        },
+        Y::Tagged(t) => bail!("a YAML tag ({}) is not a value a Flyte input can hold", t.tag),
     })
 }
 
@@ -133,11 +142,16 @@ fn value_to_json(v: &prost_types::Value) -> Value {
 mod tests {
     use super::*;
 
+    /// A task file's inputs, as the task file parser reads them.
+    fn inputs(text: &str) -> serde_yaml::Mapping {
+        serde_yaml::from_str(text).unwrap()
+    }
+
     #[test]
     fn json_inputs_become_literals_and_render_back() {
         let v: Value =
             serde_json::json!({"n": 3, "f": 1.5, "s": "hi", "b": true, "l": [1, 2], "m": {"k": "v"}});
-        let map = to_literal_map(v.as_object().unwrap()).unwrap();
+        let map = to_literal_map(&inputs(&v.to_string())).unwrap();
         assert_eq!(
             render(&map),
             "  b = true\n  f = 1.5\n  l = [1,2]\n  m = {\"k\":\"v\"}\n  n = 3\n  s = \"hi\"\n"
@@ -172,19 +186,29 @@ mod tests {
 
     #[test]
     fn integers_past_64_bits_are_refused_not_rounded() {
-        let v: Value =
-            serde_json::from_str(r#"{"big": 12345678901234567890, "ok": 9223372036854775807}"#).unwrap();
-        let e = to_literal_map(v.as_object().unwrap()).unwrap_err().to_string();
+        let e = to_literal_map(&inputs(r#"{"big": 12345678901234567890, "ok": 9223372036854775807}"#))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("inputs.big") && e.contains("does not fit a Flyte integer"), "{e}");
-        let v: Value =
-            serde_json::from_str(r#"{"ok": 9223372036854775807, "neg": -9223372036854775808}"#).unwrap();
-        assert!(to_literal_map(v.as_object().unwrap()).is_ok());
+        assert!(
+            to_literal_map(&inputs(r#"{"ok": 9223372036854775807, "neg": -9223372036854775808}"#)).is_ok()
+        );
     }
 
     #[test]
-    fn null_inputs_are_refused_by_name() {
-        let v: Value = serde_json::json!({"x": null});
-        let e = to_literal_map(v.as_object().unwrap()).unwrap_err();
-        assert!(e.to_string().starts_with("inputs.x:"), "{e}");
+    fn null_is_none_and_yamls_nan_and_inf_are_floats() {
+        let map = to_literal_map(&inputs("opt: null\nalso: ~\nnan: .nan\ninf: -.inf\n")).unwrap();
+        let none = literal::Value::Scalar(Box::new(Scalar {
+            value: Some(scalar::Value::NoneType(flotilla_proto::core::Void {})),
+        }));
+        assert_eq!(map.literals["opt"].value, Some(none.clone()));
+        assert_eq!(map.literals["also"].value, Some(none));
+        assert_eq!(to_json(&map.literals["nan"]), serde_json::json!("NaN"));
+        assert_eq!(to_json(&map.literals["inf"]), serde_json::json!("-inf"));
+        // Keys are names.
+        let e = to_literal_map(&inputs("1: x\n")).unwrap_err();
+        assert!(e.to_string().contains("not a name"), "{e}");
+        let e = to_literal_map(&inputs("t: !weird 3\n")).unwrap_err();
+        assert!(e.to_string().contains("inputs.t") && e.to_string().contains("tag"), "{e}");
     }
 }

@@ -45,7 +45,7 @@ enum Command {
     /// (sync task types run at once and print their outputs).
     #[command(after_help = "The file names the task type, its inputs and template options:\n\n  \
 type: echo            # task type (TaskTemplate.type)\n  version: 0            # task type version\n  \
-custom:               # TaskTemplate.custom\n    duration_ms: 2000\n  inputs:               # name: value (numbers, strings, booleans, lists, maps)\n    \
+custom:               # TaskTemplate.custom\n    duration_ms: 2000\n  inputs:               # name: value (numbers, strings, booleans, lists, maps; null for None)\n    \
 x: 42\n    greeting: hello\n\nAlso: `config` (TaskTemplate.config, string to string: Snowflake's connection), `sql` \
 (TaskTemplate.sql.statement, for query task types) and `output_prefix` (default file:///tmp/flotilla/outputs).\n\nExamples:\n  flotilla create examples/echo-task.yaml\n  flotilla create examples/echo-task.yaml --wait")]
     Create {

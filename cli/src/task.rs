@@ -52,9 +52,10 @@ struct TaskFile {
     /// SQL statement (`TaskTemplate.sql`), for query task types.
     #[serde(default)]
     sql: Option<String>,
-    /// The inputs.
+    /// The inputs (a YAML mapping, which a JSON object reads into too: YAML
+    /// keeps `.nan`/`.inf` apart from null, which JSON values cannot).
     #[serde(default)]
-    inputs: serde_json::Map<String, serde_json::Value>,
+    inputs: serde_yaml::Mapping,
     /// Where outputs would go (`CreateTaskRequest.output_prefix`).
     #[serde(default = "default_output_prefix")]
     output_prefix: String,
@@ -526,6 +527,17 @@ pub(crate) async fn delete(target: &Target, h: &str) -> anyhow::Result<ExitCode>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_json_task_file_reads_its_inputs_as_a_yaml_one_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t.json");
+        std::fs::write(&file, r#"{"type": "snowflake", "inputs": {"opt": null, "n": 1, "l": [1.5, "a"]}}"#)
+            .unwrap();
+        let task = read_task(&file).unwrap();
+        let map = literals::to_literal_map(&task.inputs).unwrap();
+        assert_eq!(literals::map_to_json(&map), serde_json::json!({"opt": null, "n": 1, "l": [1.5, "a"]}));
+    }
 
     #[test]
     fn handles_round_trip() {
