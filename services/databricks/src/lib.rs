@@ -423,8 +423,17 @@ impl Plugin for Databricks {
             Some(Value::String(s)) => Some(s.clone()),
             _ => None,
         };
-        if let Some(job_id) = job_id {
-            let uri = console_url(&meta.databricks_instance, &job_id, &meta.run_id);
+        // Upstream's link when the run names its job; else the run's own page, as
+        // Databricks gives it (an https URL only: it reaches the Flyte console).
+        let uri = job_id.map(|job_id| console_url(&meta.databricks_instance, &job_id, &meta.run_id)).or_else(
+            || {
+                run.get("run_page_url")
+                    .and_then(Value::as_str)
+                    .filter(|u| u.starts_with("https://"))
+                    .map(str::to_owned)
+            },
+        );
+        if let Some(uri) = uri {
             resource.log_links.push(template::log_link(LOG_LINK_NAME, uri));
         }
         Ok(resource)

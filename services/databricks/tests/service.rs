@@ -467,3 +467,27 @@ async fn api_refusals_keep_databricks_message_and_code() {
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("User cannot view run 1001"), "{}", e.message());
 }
+
+#[tokio::test]
+async fn a_run_without_a_job_id_links_to_its_own_page() {
+    let mut rig = Rig::new().await;
+    let meta = json!({ "databricks_instance": INSTANCE, "run_id": "77" }).to_string();
+    let run = |page: &str| {
+        Reply::json(
+            200,
+            json!({
+                "run_id": 77,
+                "state": { "life_cycle_state": "RUNNING", "state_message": "" },
+                "run_page_url": page,
+            }),
+        )
+    };
+    rig.fake.inject("/api/2.1/jobs/runs/get", run("https://adb-1.azuredatabricks.net/?o=1#job/runs/77"));
+    let r = rig.get(meta.as_bytes()).await.unwrap();
+    assert_eq!(phase(&r), Phase::Running);
+    assert_eq!(r.log_links.len(), 1, "{:?}", r.log_links);
+    assert_eq!(r.log_links[0].uri, "https://adb-1.azuredatabricks.net/?o=1#job/runs/77");
+    // A page that is not an https URL is no link for the Flyte console.
+    rig.fake.inject("/api/2.1/jobs/runs/get", run("javascript:alert(1)"));
+    assert!(rig.get(meta.as_bytes()).await.unwrap().log_links.is_empty());
+}
