@@ -3,16 +3,17 @@
 //!
 //! Request path, outermost first:
 //! 1. an HTTP/2 server on the `h2` crate ([`flotilla_sdk::h2serve`], one task per
-//!    connection, calls polled on it), which hands `grpc.health.v1` and the
+//!    connection, calls polled on it), which answers health checks and the
 //!    gateway's own `AgentMetadataService` ([`fleet::FleetMetadata`], the union
-//!    of the fleet) to tonic's router;
+//!    of the fleet) from the stream, and hands health watches and unknown paths
+//!    to tonic's router;
 //! 2. [`proxy`] for `AsyncAgentService` and `SyncAgentService`
 //!    ([`proxy::GatewayCalls`]): read the first
 //!    message within `max_request_bytes`, take the routing key from its bytes
 //!    ([`route`]), look the category up in the route table that [`fleet`] learns
 //!    from each service's `ListAgents`, cap the deadline with the plugin's timeout;
 //! 3. [`backend`]: a p2c balancer per worker thread over peak-EWMA endpoints, each one
-//!    HTTP/2 connection driven through the `h2` crate ([`crate::h2`]), fed by [`discover`];
+//!    HTTP/2 connection of the gateway's own client ([`crate::h2`]), fed by [`discover`];
 //! 4. the plugin service, which gets the original bytes untouched.
 
 #![warn(missing_docs)]

@@ -7,7 +7,8 @@ docker-compose.yml) and their agreement with the plugin services under services/
   strict mode (unknown fields are errors).
 - Every plugin service under services/ has its ServiceAccount, Deployment (gRPC readiness and
   liveness probes on 8000, requests and limits, scrape annotations), headless Service, HPA and PDB;
-  a `dns://` entry in the gateway's ConfigMap, in the Consul variant, in the compose gateway config;
+  an entry in the gateway's ConfigMap (`dns://`), in the Consul variant (`srv://`), in the compose
+  gateway config;
   a compose service and a Prometheus DNS-SD name. A new plugin directory fails these tests until
   its operations files exist.
 - Every gateway configuration shipped (the ConfigMap, the Consul variant, docker/gateway.toml)
