@@ -1,6 +1,6 @@
 //! One replica's HTTP/2 client: a single multiplexed connection, made on
 //! first use (or by the warm-up), remade when it closes. The connection is the
-//! project's own ([`conn`]): one task owns the socket and every stream, and a
+//! project's own (`conn`): one task owns the socket and every stream, and a
 //! call hands it the request's headers and its one buffered body over a
 //! channel, then reads its stream's answer from a channel of its own. No lock
 //! is taken and no `http` request is rebuilt per call.
