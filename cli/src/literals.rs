@@ -20,13 +20,20 @@ pub(crate) fn to_literal_map(inputs: &serde_yaml::Mapping) -> anyhow::Result<Lit
     Ok(LiteralMap { literals })
 }
 
-fn primitive(value: primitive::Value) -> Literal {
+fn scalar_literal(value: scalar::Value) -> Literal {
     Literal {
-        value: Some(literal::Value::Scalar(Box::new(Scalar {
-            value: Some(scalar::Value::Primitive(Primitive { value: Some(value) })),
-        }))),
+        value: Some(literal::Value::Scalar(Box::new(Scalar { value: Some(value) }))),
         ..Default::default()
     }
+}
+
+fn primitive(value: primitive::Value) -> Literal {
+    scalar_literal(scalar::Value::Primitive(Primitive { value: Some(value) }))
+}
+
+/// A float as a JSON number, or as text where JSON has none (NaN, infinities).
+fn number(f: f64) -> Value {
+    serde_json::Number::from_f64(f).map_or_else(|| Value::String(f.to_string()), Value::Number)
 }
 
 fn to_literal(value: &serde_yaml::Value) -> anyhow::Result<Literal> {
@@ -54,12 +61,7 @@ fn to_literal(value: &serde_yaml::Value) -> anyhow::Result<Literal> {
             Literal { value: Some(literal::Value::Map(to_literal_map(map)?)), ..Default::default() }
         }
         // An unset Optional input, as flytekit sends one.
-        Y::Null => Literal {
-            value: Some(literal::Value::Scalar(Box::new(Scalar {
-                value: Some(scalar::Value::NoneType(flotilla_proto::core::Void {})),
-            }))),
-            ..Default::default()
-        },
+        Y::Null => scalar_literal(scalar::Value::NoneType(flotilla_proto::core::Void {})),
         Y::Tagged(t) => bail!("a YAML tag ({}) is not a value a Flyte input can hold", t.tag),
     })
 }
@@ -92,9 +94,7 @@ pub(crate) fn to_json(l: &Literal) -> Value {
         Some(literal::Value::Scalar(s)) => match &s.value {
             Some(scalar::Value::Primitive(p)) => match &p.value {
                 Some(primitive::Value::Integer(i)) => json!(i),
-                Some(primitive::Value::FloatValue(f)) => {
-                    serde_json::Number::from_f64(*f).map_or_else(|| json!(f.to_string()), Value::Number)
-                }
+                Some(primitive::Value::FloatValue(f)) => number(*f),
                 Some(primitive::Value::StringValue(s)) => json!(s),
                 Some(primitive::Value::Boolean(b)) => json!(b),
                 Some(primitive::Value::Datetime(t)) => json!(t.to_string()),
@@ -128,9 +128,7 @@ fn value_to_json(v: &prost_types::Value) -> Value {
     use prost_types::value::Kind;
     match &v.kind {
         Some(Kind::NullValue(_)) | None => Value::Null,
-        Some(Kind::NumberValue(n)) => {
-            serde_json::Number::from_f64(*n).map_or_else(|| Value::String(n.to_string()), Value::Number)
-        }
+        Some(Kind::NumberValue(n)) => number(*n),
         Some(Kind::StringValue(s)) => Value::String(s.clone()),
         Some(Kind::BoolValue(b)) => Value::Bool(*b),
         Some(Kind::StructValue(s)) => struct_to_json(s),
@@ -162,10 +160,7 @@ mod tests {
 
     #[test]
     fn outputs_that_no_task_file_writes_have_a_json_form() {
-        let scalar = |value| Literal {
-            value: Some(literal::Value::Scalar(Box::new(Scalar { value: Some(value) }))),
-            ..Default::default()
-        };
+        let scalar = scalar_literal;
         let at = prost_types::Timestamp { seconds: 1_704_164_645, nanos: 0 };
         let took = prost_types::Duration { seconds: 90, nanos: 0 };
         let sd = flotilla_proto::core::StructuredDataset { uri: "bq://p:d.t".into(), metadata: None };

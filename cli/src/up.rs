@@ -41,11 +41,9 @@ const ANY_LOOPBACK: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::
 
 pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
-    if args.listen == args.admin_listen && args.listen.port() != 0 {
-        flotilla_telemetry::errln!(
-            "flotilla: invalid configuration: --listen and --admin-listen are both {}: give each its own port",
-            args.listen
-        );
+    // Before anything starts, as for every other invalid configuration.
+    if let Some(why) = flotilla_sdk::one_address_for_both(args.listen, args.admin_listen) {
+        flotilla_telemetry::errln!("flotilla: invalid configuration: {why}");
         return Ok(ExitCode::from(flotilla_sdk::EXIT_CONFIG));
     }
     flotilla_telemetry::init_tracing(args.log_format, &args.log);

@@ -59,7 +59,7 @@ fn one_address_for_both_listeners_is_named_as_the_mistake() {
     let (code, err) =
         stderr_of(&["up", "--listen", "127.0.0.1:42555", "--admin-listen", "127.0.0.1:42555"], &[]);
     assert_eq!(code, Some(64), "{err}");
-    assert!(err.contains("both 127.0.0.1:42555") && err.contains("--admin-listen"), "{err}");
+    assert!(err.contains("both set to 127.0.0.1:42555") && err.contains("--admin-listen"), "{err}");
 }
 
 #[test]

@@ -724,36 +724,29 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
 
     let markdown = results.markdown();
     let mut clean = true;
-    let mut bad: Vec<String> = results
+    // Every load of the run, labelled; one check for all of them.
+    let mut loads: Vec<(String, &load::Report)> = results
         .cells
         .iter()
-        .map(|((s, c, p, t), cell)| ((s, c, p, t), &cell.report))
-        .chain(
-            results.scaling.iter().map(|(n, cell)| ((&Scenario::Get, n, &0, &Target::Gateway), &cell.report)),
-        )
+        .map(|((s, c, p, t), cell)| (format!("{} c={c} payload={p} {}", s.name(), t.title()), &cell.report))
+        .chain(results.scaling.iter().map(|(n, cell)| {
+            (format!("{} c={n} payload=0 {}", Scenario::Get.name(), Target::Gateway.title()), &cell.report)
+        }))
+        .collect();
+    if let Some(h) = &results.hop {
+        loads.push(("the hop alone, get c=1 echo direct".to_owned(), &h.direct.report));
+        loads.push(("the hop alone, get c=1 byte relay → echo".to_owned(), &h.relayed.report));
+    }
+    let bad: Vec<String> = loads
+        .into_iter()
         .filter(|(_, r)| r.errors > 0 || r.warmup_errors > 0 || r.ops == 0)
-        .map(|((s, c, p, t), r)| {
+        .map(|(label, r)| {
             format!(
-                "{} c={c} payload={p} {}: {} ops, {} errors (+{} in warmup) {:?}",
-                s.name(),
-                t.title(),
-                r.ops,
-                r.errors,
-                r.warmup_errors,
-                r.error_samples
+                "{label}: {} ops, {} errors (+{} in warmup) {:?}",
+                r.ops, r.errors, r.warmup_errors, r.error_samples
             )
         })
         .collect();
-    if let Some(h) = &results.hop {
-        for (title, r) in [("echo direct", &h.direct.report), ("byte relay → echo", &h.relayed.report)] {
-            if r.errors > 0 || r.warmup_errors > 0 || r.ops == 0 {
-                bad.push(format!(
-                    "the hop alone, get c=1 {title}: {} ops, {} errors (+{} in warmup) {:?}",
-                    r.ops, r.errors, r.warmup_errors, r.error_samples
-                ));
-            }
-        }
-    }
     if !bad.is_empty() {
         eprintln!("==> loads with errors or no throughput:");
         for b in &bad {

@@ -5,14 +5,7 @@ use flotilla_sdk::proto::core::{self, literal, primitive, scalar};
 use super::*;
 
 fn literal_int(i: i64) -> core::Literal {
-    core::Literal {
-        value: Some(literal::Value::Scalar(Box::new(core::Scalar {
-            value: Some(scalar::Value::Primitive(core::Primitive {
-                value: Some(primitive::Value::Integer(i)),
-            })),
-        }))),
-        ..Default::default()
-    }
+    primitive_literal(primitive::Value::Integer(i))
 }
 
 fn template(statement: &str) -> core::TaskTemplate {

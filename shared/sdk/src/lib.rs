@@ -54,6 +54,7 @@ pub use flotilla_proto as proto;
 pub use flotilla_telemetry as telemetry;
 pub use plugin::{AgentSpec, Call, Category, Plugin};
 pub use runner::{
-    ENV_MAX_REQUEST_BYTES, ENV_SHUTDOWN_GRACE, EXIT_CONFIG, ServiceConfig, bind_pair, main, run_process,
+    ENV_MAX_REQUEST_BYTES, ENV_SHUTDOWN_GRACE, EXIT_CONFIG, ServiceConfig, bind_pair, main,
+    one_address_for_both, run_process,
 };
 pub use serve::{ServeError, ServeOptions, serve, set_health, shown, stopping, with_grace};

@@ -239,16 +239,24 @@ where
     })
 }
 
+/// Why `grpc` and `admin` cannot both be listened on, when one address is
+/// given for both (a fixed port: port 0 picks two).
+pub fn one_address_for_both(grpc: SocketAddr, admin: SocketAddr) -> Option<String> {
+    (grpc == admin && grpc.port() != 0).then(|| {
+        format!(
+            "the gRPC and admin HTTP listeners are both set to {grpc} (--listen and --admin-listen): give \
+             each its own port"
+        )
+    })
+}
+
 /// Binds the gRPC and admin listeners, naming the address that failed.
 ///
 /// # Errors
 /// A message naming the listener, its address and the OS error.
 pub async fn bind_pair(grpc: SocketAddr, admin: SocketAddr) -> Result<(TcpListener, TcpListener), String> {
-    if grpc == admin && grpc.port() != 0 {
-        return Err(format!(
-            "the gRPC and admin HTTP listeners are both set to {grpc} (--listen and --admin-listen): give \
-             each its own port"
-        ));
+    if let Some(why) = one_address_for_both(grpc, admin) {
+        return Err(why);
     }
     let g = TcpListener::bind(grpc).await.map_err(|e| format!("cannot listen for gRPC on {grpc}: {e}"))?;
     let a = TcpListener::bind(admin)
