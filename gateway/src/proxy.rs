@@ -179,7 +179,7 @@ impl Proxy {
                 id
             }
         };
-        let mut call = CallLog { request_id, task_type: Bytes::new(), started: Instant::now() };
+        let call = CallLog { request_id, task_type: Bytes::new(), started: Instant::now() };
         let Some(method) = Method::from_path(parts.uri.path()) else {
             let status = Status::unimplemented(format!("unknown method {}", parts.uri.path()));
             self.metrics.requests.with_label_values(&["none", "unknown", code_name(status.code())]).inc();
@@ -193,11 +193,14 @@ impl Proxy {
         };
         // Counted down when the call ends, however it ends (a client reset drops this future).
         let _in_flight = InFlight::enter(&self.metrics.in_flight);
-        match self.forward(method, parts, body, &mut call).await {
+        let mut pending = Pending { proxy: self, method, call, backend: None, settled: false };
+        let result = self.forward(method, parts, body, &mut pending).await;
+        pending.settled = true;
+        match result {
             Ok(r) => r,
             Err((backend, status)) => {
                 let metrics = backend.map_or(&self.unrouted, |i| &self.by_plugin[i]);
-                metrics.record(method, status.code() as i32, &call, status.message());
+                metrics.record(method, status.code() as i32, &pending.call, status.message());
                 status.into_http()
             }
         }
@@ -208,9 +211,10 @@ impl Proxy {
         method: Method,
         parts: http::request::Parts,
         body: RecvBody,
-        call: &mut CallLog,
+        pending: &mut Pending<'_>,
     ) -> Result<Response<Body>, (Option<usize>, Status)> {
         let none = |s: Status| (None, s);
+        let call = &mut pending.call;
         let started = call.started;
         // ExecuteTaskSync goes on once its header and inputs are in: the
         // replica gets those two and the end of the stream, like propeller
@@ -258,6 +262,8 @@ impl Proxy {
             }));
         };
         drop(state);
+        pending.backend = Some(index);
+        let call = &mut pending.call;
         let backend = &self.fleet.backends[index];
         let plugin = &backend.plugin.name;
 
@@ -375,6 +381,32 @@ impl Proxy {
     }
 }
 
+/// A call on its way: if its future is dropped before [`Proxy::handle`] has
+/// an outcome (the caller reset the stream, or its connection closed), the
+/// call is counted and logged as CANCELLED, what the caller's side reports,
+/// under the plugin it was routed to (`none` before routing). Calls that got
+/// an answer are counted where the answer's status passes (see [`Observed`]).
+struct Pending<'a> {
+    proxy: &'a Proxy,
+    method: Method,
+    call: CallLog,
+    /// The plugin's index once the call is routed.
+    backend: Option<usize>,
+    /// Set once the call has an outcome, which is counted elsewhere.
+    settled: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            let metrics = self.backend.map_or(&self.proxy.unrouted, |i| &self.proxy.by_plugin[i]);
+            let message =
+                "the caller went away before the answer: it reset the stream or closed the connection";
+            metrics.record(self.method, tonic::Code::Cancelled as i32, &self.call, message);
+        }
+    }
+}
+
 /// One call in the in-flight gauge, for as long as it lives.
 struct InFlight<'a>(&'a prometheus::IntGauge);
 
@@ -468,13 +500,13 @@ impl CallLog {
     }
 }
 
-/// One line per finished call: `debug` when it succeeded, `info` when not.
-/// The plugin service logs the same `request_id` for the same call.
 /// A `grpc-message` as text: the protocol percent-encodes it (`%20` and the like).
 fn percent_decoded(raw: &[u8]) -> String {
     percent_encoding::percent_decode(raw).decode_utf8_lossy().into_owned()
 }
 
+/// One line per finished call: `debug` when it succeeded, `info` when not.
+/// The plugin service logs the same `request_id` for the same call.
 fn log_call(call: &CallLog, method: Method, plugin: &str, code: usize, elapsed: Duration, message: &str) {
     let code_text = code_name(tonic::Code::from_i32(code as i32));
     if code == 0 {

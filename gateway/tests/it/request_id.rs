@@ -291,3 +291,53 @@ async fn a_one_thread_gateway_finishes_the_call_in_flight_on_sigterm() {
     .await;
     assert!(status.success(), "the gateway exits 0 after SIGTERM: {status}");
 }
+
+#[tokio::test]
+async fn a_call_the_caller_gives_up_on_is_logged_cancelled_on_both_sides_and_counted() {
+    use flotilla_proto::service::sync_agent_service_client::SyncAgentServiceClient;
+    use prost_types::value::Kind;
+
+    let echo = Logged::spawn(&echo_binary(), &[]);
+    let echo_addr = echo.grpc_addr().await;
+    let gateway = Logged::spawn(
+        Path::new(env!("CARGO_BIN_EXE_flotilla-gateway")),
+        &[("FLOTILLA_PLUGINS", format!("echo=static://{echo_addr}"))],
+    );
+    let (addr, admin) = (gateway.grpc_addr().await, gateway.admin_addr().await);
+    let messages =
+        sync_messages(echo_template("echo_sync", &[("duration_ms", Kind::NumberValue(60_000.0))]), inputs(5));
+    let mut client = SyncAgentServiceClient::new(flotilla_testkit::channel(addr));
+    // No grpc-timeout (that would be the gateway's DEADLINE_EXCEEDED): the caller just drops the call.
+    let mut request = tonic::Request::new(tokio_stream::iter(messages));
+    request.metadata_mut().insert("x-request-id", "it-cancelled-1".parse().expect("ASCII"));
+    let call = tokio::spawn(async move { client.execute_task_sync(request).await });
+    eventually("the call to be in flight", Duration::from_secs(10), || async {
+        let (_, metrics) = flotilla_testkit::http_get(admin, "/metrics").await;
+        metrics.contains("flotilla_gateway_in_flight_requests 1").then_some(())
+    })
+    .await;
+    call.abort(); // the stream is reset
+    for (who, logs) in [("gateway", &gateway), ("echo", &echo)] {
+        let line = logs.call_line(who, "it-cancelled-1", "ExecuteTaskSync").await;
+        assert_eq!(
+            (&line["level"], &line["fields"]["code"]),
+            (&"INFO".into(), &"CANCELLED".into()),
+            "{who}: {line}"
+        );
+        assert!(line["fields"]["error"].as_str().is_some_and(|e| e.contains("went away")), "{who}: {line}");
+    }
+    let line = gateway.call_line("gateway", "it-cancelled-1", "ExecuteTaskSync").await;
+    assert_eq!(
+        (&line["fields"]["plugin"], &line["fields"]["task_type"]),
+        (&"echo".into(), &"echo_sync".into())
+    );
+    let (_, metrics) = flotilla_testkit::http_get(admin, "/metrics").await;
+    assert!(
+        metrics.lines().any(|l| l.starts_with("flotilla_gateway_requests_total{")
+            && l.contains("method=\"ExecuteTaskSync\"")
+            && l.contains("code=\"CANCELLED\"")
+            && l.contains("plugin=\"echo\"")
+            && l.ends_with(" 1")),
+        "{metrics}"
+    );
+}

@@ -197,6 +197,16 @@ async fn a_client_that_gives_up_cancels_the_call_at_the_plugin() {
         },
     )
     .await;
+    // And it is counted as the caller saw it end: CANCELLED, under the plugin it was routed to.
+    let (_, metrics) = flotilla_testkit::http_get(gw.admin, "/metrics").await;
+    let cancelled = metrics.lines().any(|l| {
+        l.starts_with("flotilla_gateway_requests_total{")
+            && l.contains("plugin=\"stuck\"")
+            && l.contains("method=\"CreateTask\"")
+            && l.contains("code=\"CANCELLED\"")
+            && l.ends_with(" 1")
+    });
+    assert!(cancelled, "no CANCELLED CreateTask counted for plugin stuck:\n{metrics}");
     // The same connection still serves.
     flotilla_proto::service::agent_metadata_service_client::AgentMetadataServiceClient::new(channel)
         .list_agents(admin::ListAgentsRequest {})
