@@ -47,16 +47,34 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(flotilla_sdk::EXIT_CONFIG));
     }
     flotilla_telemetry::init_tracing(args.log_format, &args.log);
+    // The gateway's and the services' settings from the same FLOTILLA_* variables that
+    // flotilla-gateway and flotilla-<plugin> read (limits, timeouts, grace, accepted tokens); the
+    // listeners and the plugin list are up's own. An invalid configuration exits 64 (EX_USAGE), as
+    // flotilla-gateway's does, before anything starts.
+    let invalid = |what: &str, e: &dyn std::fmt::Display| {
+        flotilla_telemetry::errln!("flotilla: {what}: invalid configuration: {e}");
+        Ok(ExitCode::from(flotilla_sdk::EXIT_CONFIG))
+    };
+    let mut problems = Vec::new();
+    let mut gateway_settings = GatewayConfig::default();
+    gateway_settings.settings_from_env(&flotilla_telemetry::config::process_env, &mut problems);
+    let mut config = flotilla_sdk::ServiceConfig::default();
+    config.settings_from_env(&flotilla_telemetry::config::process_env, &mut problems);
+    problems.sort();
+    problems.dedup(); // the two read FLOTILLA_MAX_REQUEST_BYTES and FLOTILLA_SHUTDOWN_GRACE alike
+    if !problems.is_empty() {
+        return invalid("environment", &problems.join("; "));
+    }
     let shutdown = Shutdown::new();
     // Ctrl-C and SIGTERM stop the fleet from here on, during start-up too.
     let signalled = flotilla_telemetry::signal();
     let trigger = shutdown.clone();
-    // The fleet's grace: the gateway's and each service's default.
-    let grace = flotilla_telemetry::config::HumanDuration(GatewayConfig::default().shutdown_grace.0);
+    // The fleet's grace: FLOTILLA_SHUTDOWN_GRACE sets the gateway's and each service's alike.
+    let grace = flotilla_telemetry::config::HumanDuration(gateway_settings.shutdown_grace.0);
     tokio::spawn(async move {
         signalled.await;
         flotilla_telemetry::errln!(
-            "flotilla: stopping: finishing in-flight calls for up to {grace} (Ctrl-C again to stop now)"
+            "flotilla: stopping: finishing in-flight calls for up to {grace} (a second Ctrl-C or SIGTERM stops now)"
         );
         trigger.trigger();
     });
@@ -64,17 +82,11 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     // Plugin services first, so the gateway learns their routes on its first poll. The cloud
     // services read their settings and credentials from the environment (FLOTILLA_<PLUGIN>_*,
     // GOOGLE_APPLICATION_CREDENTIALS, ...); without credentials they still serve and say so at create.
-    // An invalid configuration exits 64 (EX_USAGE), as flotilla-gateway's does, before anything starts.
-    let invalid = |what: &str, e: &dyn std::fmt::Display| {
-        flotilla_telemetry::errln!("flotilla: {what}: invalid configuration: {e}");
-        Ok(ExitCode::from(flotilla_sdk::EXIT_CONFIG))
-    };
     let tls =
         match flotilla_sdk::tls::from_config(args.tls_cert_file.as_deref(), args.tls_key_file.as_deref()) {
             Ok(tls) => tls,
             Err(e) => return invalid("gateway", &e),
         };
-    let config = flotilla_sdk::ServiceConfig::default();
     let bigquery = match flotilla_bigquery::BigQuery::from_config(&config) {
         Ok(p) => p,
         Err(e) => return invalid("bigquery", &e),
@@ -87,11 +99,12 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         Ok(p) => p,
         Err(e) => return invalid("snowflake", &e),
     };
+    let options = config.serve_options();
     let services = vec![
-        start("echo", flotilla_echo::Echo::default(), &shutdown).await?,
-        start("bigquery", bigquery, &shutdown).await?,
-        start("databricks", databricks, &shutdown).await?,
-        start("snowflake", snowflake, &shutdown).await?,
+        start("echo", flotilla_echo::Echo::default(), &options, &shutdown).await?,
+        start("bigquery", bigquery, &options, &shutdown).await?,
+        start("databricks", databricks, &options, &shutdown).await?,
+        start("snowflake", snowflake, &options, &shutdown).await?,
     ];
     let (grpc, admin) =
         flotilla_sdk::bind_pair(args.listen, args.admin_listen).await.map_err(anyhow::Error::msg)?;
@@ -111,13 +124,21 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 categories: Vec::new(),
             })
             .collect(),
-        ..GatewayConfig::default()
+        ..gateway_settings
     };
-    let mut config = Config::validate(raw, Vec::new())
-        .map_err(|problems| anyhow::anyhow!("invalid gateway configuration: {}", problems.join("; ")))?;
+    let mut config = match Config::validate(raw, Vec::new()) {
+        Ok(config) => config,
+        // An unreadable FLOTILLA_AUTH_TOKEN_FILE, say.
+        Err(problems) => return invalid("gateway", &problems.join("; ")),
+    };
     // Loaded above, before anything started.
     config.tls = tls;
-    let over = if config.tls.is_some() { " over TLS (insecure: false)" } else { "" };
+    let over = match (config.tls.is_some(), config.auth.is_some()) {
+        (true, true) => " over TLS (insecure: false), with bearer-token auth",
+        (true, false) => " over TLS (insecure: false)",
+        (false, true) => " with bearer-token auth",
+        (false, false) => "",
+    };
     let gateway = Gateway::start(config).await.context("starting the gateway")?;
 
     flotilla_telemetry::outln!("{:<10} grpc={gateway_addr}  admin={gateway_admin_addr}", "gateway");
@@ -155,12 +176,12 @@ struct Service {
 async fn start<P: flotilla_sdk::Plugin>(
     name: &'static str,
     plugin: P,
+    options: &ServeOptions,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Service> {
     let (grpc, admin) =
         flotilla_sdk::bind_pair(ANY_LOOPBACK, ANY_LOOPBACK).await.map_err(anyhow::Error::msg)?;
     let (grpc_addr, admin_addr) = (grpc.local_addr()?, admin.local_addr()?);
-    let task =
-        tokio::spawn(flotilla_sdk::serve(plugin, grpc, admin, ServeOptions::default(), shutdown.clone()));
+    let task = tokio::spawn(flotilla_sdk::serve(plugin, grpc, admin, options.clone(), shutdown.clone()));
     Ok(Service { name, grpc: grpc_addr, admin: admin_addr, task })
 }

@@ -55,6 +55,20 @@ fn flotilla_tls_takes_the_usual_spellings_of_true() {
 }
 
 #[test]
+fn up_refuses_a_bad_gateway_or_service_setting_by_its_variable() {
+    for (name, value, said) in [
+        ("FLOTILLA_SHUTDOWN_GRACE", "abc", "FLOTILLA_SHUTDOWN_GRACE"),
+        ("FLOTILLA_MAX_REQUEST_BYTES", "12", "below the minimum of 1024"),
+        ("FLOTILLA_CONNECT_TIMEOUT", "soon", "FLOTILLA_CONNECT_TIMEOUT"),
+    ] {
+        let (code, err) =
+            stderr_of(&["up", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"], &[(name, value)]);
+        assert_eq!(code, Some(64), "{name}={value}: {err}");
+        assert!(err.contains(said) && err.contains("invalid configuration"), "{name}={value}: {err}");
+    }
+}
+
+#[test]
 fn one_address_for_both_listeners_is_named_as_the_mistake() {
     let (code, err) =
         stderr_of(&["up", "--listen", "127.0.0.1:42555", "--admin-listen", "127.0.0.1:42555"], &[]);

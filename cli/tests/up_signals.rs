@@ -1,5 +1,6 @@
 //! `flotilla up` stops gracefully on Ctrl-C, waiting for in-flight calls, and
-//! at once on a second Ctrl-C.
+//! at once on a second Ctrl-C; it takes the gateway's settings (accepted
+//! tokens, shutdown grace) from the same variables as `flotilla-gateway`.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -107,7 +108,7 @@ fn a_second_ctrl_c_stops_up_at_once_while_a_call_is_in_flight() {
 
     interrupt(&reaper.0[0]);
     let said = wait_for_line(&err, "stopping", Duration::from_secs(10));
-    assert!(said.contains("up to 30s") && said.contains("Ctrl-C again"), "{said}");
+    assert!(said.contains("up to 30s") && said.contains("a second Ctrl-C or SIGTERM stops now"), "{said}");
     // The call holds the fleet up...
     assert!(reaper.0[0].try_wait().unwrap().is_none(), "up exited before its in-flight call ended");
     // ...until a second Ctrl-C.
@@ -122,4 +123,54 @@ fn a_second_ctrl_c_stops_up_at_once_while_a_call_is_in_flight() {
     };
     assert_eq!(status.code(), Some(130), "{status}");
     wait_for_line(&err, "second stop signal", Duration::from_secs(5));
+}
+
+#[test]
+fn up_takes_the_gateways_token_and_grace_from_the_environment() {
+    let up = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["up", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .env("FLOTILLA_AUTH_TOKEN", "up-test-token-42")
+        .env("FLOTILLA_SHUTDOWN_GRACE", "7s")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reaper = Reaper(vec![up]);
+    let out = lines(reaper.0[0].stdout.take().unwrap());
+    let err = lines(reaper.0[0].stderr.take().unwrap());
+    let banner = wait_for_line(&out, "gateway", Duration::from_secs(30));
+    let grpc = banner.split_whitespace().find_map(|w| w.strip_prefix("grpc=")).unwrap().to_owned();
+    let ready = wait_for_line(&out, "flotilla is up", Duration::from_secs(30));
+    assert!(ready.contains("with bearer-token auth"), "{ready}");
+
+    let agents = |token: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flotilla"));
+        command.args(["agents", "--gateway", &grpc, "--timeout", "10"]).env_remove("FLOTILLA_TLS");
+        match token {
+            Some(t) => command.env("FLOTILLA_TOKEN", t),
+            None => command.env_remove("FLOTILLA_TOKEN"),
+        };
+        command.output().unwrap()
+    };
+    let refused = agents(None);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{said}");
+    assert!(said.contains("Unauthenticated"), "{said}");
+    let listed = agents(Some("up-test-token-42"));
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("echo"));
+
+    interrupt(&reaper.0[0]);
+    let said = wait_for_line(&err, "stopping", Duration::from_secs(10));
+    assert!(said.contains("up to 7s"), "{said}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = reaper.0[0].try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "up kept running after Ctrl-C with nothing in flight");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "{status}");
 }

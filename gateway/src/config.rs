@@ -369,15 +369,26 @@ fn parse_nameserver(text: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{text:?} is not an ip or ip:port"))
 }
 
+/// `NAME:VERSION` (`NAME` alone is version 0): a task type name without
+/// colons or white space, and a version from 0 up.
 fn parse_category(text: &str) -> Result<Category, String> {
-    let (name, version) = match text.rsplit_once(':') {
+    let (name, version) = match text.split_once(':') {
         Some((n, v)) => {
-            (n, v.parse::<i32>().map_err(|_| format!("{text:?}: version {v:?} is not an integer"))?)
+            // Digits only: no sign, no second colon, no spaces.
+            let version =
+                Some(v).filter(|v| v.bytes().all(|b| b.is_ascii_digit())).and_then(|v| v.parse().ok());
+            let version = version.ok_or_else(|| {
+                format!("{text:?}: the version {v:?} is not a whole number from 0 up (NAME:VERSION)")
+            })?;
+            (n, version)
         }
         None => (text, 0),
     };
     if name.is_empty() {
-        return Err(format!("{text:?}: the task type name is empty"));
+        return Err(format!("{text:?}: the task type name is empty (NAME:VERSION)"));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{text:?}: the task type name holds {c:?}; task types have no white space"));
     }
     Ok(Category::new(name, version))
 }
@@ -403,6 +414,30 @@ fn plugins_from_env(raw: &str) -> Result<Vec<PluginConfig>, String> {
         .collect()
 }
 
+impl GatewayConfig {
+    /// Applies the `FLOTILLA_*` variables of every setting but the listeners,
+    /// TLS and the plugin list: the limits, intervals, timeouts, the shutdown
+    /// grace and the accepted tokens. A bad value becomes a problem naming the
+    /// variable. `flotilla up`, which makes its own listeners and plugin list,
+    /// takes these too.
+    pub fn settings_from_env(&mut self, env: Env<'_>, problems: &mut Vec<String>) {
+        config::override_from_env(env, ENV_MAX_REQUEST_BYTES, &mut self.max_request_bytes, problems);
+        config::override_from_env(env, ENV_REFRESH_INTERVAL, &mut self.refresh_interval, problems);
+        config::override_from_env(env, ENV_SHUTDOWN_GRACE, &mut self.shutdown_grace, problems);
+        config::override_from_env(env, ENV_CONNECT_TIMEOUT, &mut self.connect_timeout, problems);
+        config::override_from_env(env, ENV_DNS_TTL_FLOOR, &mut self.dns_ttl_floor, problems);
+        config::override_from_env(env, ENV_DNS_TTL_CEILING, &mut self.dns_ttl_ceiling, problems);
+        // Set but empty counts as unset, as a blank line in a compose file writes it.
+        if let Some(path) = env(ENV_AUTH_TOKEN_FILE).filter(|p| !p.trim().is_empty()) {
+            self.auth_token_file = Some(PathBuf::from(path.trim()));
+        }
+        // Read here, never through `override_from_env`: its errors quote the value.
+        if let Some(token) = env(ENV_AUTH_TOKEN).filter(|t| !t.trim().is_empty()) {
+            self.auth_token = Some(Secret(token));
+        }
+    }
+}
+
 impl Config {
     /// Loads defaults → `--config` file → `FLOTILLA_*` → flags, and validates it all.
     ///
@@ -414,20 +449,7 @@ impl Config {
         let mut listeners = Listeners { listen: raw.listen, admin_listen: raw.admin_listen };
         listeners.resolve(env, flags, &mut problems);
         (raw.listen, raw.admin_listen) = (listeners.listen, listeners.admin_listen);
-        config::override_from_env(env, ENV_MAX_REQUEST_BYTES, &mut raw.max_request_bytes, &mut problems);
-        config::override_from_env(env, ENV_REFRESH_INTERVAL, &mut raw.refresh_interval, &mut problems);
-        config::override_from_env(env, ENV_SHUTDOWN_GRACE, &mut raw.shutdown_grace, &mut problems);
-        config::override_from_env(env, ENV_CONNECT_TIMEOUT, &mut raw.connect_timeout, &mut problems);
-        config::override_from_env(env, ENV_DNS_TTL_FLOOR, &mut raw.dns_ttl_floor, &mut problems);
-        config::override_from_env(env, ENV_DNS_TTL_CEILING, &mut raw.dns_ttl_ceiling, &mut problems);
-        // Set but empty counts as unset, as a blank line in a compose file writes it.
-        if let Some(path) = env(ENV_AUTH_TOKEN_FILE).filter(|p| !p.trim().is_empty()) {
-            raw.auth_token_file = Some(PathBuf::from(path.trim()));
-        }
-        // Read here, never through `override_from_env`: its errors quote the value.
-        if let Some(token) = env(ENV_AUTH_TOKEN).filter(|t| !t.trim().is_empty()) {
-            raw.auth_token = Some(Secret(token));
-        }
+        raw.settings_from_env(env, &mut problems);
         tls::override_from_env(env, &mut raw.tls_cert_file, &mut raw.tls_key_file);
         if let Some(list) = env(ENV_PLUGINS) {
             match plugins_from_env(&list) {
@@ -598,7 +620,29 @@ mod tests {
         assert_eq!(problems.len(), 3, "{problems:#?}");
         assert!(problems[0].starts_with("plugins[0].discovery"), "{problems:#?}");
         assert!(problems.iter().any(|p| p.contains("already the name of plugins[0]")));
-        assert!(problems.iter().any(|p| p.contains("\"zero\" is not an integer")));
+        assert!(problems.iter().any(|p| p.contains("\"zero\" is not a whole number")), "{problems:#?}");
+    }
+
+    #[test]
+    fn pins_are_a_name_and_a_version_from_0_up() {
+        for (text, name, version) in [("echo", "echo", 0), ("echo:0", "echo", 0), ("sensor:12", "sensor", 12)]
+        {
+            let c = parse_category(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!((c.name.as_str(), c.version), (name, version), "{text}");
+        }
+        for (text, why) in [
+            ("echo:0:1", "the version \"0:1\""),
+            ("echo:-3", "the version \"-3\""),
+            ("echo:", "the version \"\""),
+            ("echo: 1", "the version \" 1\""),
+            ("echo:99999999999", "the version \"99999999999\""),
+            (":1", "the task type name is empty"),
+            (" echo:0", "holds ' '"),
+            ("my task", "holds ' '"),
+        ] {
+            let e = parse_category(text).map(|c| format!("{c:?}")).unwrap_err();
+            assert!(e.contains(why), "{text:?}: {e}");
+        }
     }
 
     #[test]

@@ -81,11 +81,7 @@ impl ServiceConfig {
         let mut listeners = Listeners { listen: c.listen, admin_listen: c.admin_listen };
         listeners.resolve(env, flags, &mut problems);
         (c.listen, c.admin_listen) = (listeners.listen, listeners.admin_listen);
-        config::override_from_env(env, ENV_MAX_REQUEST_BYTES, &mut c.max_request_bytes, &mut problems);
-        config::override_from_env(env, ENV_SHUTDOWN_GRACE, &mut c.shutdown_grace, &mut problems);
-        if c.max_request_bytes < 1024 {
-            problems.push(format!("max_request_bytes: {} is below the minimum of 1024", c.max_request_bytes));
-        }
+        c.settings_from_env(env, &mut problems);
         tls::override_from_env(env, &mut c.tls_cert_file, &mut c.tls_key_file);
         match tls::from_config(c.tls_cert_file.as_deref(), c.tls_key_file.as_deref()) {
             Ok(loaded) => c.tls = loaded,
@@ -99,6 +95,18 @@ impl ServiceConfig {
                 .as_ref()
                 .map_or_else(|| "defaults and environment".to_owned(), |p| p.display().to_string());
             Err(ConfigError { source_name, problems })
+        }
+    }
+
+    /// Applies `FLOTILLA_MAX_REQUEST_BYTES` and `FLOTILLA_SHUTDOWN_GRACE` and
+    /// checks the request limit; a bad value becomes a problem naming the
+    /// variable. `flotilla up`, which makes its own listeners, takes these too.
+    pub fn settings_from_env(&mut self, env: Env<'_>, problems: &mut Vec<String>) {
+        config::override_from_env(env, ENV_MAX_REQUEST_BYTES, &mut self.max_request_bytes, problems);
+        config::override_from_env(env, ENV_SHUTDOWN_GRACE, &mut self.shutdown_grace, problems);
+        if self.max_request_bytes < 1024 {
+            problems
+                .push(format!("max_request_bytes: {} is below the minimum of 1024", self.max_request_bytes));
         }
     }
 
