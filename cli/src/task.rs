@@ -194,9 +194,13 @@ fn call_error(what: &str, s: &tonic::Status, timeout: f64, sync: bool) -> anyhow
          --tls-ca; if it does not, leave them out)"
             .to_owned()
     } else if transport {
-        " (the connection to the gateway failed: is --gateway its gRPC port, not its admin port? if the \
-         gateway serves TLS, pass --tls or --tls-ca; if it does not, leave them out)"
-            .to_owned()
+        // What failed, from the client's own error chain (tonic's message is only "transport error").
+        let cause = std::error::Error::source(s).map(flotilla_telemetry::error_chain).unwrap_or_default();
+        let cause = if cause.is_empty() { cause } else { format!(": {cause}") };
+        format!(
+            "{cause} (the connection to the gateway failed: was it stopped? is --gateway its gRPC port, not its \
+             admin port? if the gateway serves TLS, pass --tls or --tls-ca; if it does not, leave them out)"
+        )
     } else if s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large") {
         format!(" (the CLI reads answers of at most {} MiB)", MAX_ANSWER_BYTES >> 20)
     } else {
@@ -319,7 +323,8 @@ fn handle(category: &admin::TaskCategory, meta: &[u8]) -> String {
 /// large inputs has a handle too long for a command line.
 fn handle_arg(arg: &str) -> anyhow::Result<String> {
     if arg != "-" {
-        return Ok(arg.to_owned());
+        // `flotilla get "$(flotilla create task.yaml)"` passes create's whole line.
+        return Ok(arg.trim().strip_prefix("created ").unwrap_or(arg).trim().to_owned());
     }
     let text = std::io::read_to_string(std::io::stdin()).context("reading the handle from standard input")?;
     let text = text.trim();

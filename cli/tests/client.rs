@@ -98,6 +98,11 @@ async fn the_cli_sends_its_token_and_a_refusal_is_explained() {
     let got = flotilla([vec!["get".into(), handle.clone()], gw()].concat(), env()).await;
     assert!(got.status.success(), "{}", text(&got.stderr));
     assert!(text(&got.stdout).contains("42"), "{}", text(&got.stdout));
+    // create's whole line, as `flotilla get "$(flotilla create ...)"` passes it, works too.
+    let line = text(&created.stdout).trim().to_owned();
+    assert!(line.starts_with("created "), "{line}");
+    let got = flotilla([vec!["get".into(), line], gw()].concat(), env()).await;
+    assert!(got.status.success(), "{}", text(&got.stderr));
     let deleted = flotilla([vec!["delete".into(), handle], gw()].concat(), env()).await;
     assert!(deleted.status.success(), "{}", text(&deleted.stderr));
 

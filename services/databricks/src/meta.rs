@@ -52,6 +52,18 @@ impl Meta {
             return Err("resource_meta is empty".to_owned());
         }
         let meta: Self = serde_json::from_slice(bytes).map_err(|e| {
+            // Valid JSON of the wrong shape: name the field (serde's own message may quote a value).
+            if let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice::<serde_json::Value>(bytes) {
+                match (fields.get("databricks_instance"), fields.get("run_id")) {
+                    (None, _) => return "resource_meta has no databricks_instance: not a Databricks run's".into(),
+                    (_, None) => return "resource_meta has no run_id: not a Databricks run's".into(),
+                    (Some(v), _) if !v.is_string() => return "resource_meta.databricks_instance is not a string".into(),
+                    (_, Some(v)) if !v.is_string() && !v.is_u64() => {
+                        return "resource_meta.run_id is neither a string nor a whole number".into();
+                    }
+                    _ => {}
+                }
+            }
             format!(
                 "resource_meta is not a Databricks run's (expected JSON with string fields databricks_instance \
                  and run_id): {:?} error at line {} column {}",
@@ -105,7 +117,11 @@ mod tests {
             (b"{", "not a Databricks run's"),
             (br#"{"databricks_instance":"h","run_id":"dapi-secret"}"#, "not a decimal"),
             (br#"{"databricks_instance":"","run_id":"1"}"#, "databricks_instance is empty"),
-            (br#"{"databricks_instance":"dapi-secret","run_id":true}"#, "not a Databricks run's"),
+            (br#"{"databricks_instance":"dapi-secret","run_id":true}"#, "run_id is neither a string nor"),
+            (br#"{}"#, "has no databricks_instance"),
+            (br#"{"databricks_instance":"h"}"#, "has no run_id"),
+            (br#"{"databricks_instance":7,"run_id":"1"}"#, "databricks_instance is not a string"),
+            (br#"[1]"#, "not a Databricks run's"),
         ] {
             let e = Meta::decode(bytes).unwrap_err();
             assert!(e.contains(want), "{e}");
