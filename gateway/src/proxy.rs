@@ -193,7 +193,8 @@ impl Proxy {
         };
         // Counted down when the call ends, however it ends (a client reset drops this future).
         let _in_flight = InFlight::enter(&self.metrics.in_flight);
-        let mut pending = Pending { proxy: self, method, call, backend: None, settled: false };
+        let mut pending =
+            Pending { proxy: self, method, call, backend: None, deadline: None, settled: false };
         let result = self.forward(method, parts, body, &mut pending).await;
         pending.settled = true;
         match result {
@@ -275,6 +276,7 @@ impl Proxy {
             (None, Some(t)) => (Some(t), "the route timeout"),
             (None, None) => (None, ""),
         };
+        pending.deadline = deadline;
         let expired = |d: Duration| {
             Status::deadline_exceeded(format!(
                 "{which} of {} passed before plugin {:?} answered",
@@ -383,26 +385,46 @@ impl Proxy {
 
 /// A call on its way: if its future is dropped before [`Proxy::handle`] has
 /// an outcome (the caller reset the stream, or its connection closed), the
-/// call is counted and logged as CANCELLED, what the caller's side reports,
-/// under the plugin it was routed to (`none` before routing). Calls that got
-/// an answer are counted where the answer's status passes (see [`Observed`]).
+/// call is counted and logged with what the caller's side reports, under the
+/// plugin it was routed to (`none` before routing): DEADLINE_EXCEEDED when
+/// its deadline had (all but) passed, as a caller resets the stream when its
+/// own deadline passes, else CANCELLED. Calls that got an answer are counted
+/// where the answer's status passes (see [`Observed`]).
 struct Pending<'a> {
     proxy: &'a Proxy,
     method: Method,
     call: CallLog,
     /// The plugin's index once the call is routed.
     backend: Option<usize>,
+    /// The call's deadline (the caller's, or the route's when shorter), once known.
+    deadline: Option<Duration>,
     /// Set once the call has an outcome, which is counted elsewhere.
     settled: bool,
 }
 
+/// A call given up within this much of its deadline was given up because of
+/// it: the caller's timer and the gateway's start about this far apart.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
+
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        if !self.settled {
-            let metrics = self.backend.map_or(&self.proxy.unrouted, |i| &self.proxy.by_plugin[i]);
-            let message =
-                "the caller went away before the answer: it reset the stream or closed the connection";
-            metrics.record(self.method, tonic::Code::Cancelled as i32, &self.call, message);
+        if self.settled {
+            return;
+        }
+        let metrics = self.backend.map_or(&self.proxy.unrouted, |i| &self.proxy.by_plugin[i]);
+        match self.deadline {
+            Some(d) if self.call.started.elapsed() + DEADLINE_MARGIN >= d => {
+                let message = format!(
+                    "the deadline of {} passed before the plugin answered; the caller reset the stream",
+                    flotilla_telemetry::config::HumanDuration(d)
+                );
+                metrics.record(self.method, tonic::Code::DeadlineExceeded as i32, &self.call, &message);
+            }
+            _ => {
+                let message =
+                    "the caller went away before the answer: it reset the stream or closed the connection";
+                metrics.record(self.method, tonic::Code::Cancelled as i32, &self.call, message);
+            }
         }
     }
 }

@@ -326,11 +326,12 @@ async fn a_call_the_caller_gives_up_on_is_logged_cancelled_on_both_sides_and_cou
         );
         assert!(line["fields"]["error"].as_str().is_some_and(|e| e.contains("went away")), "{who}: {line}");
     }
+    for (who, logs) in [("gateway", &gateway), ("echo", &echo)] {
+        let line = logs.call_line(who, "it-cancelled-1", "ExecuteTaskSync").await;
+        assert_eq!(line["fields"]["task_type"], "echo_sync", "{who}: {line}");
+    }
     let line = gateway.call_line("gateway", "it-cancelled-1", "ExecuteTaskSync").await;
-    assert_eq!(
-        (&line["fields"]["plugin"], &line["fields"]["task_type"]),
-        (&"echo".into(), &"echo_sync".into())
-    );
+    assert_eq!(line["fields"]["plugin"], "echo", "{line}");
     let (_, metrics) = flotilla_testkit::http_get(admin, "/metrics").await;
     assert!(
         metrics.lines().any(|l| l.starts_with("flotilla_gateway_requests_total{")
@@ -340,4 +341,18 @@ async fn a_call_the_caller_gives_up_on_is_logged_cancelled_on_both_sides_and_cou
             && l.ends_with(" 1")),
         "{metrics}"
     );
+
+    // A call whose deadline passes is ended by both, and both log it so.
+    let messages =
+        sync_messages(echo_template("echo_sync", &[("duration_ms", Kind::NumberValue(60_000.0))]), inputs(6));
+    let mut request = tonic::Request::new(tokio_stream::iter(messages));
+    request.metadata_mut().insert("x-request-id", "it-deadline-1".parse().expect("ASCII"));
+    request.set_timeout(Duration::from_millis(300));
+    let mut client = SyncAgentServiceClient::new(flotilla_testkit::channel(addr));
+    let late = client.execute_task_sync(request).await.expect_err("the deadline passes first");
+    assert!(matches!(late.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled), "{late:?}");
+    for (who, logs) in [("gateway", &gateway), ("echo", &echo)] {
+        let line = logs.call_line(who, "it-deadline-1", "ExecuteTaskSync").await;
+        assert_eq!(line["fields"]["code"], "DEADLINE_EXCEEDED", "{who}: {line}");
+    }
 }

@@ -87,9 +87,8 @@ pub async fn unary<M, R, F, Fut>(
 {
     let (parts, recv) = request.into_parts();
     let deadline = deadline(&parts.headers);
-    let caller = Caller::of(&parts);
-    let started = caller.started;
     let work = async move {
+        let started = std::time::Instant::now();
         let metadata = MetadataMap::from_headers(parts.headers);
         let read = h2serve::read_request(RecvBody::new(recv), limit).await;
         let message = match read.and_then(|body| decode_next::<M>(&body).map(|(message, _)| message)) {
@@ -109,7 +108,7 @@ pub async fn unary<M, R, F, Fut>(
         };
         call(tonic::Request::from_parts(metadata, parts.extensions, message)).await
     };
-    answer(respond, deadline, work, caller).await;
+    answer(respond, deadline, work).await;
 }
 
 /// ExecuteTaskSync: the header and inputs messages (each held to `limit`),
@@ -127,7 +126,6 @@ async fn execute_sync<P: Plugin>(
 ) {
     let (parts, recv) = request.into_parts();
     let deadline = deadline(&parts.headers);
-    let caller = Caller::of(&parts);
     // Boxed: the plugin's future is inside it, and the layers below would
     // otherwise copy all of it (kilobytes) each time they move it.
     let work = Box::pin(async move {
@@ -136,33 +134,7 @@ async fn execute_sync<P: Plugin>(
         let metadata = MetadataMap::from_headers(parts.headers);
         services.execute_sync(&metadata, messages).await.map(tonic::Response::new)
     });
-    answer(respond, deadline, work, caller).await;
-}
-
-/// Who made a call, for the log line of one the caller cancels.
-struct Caller {
-    request_id: Option<HeaderValue>,
-    uri: http::Uri,
-    started: std::time::Instant,
-}
-
-impl Caller {
-    fn of(parts: &http::request::Parts) -> Self {
-        let request_id = parts.headers.get(&header::REQUEST_ID).cloned();
-        Self { request_id, uri: parts.uri.clone(), started: std::time::Instant::now() }
-    }
-
-    /// Logs the call as cancelled: the caller reset its stream (or closed its
-    /// connection) before the answer. Not counted in the agent metrics, as
-    /// upstream's server does not count it either.
-    fn cancelled(&self) {
-        let method = self.uri.path().rsplit('/').next().unwrap_or("");
-        let request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok());
-        let status = Status::cancelled(
-            "the caller went away before the answer: it reset the stream or closed the connection",
-        );
-        crate::service::log_call(request_id, method, None, Some(&status), self.started);
-    }
+    answer(respond, deadline, work).await;
 }
 
 /// The caller's deadline, from `grpc-timeout`.
@@ -173,12 +145,8 @@ fn deadline(headers: &http::HeaderMap) -> Option<std::time::Duration> {
 /// Runs `work` under `deadline` (DEADLINE_EXCEEDED when it passes) and writes
 /// its outcome: the answer as one message and `grpc-status: 0`, an error as a
 /// trailers-only response. A client reset drops the work.
-async fn answer<R, W>(
-    mut respond: SendResponse<Bytes>,
-    deadline: Option<std::time::Duration>,
-    work: W,
-    caller: Caller,
-) where
+async fn answer<R, W>(mut respond: SendResponse<Bytes>, deadline: Option<std::time::Duration>, work: W)
+where
     R: prost::Message,
     W: Future<Output = Result<tonic::Response<R>, Status>>,
 {
@@ -194,7 +162,7 @@ async fn answer<R, W>(
         }
     };
     match h2serve::until_reset(&mut respond, work).await {
-        None => caller.cancelled(),
+        None => {} // the client went away
         Some(Ok(response)) => send_message(respond, response),
         Some(Err(status)) => h2serve::respond_status(respond, &status),
     }

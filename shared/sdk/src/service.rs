@@ -142,7 +142,10 @@ impl<P: Plugin> Services<P> {
         let result = match self.table.resolve(&category, want_sync) {
             Ok(_) => {
                 let call = call_for(category.clone(), metadata, started);
-                f(call).await.map_err(Status::from)
+                let unfinished = Unfinished { metadata, method, category: &category, started };
+                let result = f(call).await.map_err(Status::from);
+                std::mem::forget(unfinished); // finished: logged below
+                result
             }
             Err(status) => Err(status),
         };
@@ -152,6 +155,39 @@ impl<P: Plugin> Services<P> {
         }
         log_call(request_id(metadata), method, Some(&category), result.as_ref().err(), started);
         result
+    }
+}
+
+/// A plugin call on its way. Dropped before it finishes, the call was given
+/// up: by the caller (it reset the stream or closed the connection), or by
+/// the server when the caller's deadline passed. Either way it is logged, as
+/// a finished call is, with the code the caller saw; not counted in the
+/// `flyte_agent_*` metrics, as upstream's server does not count it either.
+/// It holds only references: nothing is copied per call.
+struct Unfinished<'a> {
+    metadata: &'a MetadataMap,
+    method: &'static str,
+    category: &'a Category,
+    started: Instant,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        let deadline = self.metadata.get(&*GRPC_TIMEOUT_KEY).and_then(|v| parse_grpc_timeout(v.as_bytes()));
+        // The deadline's timer started when the request arrived, a little before `started`
+        // (after the body was read), and a caller whose deadline passes resets the stream at
+        // the same moment: ended within this margin of the deadline is ended by it.
+        const MARGIN: std::time::Duration = std::time::Duration::from_millis(20);
+        let status = match deadline {
+            Some(d) if self.started.elapsed() + MARGIN >= d => Status::deadline_exceeded(format!(
+                "the caller's deadline of {} passed",
+                flotilla_telemetry::config::HumanDuration(d)
+            )),
+            _ => Status::cancelled(
+                "the caller went away before the answer: it reset the stream or closed the connection",
+            ),
+        };
+        log_call(request_id(self.metadata), self.method, Some(self.category), Some(&status), self.started);
     }
 }
 
