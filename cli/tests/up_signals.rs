@@ -67,11 +67,12 @@ impl Drop for Reaper {
     }
 }
 
-#[test]
-fn a_second_ctrl_c_stops_up_at_once_while_a_call_is_in_flight() {
+/// `flotilla up` on free loopback ports with `envs` set, and its stdout and stderr lines.
+fn start_up(envs: &[(&str, &str)]) -> (Reaper, mpsc::Receiver<String>, mpsc::Receiver<String>) {
     let up = Command::new(env!("CARGO_BIN_EXE_flotilla"))
         .args(["up", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .env_remove("RUST_LOG")
+        .envs(envs.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -79,6 +80,24 @@ fn a_second_ctrl_c_stops_up_at_once_while_a_call_is_in_flight() {
     let mut reaper = Reaper(vec![up]);
     let out = lines(reaper.0[0].stdout.take().unwrap());
     let err = lines(reaper.0[0].stderr.take().unwrap());
+    (reaper, out, err)
+}
+
+/// How `child` exited, waited for within `bound`; `what` names the failure.
+fn exit_status(child: &mut Child, bound: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + bound;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_second_ctrl_c_stops_up_at_once_while_a_call_is_in_flight() {
+    let (mut reaper, out, err) = start_up(&[]);
     let banner = wait_for_line(&out, "gateway", Duration::from_secs(30));
     let addr = |key: &str| -> SocketAddr {
         let field = banner.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap();
@@ -113,32 +132,16 @@ fn a_second_ctrl_c_stops_up_at_once_while_a_call_is_in_flight() {
     assert!(reaper.0[0].try_wait().unwrap().is_none(), "up exited before its in-flight call ended");
     // ...until a second Ctrl-C.
     interrupt(&reaper.0[0]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = reaper.0[0].try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "up kept running after a second Ctrl-C");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status =
+        exit_status(&mut reaper.0[0], Duration::from_secs(10), "up kept running after a second Ctrl-C");
     assert_eq!(status.code(), Some(130), "{status}");
     wait_for_line(&err, "second stop signal", Duration::from_secs(5));
 }
 
 #[test]
 fn up_takes_the_gateways_token_and_grace_from_the_environment() {
-    let up = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .args(["up", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .env_remove("RUST_LOG")
-        .env("FLOTILLA_AUTH_TOKEN", "up-test-token-42")
-        .env("FLOTILLA_SHUTDOWN_GRACE", "7s")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut reaper = Reaper(vec![up]);
-    let out = lines(reaper.0[0].stdout.take().unwrap());
-    let err = lines(reaper.0[0].stderr.take().unwrap());
+    let (mut reaper, out, err) =
+        start_up(&[("FLOTILLA_AUTH_TOKEN", "up-test-token-42"), ("FLOTILLA_SHUTDOWN_GRACE", "7s")]);
     let banner = wait_for_line(&out, "gateway", Duration::from_secs(30));
     let grpc = banner.split_whitespace().find_map(|w| w.strip_prefix("grpc=")).unwrap().to_owned();
     let ready = wait_for_line(&out, "flotilla is up", Duration::from_secs(30));
@@ -164,13 +167,10 @@ fn up_takes_the_gateways_token_and_grace_from_the_environment() {
     interrupt(&reaper.0[0]);
     let said = wait_for_line(&err, "stopping", Duration::from_secs(10));
     assert!(said.contains("up to 7s"), "{said}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = reaper.0[0].try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "up kept running after Ctrl-C with nothing in flight");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_status(
+        &mut reaper.0[0],
+        Duration::from_secs(20),
+        "up kept running after Ctrl-C with nothing in flight",
+    );
     assert_eq!(status.code(), Some(0), "{status}");
 }

@@ -92,6 +92,17 @@ impl Logged {
     }
 }
 
+/// `flotilla-echo` and a `flotilla-gateway` in front of it, both logging JSON at debug.
+async fn echo_behind_a_gateway() -> (Logged, Logged) {
+    let echo = Logged::spawn(&echo_binary(), &[]);
+    let echo_addr = echo.grpc_addr().await;
+    let gateway = Logged::spawn(
+        Path::new(env!("CARGO_BIN_EXE_flotilla-gateway")),
+        &[("FLOTILLA_PLUGINS", format!("echo=static://{echo_addr}"))],
+    );
+    (echo, gateway)
+}
+
 fn with_id<T>(message: T, id: &str) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
     req.metadata_mut().insert("x-request-id", id.parse().expect("an ASCII id"));
@@ -100,12 +111,7 @@ fn with_id<T>(message: T, id: &str) -> tonic::Request<T> {
 
 #[tokio::test]
 async fn one_request_id_is_logged_by_the_gateway_and_the_service() {
-    let echo = Logged::spawn(&echo_binary(), &[]);
-    let echo_addr = echo.grpc_addr().await;
-    let gateway = Logged::spawn(
-        Path::new(env!("CARGO_BIN_EXE_flotilla-gateway")),
-        &[("FLOTILLA_PLUGINS", format!("echo=static://{echo_addr}"))],
-    );
+    let (echo, gateway) = echo_behind_a_gateway().await;
     let addr = gateway.grpc_addr().await;
     let mut client = AsyncAgentServiceClient::new(flotilla_testkit::channel(addr));
 
@@ -156,7 +162,7 @@ async fn one_request_id_is_logged_by_the_gateway_and_the_service() {
 
     // A call refused before any plugin code runs (not protobuf) is logged too.
     let garbage = flotilla_testkit::raw_call_with(
-        echo_addr,
+        echo.grpc_addr().await,
         flotilla_proto::paths::CREATE_TASK,
         &[("x-request-id", "it-garbage-1")],
         flotilla_testkit::frame(b"\xff\xff\xff\xff\x0f"),
@@ -244,12 +250,7 @@ async fn a_one_thread_gateway_finishes_the_call_in_flight_on_sigterm() {
     use flotilla_proto::service::sync_agent_service_client::SyncAgentServiceClient;
     use prost_types::value::Kind;
 
-    let echo = Logged::spawn(&echo_binary(), &[]);
-    let echo_addr = echo.grpc_addr().await;
-    let mut gateway = Logged::spawn(
-        Path::new(env!("CARGO_BIN_EXE_flotilla-gateway")),
-        &[("FLOTILLA_PLUGINS", format!("echo=static://{echo_addr}"))],
-    );
+    let (_echo, mut gateway) = echo_behind_a_gateway().await;
     let (addr, admin) = (gateway.grpc_addr().await, gateway.admin_addr().await);
     let messages =
         sync_messages(echo_template("echo_sync", &[("duration_ms", Kind::NumberValue(2500.0))]), inputs(4));
@@ -297,12 +298,7 @@ async fn a_call_the_caller_gives_up_on_is_logged_cancelled_on_both_sides_and_cou
     use flotilla_proto::service::sync_agent_service_client::SyncAgentServiceClient;
     use prost_types::value::Kind;
 
-    let echo = Logged::spawn(&echo_binary(), &[]);
-    let echo_addr = echo.grpc_addr().await;
-    let gateway = Logged::spawn(
-        Path::new(env!("CARGO_BIN_EXE_flotilla-gateway")),
-        &[("FLOTILLA_PLUGINS", format!("echo=static://{echo_addr}"))],
-    );
+    let (echo, gateway) = echo_behind_a_gateway().await;
     let (addr, admin) = (gateway.grpc_addr().await, gateway.admin_addr().await);
     let messages =
         sync_messages(echo_template("echo_sync", &[("duration_ms", Kind::NumberValue(60_000.0))]), inputs(5));
