@@ -18,8 +18,7 @@ use clap::{Parser, Subcommand};
     propagate_version = true,
     after_help = "Exit status: 0 done; 1 an error (gateway unreachable, call refused, bad task file); \
 2 a bad command line; 3 the task ended FAILED, ABORTED or RETRYABLE_FAILED; 64 (up) an invalid \
-configuration; 130 or 143 (up) stopped by a second Ctrl-C or SIGTERM before in-flight calls finished; 130 \
-(create --wait) interrupted by Ctrl-C."
+configuration; 130 or 143 (up) stopped by a second Ctrl-C or SIGTERM before in-flight calls finished."
 )]
 struct Cli {
     #[command(subcommand)]

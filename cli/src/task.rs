@@ -194,9 +194,18 @@ fn call_error(what: &str, s: &tonic::Status, timeout: f64, sync: bool) -> anyhow
          --tls-ca; if it does not, leave them out)"
             .to_owned()
     } else if transport {
-        // What failed, from the client's own error chain (tonic's message is only "transport error").
-        let cause = std::error::Error::source(s).map(flotilla_telemetry::error_chain).unwrap_or_default();
-        let cause = if cause.is_empty() { cause } else { format!(": {cause}") };
+        // What failed, from the client's own error chain, less what the message says already
+        // (for a refused connection, tonic's message and its sources repeat one another).
+        let mut parts: Vec<String> = Vec::new();
+        let mut source = std::error::Error::source(s);
+        while let Some(e) = source {
+            let text = e.to_string();
+            if !s.message().contains(&text) && !parts.iter().any(|p| p.contains(&text)) {
+                parts.push(text);
+            }
+            source = e.source();
+        }
+        let cause = parts.iter().map(|p| format!(": {p}")).collect::<String>();
         format!(
             "{cause} (the connection to the gateway failed: was it stopped? is --gateway its gRPC port, not its \
              admin port? if the gateway serves TLS, pass --tls or --tls-ca; if it does not, leave them out)"

@@ -285,3 +285,49 @@ async fn json_output_is_one_document_a_script_can_read() {
     assert_eq!(json(&again)["message"], "no luck");
     shutdown.trigger();
 }
+
+#[tokio::test]
+async fn a_connection_reset_mid_call_is_named_with_its_cause() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    // A "gateway" that takes the connection (an empty SETTINGS frame), reads the whole call (to
+    // the frame that ends its stream), then resets the connection instead of answering.
+    let listener = bind_loopback().await;
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let _ = socket.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+            let mut preface = [0; 24];
+            if socket.read_exact(&mut preface).await.is_err() {
+                continue;
+            }
+            loop {
+                let mut head = [0; 9];
+                if socket.read_exact(&mut head).await.is_err() {
+                    break;
+                }
+                let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+                let mut payload = vec![0; len];
+                if socket.read_exact(&mut payload).await.is_err() {
+                    break;
+                }
+                // HEADERS or DATA with END_STREAM: the call is all in.
+                if head[3] <= 1 && head[4] & 1 == 1 {
+                    break;
+                }
+            }
+            let _ = socket.set_zero_linger();
+            drop(socket);
+        }
+    });
+    let out = flotilla(vec!["agents".into(), "--gateway".into(), addr.to_string()], vec![]).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // The cause (a reset, or a broken pipe if the reset came while the call was still being
+    // written), once, then the hint.
+    let cause = stderr
+        .split_once("transport error: connection error: ")
+        .and_then(|(_, rest)| rest.split_once(" (the connection to the gateway failed: was it stopped?"))
+        .map(|(cause, _)| cause.to_owned());
+    let cause = cause.unwrap_or_else(|| panic!("no cause and hint in {stderr}"));
+    assert!(!cause.is_empty() && stderr.matches(cause.as_str()).count() == 1, "{stderr}");
+}

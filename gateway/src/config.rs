@@ -373,13 +373,19 @@ fn parse_nameserver(text: &str) -> Result<SocketAddr, String> {
 /// colons or white space, and a version from 0 up.
 fn parse_category(text: &str) -> Result<Category, String> {
     let (name, version) = match text.split_once(':') {
+        Some((_, v)) if v.contains(':') => {
+            return Err(format!("{text:?}: more than one ':' (NAME:VERSION; task type names have no ':')"));
+        }
         Some((n, v)) => {
-            // Digits only: no sign, no second colon, no spaces.
-            let version =
-                Some(v).filter(|v| v.bytes().all(|b| b.is_ascii_digit())).and_then(|v| v.parse().ok());
-            let version = version.ok_or_else(|| {
-                format!("{text:?}: the version {v:?} is not a whole number from 0 up (NAME:VERSION)")
-            })?;
+            // Digits only: no sign, no spaces.
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!(
+                    "{text:?}: the version {v:?} is not a whole number from 0 up (NAME:VERSION)"
+                ));
+            }
+            let version = v
+                .parse()
+                .map_err(|_| format!("{text:?}: the version {v} is more than the largest, {}", i32::MAX))?;
             (n, version)
         }
         None => (text, 0),
@@ -470,8 +476,10 @@ impl Config {
     /// Every problem found.
     pub fn validate(raw: GatewayConfig, mut problems: Vec<String>) -> Result<Self, Vec<String>> {
         if raw.max_request_bytes < 1024 {
-            problems
-                .push(format!("max_request_bytes: {} is below the minimum of 1024", raw.max_request_bytes));
+            problems.push(format!(
+                "max_request_bytes ({ENV_MAX_REQUEST_BYTES}): {} is below the minimum of 1024",
+                raw.max_request_bytes
+            ));
         }
         if raw.refresh_interval.0 < Duration::from_millis(100) {
             problems
@@ -631,11 +639,11 @@ mod tests {
             assert_eq!((c.name.as_str(), c.version), (name, version), "{text}");
         }
         for (text, why) in [
-            ("echo:0:1", "the version \"0:1\""),
+            ("echo:0:1", "more than one ':'"),
             ("echo:-3", "the version \"-3\""),
             ("echo:", "the version \"\""),
             ("echo: 1", "the version \" 1\""),
-            ("echo:99999999999", "the version \"99999999999\""),
+            ("echo:99999999999", "99999999999 is more than the largest, 2147483647"),
             (":1", "the task type name is empty"),
             (" echo:0", "holds ' '"),
             ("my task", "holds ' '"),

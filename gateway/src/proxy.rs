@@ -193,8 +193,10 @@ impl Proxy {
         };
         // Counted down when the call ends, however it ends (a client reset drops this future).
         let _in_flight = InFlight::enter(&self.metrics.in_flight);
-        let mut pending =
-            Pending { proxy: self, method, call, backend: None, deadline: None, settled: false };
+        // The caller's deadline, until routing caps it with the plugin's timeout.
+        let deadline =
+            parts.headers.get(&header::GRPC_TIMEOUT).and_then(|v| parse_grpc_timeout(v.as_bytes()));
+        let mut pending = Pending { proxy: self, method, call, backend: None, deadline, settled: false };
         let result = self.forward(method, parts, body, &mut pending).await;
         pending.settled = true;
         match result {
@@ -269,7 +271,7 @@ impl Proxy {
         let plugin = &backend.plugin.name;
 
         // The deadline: the caller's, capped by the plugin's timeout for this method.
-        let caller = parts.headers.get(&header::GRPC_TIMEOUT).and_then(|v| parse_grpc_timeout(v.as_bytes()));
+        let caller = pending.deadline;
         let (deadline, which) = match (caller, backend.plugin.timeout_for(method.name())) {
             (Some(c), Some(t)) if t < c => (Some(t), "the route timeout"),
             (Some(c), _) => (Some(c), "the caller's deadline"),
@@ -356,7 +358,7 @@ impl Proxy {
                 continue;
             }
             let response = result.map_err(|e| (Some(index), unreachable_status(&backend.plugin, &e)))?;
-            return Ok(self.observe(response, index, method, call));
+            return Ok(self.observe(response, index, method, call, deadline));
         }
     }
 
@@ -368,13 +370,14 @@ impl Proxy {
         index: usize,
         method: Method,
         call: &mut CallLog,
+        deadline: Option<Duration>,
     ) -> Response<Body> {
         let call = CallLog {
             request_id: call.request_id.clone(),
             task_type: std::mem::take(&mut call.task_type),
             started: call.started,
         };
-        let observation = Observation { metrics: self.by_plugin[index].clone(), method, call };
+        let observation = Observation { metrics: self.by_plugin[index].clone(), method, call, deadline };
         if let Some(code) = response.headers().get(&header::GRPC_STATUS) {
             observation.record(code.as_bytes(), response.headers().get(&header::GRPC_MESSAGE));
             return response;
@@ -385,10 +388,8 @@ impl Proxy {
 
 /// A call on its way: if its future is dropped before [`Proxy::handle`] has
 /// an outcome (the caller reset the stream, or its connection closed), the
-/// call is counted and logged with what the caller's side reports, under the
-/// plugin it was routed to (`none` before routing): DEADLINE_EXCEEDED when
-/// its deadline had (all but) passed, as a caller resets the stream when its
-/// own deadline passes, else CANCELLED. Calls that got an answer are counted
+/// call is counted and logged as [`unanswered`] says, under the plugin it was
+/// routed to (`none` before routing). Calls that got an answer are counted
 /// where the answer's status passes (see [`Observed`]).
 struct Pending<'a> {
     proxy: &'a Proxy,
@@ -402,30 +403,40 @@ struct Pending<'a> {
     settled: bool,
 }
 
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        // A panic is reported by the panic hook (and its stream reset), not here.
+        if !self.settled && !std::thread::panicking() {
+            let metrics = self.backend.map_or(&self.proxy.unrouted, |i| &self.proxy.by_plugin[i]);
+            let (code, message) = unanswered(self.deadline, self.call.started);
+            metrics.record(self.method, code as i32, &self.call, &message);
+        }
+    }
+}
+
 /// A call given up within this much of its deadline was given up because of
 /// it: the caller's timer and the gateway's start about this far apart.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
 
-impl Drop for Pending<'_> {
-    fn drop(&mut self) {
-        if self.settled {
-            return;
-        }
-        let metrics = self.backend.map_or(&self.proxy.unrouted, |i| &self.proxy.by_plugin[i]);
-        match self.deadline {
-            Some(d) if self.call.started.elapsed() + DEADLINE_MARGIN >= d => {
-                let message = format!(
-                    "the deadline of {} passed before the plugin answered; the caller reset the stream",
-                    flotilla_telemetry::config::HumanDuration(d)
-                );
-                metrics.record(self.method, tonic::Code::DeadlineExceeded as i32, &self.call, &message);
-            }
-            _ => {
-                let message =
-                    "the caller went away before the answer: it reset the stream or closed the connection";
-                metrics.record(self.method, tonic::Code::Cancelled as i32, &self.call, message);
-            }
-        }
+/// The code and message a call that ended without its status is counted
+/// with: what its caller sees. DEADLINE_EXCEEDED when its deadline had (all
+/// but) passed, as a caller resets the stream when its own deadline passes;
+/// else CANCELLED.
+fn unanswered(deadline: Option<Duration>, started: Instant) -> (tonic::Code, String) {
+    match deadline {
+        Some(d) if started.elapsed() + DEADLINE_MARGIN >= d => (
+            tonic::Code::DeadlineExceeded,
+            format!(
+                "the deadline of {} passed before the answer was complete",
+                flotilla_telemetry::config::HumanDuration(d)
+            ),
+        ),
+        _ => (
+            tonic::Code::Cancelled,
+            "no answer: the caller reset the stream or closed the connection first (or the gateway stopped \
+             before the plugin answered)"
+                .to_owned(),
+        ),
     }
 }
 
@@ -565,6 +576,7 @@ struct Observation {
     metrics: Arc<PluginMetrics>,
     method: Method,
     call: CallLog,
+    deadline: Option<Duration>,
 }
 
 impl Observation {
@@ -589,8 +601,10 @@ pin_project_lite::pin_project! {
 
     impl PinnedDrop for Observed {
         fn drop(this: Pin<&mut Self>) {
+            // The caller went away before the end of the answer.
             if let Some(o) = this.project().observation.take() {
-                o.record(b"1", None); // the caller went away before the end: CANCELLED
+                let (code, message) = unanswered(o.deadline, o.call.started);
+                o.metrics.record(o.method, code as i32, &o.call, &message);
             }
         }
     }

@@ -105,8 +105,10 @@ impl ServiceConfig {
         config::override_from_env(env, ENV_MAX_REQUEST_BYTES, &mut self.max_request_bytes, problems);
         config::override_from_env(env, ENV_SHUTDOWN_GRACE, &mut self.shutdown_grace, problems);
         if self.max_request_bytes < 1024 {
-            problems
-                .push(format!("max_request_bytes: {} is below the minimum of 1024", self.max_request_bytes));
+            problems.push(format!(
+                "max_request_bytes ({ENV_MAX_REQUEST_BYTES}): {} is below the minimum of 1024",
+                self.max_request_bytes
+            ));
         }
     }
 

@@ -159,11 +159,16 @@ impl<P: Plugin> Services<P> {
 }
 
 /// A plugin call on its way. Dropped before it finishes, the call was given
-/// up: by the caller (it reset the stream or closed the connection), or by
-/// the server when the caller's deadline passed. Either way it is logged, as
-/// a finished call is, with the code the caller saw; not counted in the
-/// `flyte_agent_*` metrics, as upstream's server does not count it either.
-/// It holds only references: nothing is copied per call.
+/// up: by the caller (it reset the stream or closed the connection), by the
+/// server when the caller's deadline passed, or by a stop whose grace ran
+/// out. It is logged, as a finished call is, with the code the caller saw;
+/// not counted in the `flyte_agent_*` metrics, as upstream's server does not
+/// count it either. It holds only references: nothing is copied per call.
+///
+/// The deadline's timer started when the request arrived, before its body was
+/// read and before `started`: a body that took longer than the margin below
+/// to arrive makes a call the deadline ended read as CANCELLED here (the
+/// caller still gets DEADLINE_EXCEEDED).
 struct Unfinished<'a> {
     metadata: &'a MetadataMap,
     method: &'static str,
@@ -173,10 +178,12 @@ struct Unfinished<'a> {
 
 impl Drop for Unfinished<'_> {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            return; // reported by the panic hook (and its stream reset)
+        }
         let deadline = self.metadata.get(&*GRPC_TIMEOUT_KEY).and_then(|v| parse_grpc_timeout(v.as_bytes()));
-        // The deadline's timer started when the request arrived, a little before `started`
-        // (after the body was read), and a caller whose deadline passes resets the stream at
-        // the same moment: ended within this margin of the deadline is ended by it.
+        // A caller whose deadline passes resets the stream at about the moment the server's
+        // timer fires: ended within this margin of the deadline is ended by it.
         const MARGIN: std::time::Duration = std::time::Duration::from_millis(20);
         let status = match deadline {
             Some(d) if self.started.elapsed() + MARGIN >= d => Status::deadline_exceeded(format!(
@@ -184,7 +191,8 @@ impl Drop for Unfinished<'_> {
                 flotilla_telemetry::config::HumanDuration(d)
             )),
             _ => Status::cancelled(
-                "the caller went away before the answer: it reset the stream or closed the connection",
+                "no answer: the caller reset the stream or closed the connection first (or the server stopped \
+                 before the plugin answered)",
             ),
         };
         log_call(request_id(self.metadata), self.method, Some(self.category), Some(&status), self.started);
