@@ -82,14 +82,16 @@ fn print_json(value: &serde_json::Value) {
     );
 }
 
-/// A connection to the gateway whose calls carry the `--token`, when one is given.
-type Conn = InterceptedService<Channel, Bearer>;
+/// A connection to the gateway whose calls carry the `--token`, when one is
+/// given, and `--timeout` as their deadline.
+type Conn = InterceptedService<Channel, CallMetadata>;
 
 async fn channel(target: &Target) -> anyhow::Result<Conn> {
     let timeout = call_timeout(target)?;
-    let bearer = match target.token.as_deref().map(str::trim) {
+    // Set but empty counts as unset, as the gateway reads FLOTILLA_AUTH_TOKEN.
+    let bearer = match target.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
         Some(token) => {
-            let usable = !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic());
+            let usable = token.bytes().all(|b| b.is_ascii_graphic());
             let value =
                 usable.then(|| format!("Bearer {token}").parse::<MetadataValue<Ascii>>().ok()).flatten();
             // Never added to HPACK's table.
@@ -98,7 +100,7 @@ async fn channel(target: &Target) -> anyhow::Result<Conn> {
                 v
             });
             Some(value.context(
-                "--token (or FLOTILLA_TOKEN) must be a non-empty token of visible ASCII characters, without spaces",
+                "--token (or FLOTILLA_TOKEN) must be a token of visible ASCII characters, without spaces",
             )?)
         }
         None => None,
@@ -119,7 +121,7 @@ async fn channel(target: &Target) -> anyhow::Result<Conn> {
         };
         format!("cannot reach the gateway at {} ({hint})", target.gateway)
     })?;
-    Ok(InterceptedService::new(channel, Bearer(bearer)))
+    Ok(InterceptedService::new(channel, CallMetadata { bearer, timeout }))
 }
 
 /// TLS for the gateway: its certificate verified against `--tls-ca`, else the
@@ -142,15 +144,22 @@ fn tls_config(target: &Target) -> anyhow::Result<ClientTlsConfig> {
     Ok(config.domain_name(name))
 }
 
-/// Adds `authorization: Bearer <token>` to every call, when there is a token.
+/// Adds `authorization: Bearer <token>` to every call, when there is a token,
+/// and `grpc-timeout` (the channel's own timeout is the client's alone): the
+/// gateway and the plugin then know the deadline, stop work the CLI no longer
+/// waits for, and count it as DEADLINE_EXCEEDED, not as a cancelled call.
 #[derive(Clone)]
-struct Bearer(Option<MetadataValue<Ascii>>);
+struct CallMetadata {
+    bearer: Option<MetadataValue<Ascii>>,
+    timeout: Duration,
+}
 
-impl Interceptor for Bearer {
+impl Interceptor for CallMetadata {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
+        if let Some(value) = &self.bearer {
             request.metadata_mut().insert("authorization", value.clone());
         }
+        request.set_timeout(self.timeout);
         Ok(request)
     }
 }
@@ -179,8 +188,10 @@ fn call_error(what: &str, s: &tonic::Status, timeout: f64, sync: bool) -> anyhow
     // failure does, but for the connection dropped mid-call (hyper's canceled
     // request, CANCELLED with hyper's words).
     let dropped = s.code() == tonic::Code::Cancelled && s.message() == "operation was canceled";
-    let timed_out =
-        s.code() == tonic::Code::Cancelled && s.message() == tonic::TimeoutExpired(()).to_string();
+    // The client's own timer, or the gateway's (or plugin's) for the deadline the call carried.
+    let timed_out = (s.code() == tonic::Code::Cancelled
+        && s.message() == tonic::TimeoutExpired(()).to_string())
+        || (s.code() == tonic::Code::DeadlineExceeded && s.message().starts_with("the caller's deadline"));
     let transport = dropped || std::error::Error::source(s).is_some();
     let hint = if timed_out && sync {
         format!(
@@ -210,6 +221,8 @@ fn call_error(what: &str, s: &tonic::Status, timeout: f64, sync: bool) -> anyhow
             "{cause} (the connection to the gateway failed: was it stopped? is --gateway its gRPC port, not its \
              admin port? if the gateway serves TLS, pass --tls or --tls-ca; if it does not, leave them out)"
         )
+    } else if s.code() == tonic::Code::Unauthenticated {
+        " (pass one of the gateway's tokens with --token or FLOTILLA_TOKEN)".to_owned()
     } else if s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large") {
         format!(" (the CLI reads answers of at most {} MiB)", MAX_ANSWER_BYTES >> 20)
     } else {
@@ -563,5 +576,19 @@ mod tests {
         let h = handle(&c, b"{\"x\":12}");
         assert!(h.ends_with('='), "{h}");
         assert_eq!(parse_handle(h.trim_end_matches('=')).unwrap().1, b"{\"x\":12}".to_vec());
+    }
+
+    #[test]
+    fn every_call_carries_the_timeout_as_its_deadline_and_the_token() {
+        let mut metadata = CallMetadata {
+            bearer: Some("Bearer t0ken".parse().unwrap()),
+            timeout: std::time::Duration::from_millis(2500),
+        };
+        let request = tonic::service::Interceptor::call(&mut metadata, tonic::Request::new(())).unwrap();
+        let timeout = request.metadata().get("grpc-timeout").expect("a grpc-timeout");
+        let micros =
+            flotilla_sdk::wire::parse_grpc_timeout(timeout.as_bytes()).expect("a valid grpc-timeout");
+        assert_eq!(micros, std::time::Duration::from_millis(2500));
+        assert_eq!(request.metadata().get("authorization").unwrap(), "Bearer t0ken");
     }
 }

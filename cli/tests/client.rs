@@ -71,6 +71,7 @@ async fn the_cli_sends_its_token_and_a_refusal_is_explained() {
     assert!(!refused.status.success());
     let stderr = text(&refused.stderr);
     assert!(stderr.contains("Unauthenticated") && stderr.contains("authorization: Bearer"), "{stderr}");
+    assert!(stderr.contains("--token or FLOTILLA_TOKEN"), "{stderr}");
 
     let listed =
         flotilla([vec!["agents".to_owned()], gw(), vec!["--token".into(), TOKEN.into()]].concat(), vec![])

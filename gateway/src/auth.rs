@@ -52,22 +52,29 @@ impl Auth {
     pub fn load(file: Option<&Path>, env_token: Option<&str>) -> Result<Option<Self>, String> {
         let mut accepted = Vec::new();
         if let Some(file) = file {
-            let text = std::fs::read_to_string(file)
-                .map_err(|e| format!("auth_token_file: cannot read {}: {e}", file.display()))?;
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                format!("auth_token_file (FLOTILLA_AUTH_TOKEN_FILE): cannot read {}: {e}", file.display())
+            })?;
             let mut found = false;
             for (n, line) in text.lines().enumerate() {
                 let token = line.trim();
                 if token.is_empty() || token.starts_with('#') {
                     continue;
                 }
-                accepted.push(
-                    bearer(token)
-                        .map_err(|e| format!("auth_token_file: {} line {}: {e}", file.display(), n + 1))?,
-                );
+                accepted.push(bearer(token).map_err(|e| {
+                    format!(
+                        "auth_token_file (FLOTILLA_AUTH_TOKEN_FILE): {} line {}: {e}",
+                        file.display(),
+                        n + 1
+                    )
+                })?);
                 found = true;
             }
             if !found {
-                return Err(format!("auth_token_file: {} holds no token", file.display()));
+                return Err(format!(
+                    "auth_token_file (FLOTILLA_AUTH_TOKEN_FILE): {} holds no token",
+                    file.display()
+                ));
             }
         }
         if let Some(token) = env_token {

@@ -482,20 +482,25 @@ impl Config {
             ));
         }
         if raw.refresh_interval.0 < Duration::from_millis(100) {
-            problems
-                .push(format!("refresh_interval: {} is below the minimum of 100ms", raw.refresh_interval));
+            problems.push(format!(
+                "refresh_interval ({ENV_REFRESH_INTERVAL}): {} is below the minimum of 100ms",
+                raw.refresh_interval
+            ));
         }
         if raw.dns_ttl_floor.0 > raw.dns_ttl_ceiling.0 {
             problems.push(format!(
-                "dns_ttl_floor: {} is more than dns_ttl_ceiling ({})",
+                "dns_ttl_floor ({ENV_DNS_TTL_FLOOR}): {} is more than dns_ttl_ceiling ({ENV_DNS_TTL_CEILING}: {})",
                 raw.dns_ttl_floor, raw.dns_ttl_ceiling
             ));
         }
         if raw.dns_ttl_floor.0 < Duration::from_millis(100) {
-            problems.push(format!("dns_ttl_floor: {} is below the minimum of 100ms", raw.dns_ttl_floor));
+            problems.push(format!(
+                "dns_ttl_floor ({ENV_DNS_TTL_FLOOR}): {} is below the minimum of 100ms",
+                raw.dns_ttl_floor
+            ));
         }
         if raw.connect_timeout.0.is_zero() {
-            problems.push("connect_timeout: must be more than zero".to_owned());
+            problems.push(format!("connect_timeout ({ENV_CONNECT_TIMEOUT}): must be more than zero"));
         }
         let auth = Auth::load(raw.auth_token_file.as_deref(), raw.auth_token.as_ref().map(|t| t.0.as_str()))
             .map_err(|e| problems.push(e))
@@ -559,11 +564,15 @@ impl Config {
             for c in &p.categories {
                 match parse_category(c) {
                     Ok(c) => {
-                        if let Some(other) = pinned.insert(c.clone(), p.name.clone()) {
-                            problems.push(format!(
+                        match pinned.insert(c.clone(), p.name.clone()) {
+                            Some(other) if other == p.name => {
+                                problems.push(format!("plugins[{i}].categories: {c} is listed twice"));
+                            }
+                            Some(other) => problems.push(format!(
                                 "plugins[{i}].categories: {c} is pinned to both {other:?} and {:?}",
                                 p.name
-                            ));
+                            )),
+                            None => {}
                         }
                         pins.push(c);
                     }

@@ -273,9 +273,9 @@ impl Proxy {
         // The deadline: the caller's, capped by the plugin's timeout for this method.
         let caller = pending.deadline;
         let (deadline, which) = match (caller, backend.plugin.timeout_for(method.name())) {
-            (Some(c), Some(t)) if t < c => (Some(t), "the route timeout"),
+            (Some(c), Some(t)) if t < c => (Some(t), "the timeout the gateway sets for this plugin"),
             (Some(c), _) => (Some(c), "the caller's deadline"),
-            (None, Some(t)) => (Some(t), "the route timeout"),
+            (None, Some(t)) => (Some(t), "the timeout the gateway sets for this plugin"),
             (None, None) => (None, ""),
         };
         pending.deadline = deadline;

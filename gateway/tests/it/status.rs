@@ -125,6 +125,12 @@ async fn the_route_timeout_caps_a_slow_call_with_deadline_exceeded() {
     let err = gw.sync_client().execute_task_sync(tokio_stream::iter([header])).await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
     assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    // Whose deadline it was: the plugin's timeout in the gateway's configuration, not the caller's.
+    assert!(
+        err.message().contains("the timeout the gateway sets for this plugin of 200ms"),
+        "{}",
+        err.message()
+    );
 }
 
 /// A plugin whose `create` never finishes, and says when its call is dropped.
