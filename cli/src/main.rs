@@ -88,7 +88,8 @@ struct Target {
     /// Service's, say) or an IP address ([::1]:8000 for IPv6).
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8000", env = "FLOTILLA_GATEWAY", value_parser = parse_gateway)]
     gateway: String,
-    /// Give up on each call after this many seconds (2.5 and 2.5s alike).
+    /// Give up on each call after this many seconds (2.5 and 2.5s alike); sent
+    /// as the call's deadline, so the gateway and the plugin stop too.
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds, allow_negative_numbers = true)]
     timeout: f64,
     /// Bearer token for a gateway that requires one (its `auth_token_file`);
