@@ -388,7 +388,7 @@ impl Proxy {
 
 /// A call on its way: if its future is dropped before [`Proxy::handle`] has
 /// an outcome (the caller reset the stream, or its connection closed), the
-/// call is counted and logged as [`unanswered`] says, under the plugin it was
+/// call is counted and logged as [`flotilla_sdk::wire::unanswered`] says, under the plugin it was
 /// routed to (`none` before routing). Calls that got an answer are counted
 /// where the answer's status passes (see [`Observed`]).
 struct Pending<'a> {
@@ -408,35 +408,9 @@ impl Drop for Pending<'_> {
         // A panic is reported by the panic hook (and its stream reset), not here.
         if !self.settled && !std::thread::panicking() {
             let metrics = self.backend.map_or(&self.proxy.unrouted, |i| &self.proxy.by_plugin[i]);
-            let (code, message) = unanswered(self.deadline, self.call.started);
-            metrics.record(self.method, code as i32, &self.call, &message);
+            let status = flotilla_sdk::wire::unanswered(self.deadline, self.call.started);
+            metrics.record(self.method, status.code() as i32, &self.call, status.message());
         }
-    }
-}
-
-/// A call given up within this much of its deadline was given up because of
-/// it: the caller's timer and the gateway's start about this far apart.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
-
-/// The code and message a call that ended without its status is counted
-/// with: what its caller sees. DEADLINE_EXCEEDED when its deadline had (all
-/// but) passed, as a caller resets the stream when its own deadline passes;
-/// else CANCELLED.
-fn unanswered(deadline: Option<Duration>, started: Instant) -> (tonic::Code, String) {
-    match deadline {
-        Some(d) if started.elapsed() + DEADLINE_MARGIN >= d => (
-            tonic::Code::DeadlineExceeded,
-            format!(
-                "the deadline of {} passed before the answer was complete",
-                flotilla_telemetry::config::HumanDuration(d)
-            ),
-        ),
-        _ => (
-            tonic::Code::Cancelled,
-            "no answer: the caller reset the stream or closed the connection first (or the gateway stopped \
-             before the plugin answered)"
-                .to_owned(),
-        ),
     }
 }
 
@@ -603,8 +577,8 @@ pin_project_lite::pin_project! {
         fn drop(this: Pin<&mut Self>) {
             // The caller went away before the end of the answer.
             if let Some(o) = this.project().observation.take() {
-                let (code, message) = unanswered(o.deadline, o.call.started);
-                o.metrics.record(o.method, code as i32, &o.call, &message);
+                let status = flotilla_sdk::wire::unanswered(o.deadline, o.call.started);
+                o.metrics.record(o.method, status.code() as i32, &o.call, status.message());
             }
         }
     }

@@ -166,9 +166,9 @@ impl<P: Plugin> Services<P> {
 /// count it either. It holds only references: nothing is copied per call.
 ///
 /// The deadline's timer started when the request arrived, before its body was
-/// read and before `started`: a body that took longer than the margin below
-/// to arrive makes a call the deadline ended read as CANCELLED here (the
-/// caller still gets DEADLINE_EXCEEDED).
+/// read and before `started`: a body that took longer than
+/// [`crate::wire::DEADLINE_MARGIN`] to arrive makes a call the deadline ended
+/// read as CANCELLED here (the caller still gets DEADLINE_EXCEEDED).
 struct Unfinished<'a> {
     metadata: &'a MetadataMap,
     method: &'static str,
@@ -182,19 +182,7 @@ impl Drop for Unfinished<'_> {
             return; // reported by the panic hook (and its stream reset)
         }
         let deadline = self.metadata.get(&*GRPC_TIMEOUT_KEY).and_then(|v| parse_grpc_timeout(v.as_bytes()));
-        // A caller whose deadline passes resets the stream at about the moment the server's
-        // timer fires: ended within this margin of the deadline is ended by it.
-        const MARGIN: std::time::Duration = std::time::Duration::from_millis(20);
-        let status = match deadline {
-            Some(d) if self.started.elapsed() + MARGIN >= d => Status::deadline_exceeded(format!(
-                "the caller's deadline of {} passed",
-                flotilla_telemetry::config::HumanDuration(d)
-            )),
-            _ => Status::cancelled(
-                "no answer: the caller reset the stream or closed the connection first (or the server stopped \
-                 before the plugin answered)",
-            ),
-        };
+        let status = crate::wire::unanswered(deadline, self.started);
         log_call(request_id(self.metadata), self.method, Some(self.category), Some(&status), self.started);
     }
 }

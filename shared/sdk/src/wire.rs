@@ -147,6 +147,29 @@ where
     }
 }
 
+/// A call given up within this much of its deadline was given up because of
+/// it: a caller resets the stream when its own deadline passes, at about the
+/// moment the server's timer for the same deadline fires.
+pub const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
+
+/// What a call that ended without an answer ended with, as its caller sees
+/// it, for its log line (and the gateway's count): DEADLINE_EXCEEDED when its
+/// `deadline`, counted from `started`, had (all but) passed; else CANCELLED,
+/// the caller having reset the stream or closed the connection (or the server
+/// having stopped when its grace ran out).
+pub fn unanswered(deadline: Option<Duration>, started: std::time::Instant) -> Status {
+    match deadline {
+        Some(d) if started.elapsed() + DEADLINE_MARGIN >= d => Status::deadline_exceeded(format!(
+            "the deadline of {} passed before the answer",
+            flotilla_telemetry::config::HumanDuration(d)
+        )),
+        _ => Status::cancelled(
+            "no answer: the caller reset the stream or closed the connection first (or the server stopped before \
+             the plugin answered)",
+        ),
+    }
+}
+
 /// Parses a `grpc-timeout` header value (`"3S"`, `"250m"`, `"100000u"`).
 /// Returns `None` for a malformed value; callers then treat the call as having no deadline.
 pub fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
