@@ -79,8 +79,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         trigger.trigger();
     });
 
-    // Plugin services first, so the gateway learns their routes on its first poll. The cloud
-    // services read their settings and credentials from the environment (FLOTILLA_<PLUGIN>_*,
+    // The cloud services read their settings and credentials from the environment (FLOTILLA_<PLUGIN>_*,
     // GOOGLE_APPLICATION_CREDENTIALS, ...); without credentials they still serve and say so at create.
     let tls =
         match flotilla_sdk::tls::from_config(args.tls_cert_file.as_deref(), args.tls_key_file.as_deref()) {
@@ -100,12 +99,10 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         Err(e) => return invalid("snowflake", &e),
     };
     let options = config.serve_options();
-    let services = vec![
-        start("echo", flotilla_echo::Echo::default(), &options, &shutdown).await?,
-        start("bigquery", bigquery, &options, &shutdown).await?,
-        start("databricks", databricks, &options, &shutdown).await?,
-        start("snowflake", snowflake, &options, &shutdown).await?,
-    ];
+    // Every listener is bound before the gateway's configuration is checked, and nothing is served
+    // before it passes.
+    let (echo, bigquery_at, databricks_at, snowflake_at) =
+        (bind("echo").await?, bind("bigquery").await?, bind("databricks").await?, bind("snowflake").await?);
     let (grpc, admin) =
         flotilla_sdk::bind_pair(args.listen, args.admin_listen).await.map_err(anyhow::Error::msg)?;
     let gateway_addr = grpc.local_addr()?;
@@ -113,11 +110,11 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let raw = GatewayConfig {
         listen: gateway_addr,
         admin_listen: gateway_admin_addr,
-        plugins: services
+        plugins: [&echo, &bigquery_at, &databricks_at, &snowflake_at]
             .iter()
             .map(|s| PluginConfig {
                 name: s.name.to_owned(),
-                discovery: format!("static://{}", s.grpc),
+                discovery: format!("static://{}", s.grpc_addr),
                 nameserver: None,
                 timeout: None,
                 timeouts: Default::default(),
@@ -131,6 +128,13 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         // An unreadable FLOTILLA_AUTH_TOKEN_FILE, say.
         Err(problems) => return invalid("gateway", &problems.join("; ")),
     };
+    // The plugin services first, so the gateway learns their routes on its first poll.
+    let services = vec![
+        echo.serve(flotilla_echo::Echo::default(), &options, &shutdown),
+        bigquery_at.serve(bigquery, &options, &shutdown),
+        databricks_at.serve(databricks, &options, &shutdown),
+        snowflake_at.serve(snowflake, &options, &shutdown),
+    ];
     // Loaded above, before anything started.
     config.tls = tls;
     let over = match (config.tls.is_some(), config.auth.is_some()) {
@@ -173,15 +177,32 @@ struct Service {
     task: tokio::task::JoinHandle<Result<(), flotilla_sdk::ServeError>>,
 }
 
-async fn start<P: flotilla_sdk::Plugin>(
+/// A built-in plugin service's listeners, bound on loopback (free ports) but not served yet.
+struct Bound {
     name: &'static str,
-    plugin: P,
-    options: &ServeOptions,
-    shutdown: &Shutdown,
-) -> anyhow::Result<Service> {
+    grpc: tokio::net::TcpListener,
+    admin: tokio::net::TcpListener,
+    grpc_addr: SocketAddr,
+    admin_addr: SocketAddr,
+}
+
+async fn bind(name: &'static str) -> anyhow::Result<Bound> {
     let (grpc, admin) =
         flotilla_sdk::bind_pair(ANY_LOOPBACK, ANY_LOOPBACK).await.map_err(anyhow::Error::msg)?;
     let (grpc_addr, admin_addr) = (grpc.local_addr()?, admin.local_addr()?);
-    let task = tokio::spawn(flotilla_sdk::serve(plugin, grpc, admin, options.clone(), shutdown.clone()));
-    Ok(Service { name, grpc: grpc_addr, admin: admin_addr, task })
+    Ok(Bound { name, grpc, admin, grpc_addr, admin_addr })
+}
+
+impl Bound {
+    /// Serves `plugin` on these listeners until `shutdown`.
+    fn serve<P: flotilla_sdk::Plugin>(
+        self,
+        plugin: P,
+        options: &ServeOptions,
+        shutdown: &Shutdown,
+    ) -> Service {
+        let Bound { name, grpc, admin, grpc_addr, admin_addr } = self;
+        let task = tokio::spawn(flotilla_sdk::serve(plugin, grpc, admin, options.clone(), shutdown.clone()));
+        Service { name, grpc: grpc_addr, admin: admin_addr, task }
+    }
 }

@@ -60,6 +60,12 @@ fn up_refuses_a_bad_gateway_or_service_setting_by_its_variable() {
         ("FLOTILLA_SHUTDOWN_GRACE", "abc", "FLOTILLA_SHUTDOWN_GRACE"),
         ("FLOTILLA_MAX_REQUEST_BYTES", "12", "below the minimum of 1024"),
         ("FLOTILLA_CONNECT_TIMEOUT", "soon", "FLOTILLA_CONNECT_TIMEOUT"),
+        (
+            "FLOTILLA_CONNECT_TIMEOUT",
+            "0s",
+            "connect_timeout (FLOTILLA_CONNECT_TIMEOUT): must be more than zero",
+        ),
+        ("FLOTILLA_AUTH_TOKEN_FILE", "/nonexistent/tokens", "(FLOTILLA_AUTH_TOKEN_FILE): cannot read"),
     ] {
         let (code, err) =
             stderr_of(&["up", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"], &[(name, value)]);
