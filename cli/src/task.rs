@@ -344,22 +344,26 @@ fn handle(category: &admin::TaskCategory, meta: &[u8]) -> String {
 /// The handle argument, or (for `-`) the one on standard input: a task with
 /// large inputs has a handle too long for a command line.
 fn handle_arg(arg: &str) -> anyhow::Result<String> {
-    if arg != "-" {
-        // `flotilla get "$(flotilla create task.yaml)"` passes create's whole line.
-        return Ok(arg.trim().strip_prefix("created ").unwrap_or(arg).trim().to_owned());
-    }
-    let text = std::io::read_to_string(std::io::stdin()).context("reading the handle from standard input")?;
-    let text = text.trim();
-    // What `flotilla create -o json` prints: {"handle": ...}.
-    if text.starts_with('{') {
-        let doc: serde_json::Value = serde_json::from_str(text)
-            .context("standard input starts with `{` but is not a JSON document")?;
-        return doc["handle"]
-            .as_str()
-            .map(str::to_owned)
-            .context("the JSON document on standard input has no \"handle\" string");
-    }
-    // `flotilla create` prints `created <handle>`; either line is taken.
+    let stdin;
+    let text = if arg == "-" {
+        stdin =
+            std::io::read_to_string(std::io::stdin()).context("reading the handle from standard input")?;
+        let text = stdin.trim();
+        // What `flotilla create -o json` prints: {"handle": ...}.
+        if text.starts_with('{') {
+            let doc: serde_json::Value = serde_json::from_str(text)
+                .context("standard input starts with `{` but is not a JSON document")?;
+            return doc["handle"]
+                .as_str()
+                .map(str::to_owned)
+                .context("the JSON document on standard input has no \"handle\" string");
+        }
+        text
+    } else {
+        arg.trim()
+    };
+    // `flotilla create` prints `created <handle>`; the whole line is taken too, on standard
+    // input or as the argument (`flotilla get "$(flotilla create task.yaml)"`).
     Ok(text.strip_prefix("created ").unwrap_or(text).trim().to_owned())
 }
 
