@@ -58,13 +58,16 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let mut problems = Vec::new();
     let mut gateway_settings = GatewayConfig::default();
     gateway_settings.settings_from_env(&flotilla_telemetry::config::process_env, &mut problems);
-    let mut config = flotilla_sdk::ServiceConfig::default();
-    config.settings_from_env(&flotilla_telemetry::config::process_env, &mut problems);
-    problems.sort();
-    problems.dedup(); // the two read FLOTILLA_MAX_REQUEST_BYTES and FLOTILLA_SHUTDOWN_GRACE alike
     if !problems.is_empty() {
         return invalid("environment", &problems.join("; "));
     }
+    // The services read the same two variables as the gateway: read once, used alike (the
+    // gateway's validation below holds the request limit to its minimum for both).
+    let config = flotilla_sdk::ServiceConfig {
+        max_request_bytes: gateway_settings.max_request_bytes,
+        shutdown_grace: gateway_settings.shutdown_grace,
+        ..flotilla_sdk::ServiceConfig::default()
+    };
     let shutdown = Shutdown::new();
     // Ctrl-C and SIGTERM stop the fleet from here on, during start-up too.
     let signalled = flotilla_telemetry::signal();

@@ -100,8 +100,8 @@ impl ServiceConfig {
 
     /// Applies `FLOTILLA_MAX_REQUEST_BYTES` and `FLOTILLA_SHUTDOWN_GRACE` and
     /// checks the request limit; a bad value becomes a problem naming the
-    /// variable. `flotilla up`, which makes its own listeners, takes these too.
-    pub fn settings_from_env(&mut self, env: Env<'_>, problems: &mut Vec<String>) {
+    /// variable.
+    fn settings_from_env(&mut self, env: Env<'_>, problems: &mut Vec<String>) {
         config::override_from_env(env, ENV_MAX_REQUEST_BYTES, &mut self.max_request_bytes, problems);
         config::override_from_env(env, ENV_SHUTDOWN_GRACE, &mut self.shutdown_grace, problems);
         if self.max_request_bytes < 1024 {
