@@ -205,12 +205,26 @@ impl Snowflake {
     }
 }
 
-/// The SQL API request id of a task attempt: a UUID derived from the task execution id and
-/// output prefix, so the same attempt always gets the same one (random when there is none).
-pub fn request_id(metadata: Option<&admin::TaskExecutionMetadata>, output_prefix: &str) -> String {
+/// The longest statement timeout the SQL API takes (`timeout`, in seconds: 7 days).
+const MAX_STATEMENT_TIMEOUT_SECS: i64 = 7 * 24 * 3600;
+
+/// The SQL API request id of a submit: a UUID derived from the task execution id (one per
+/// attempt), the output prefix and the request body, so the same create repeated (by the
+/// gateway, or by propeller after a lost answer) finds the statement it started, while a
+/// different statement under the same attempt starts its own. Random when there is no
+/// execution id.
+pub fn request_id(
+    metadata: Option<&admin::TaskExecutionMetadata>,
+    output_prefix: &str,
+    body: &Value,
+) -> String {
     let seed = metadata.and_then(|m| m.task_execution_id.as_ref()).map(|id| {
-        let mut bytes = id.encode_to_vec();
+        let mut bytes = b"flotilla-snowflake/2\n".to_vec();
+        bytes.extend_from_slice(&id.encode_to_vec());
+        bytes.push(b'\n');
         bytes.extend_from_slice(output_prefix.as_bytes());
+        bytes.push(b'\n');
+        bytes.extend_from_slice(body.to_string().as_bytes());
         bytes
     });
     let hex = match seed {
@@ -303,7 +317,8 @@ pub fn statement_body(
     if let Some(timeout) = template.metadata.as_ref().and_then(|m| m.timeout.as_ref()) {
         let secs = timeout.seconds + i64::from(timeout.nanos > 0);
         if secs > 0 {
-            body["timeout"] = json!(secs);
+            // The API takes at most 7 days; a longer Flyte timeout gets that maximum.
+            body["timeout"] = json!(secs.min(MAX_STATEMENT_TIMEOUT_SECS));
         }
     }
     Ok(body)
@@ -360,7 +375,7 @@ impl Plugin for Snowflake {
         let connection = Connection::from_config(&template.config).map_err(PluginError::InvalidArgument)?;
         let body = statement_body(template, &connection, request.inputs.as_ref())?;
         let token = self.token(&connection)?;
-        let id = request_id(request.task_execution_metadata.as_ref(), &request.output_prefix);
+        let id = request_id(request.task_execution_metadata.as_ref(), &request.output_prefix, &body);
         let mut url = self.url(&connection, "api/v2/statements")?;
         url.query_pairs_mut()
             .append_pair("requestId", &id)

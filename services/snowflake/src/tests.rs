@@ -51,6 +51,20 @@ fn the_body_carries_statement_bindings_and_connection() {
 }
 
 #[test]
+fn a_timeout_beyond_the_apis_seven_days_is_sent_as_that_maximum() {
+    let with_timeout = |seconds: i64| {
+        let mut t = template("SELECT 1");
+        t.metadata = Some(core::TaskMetadata {
+            timeout: Some(prost_types::Duration { seconds, nanos: 0 }),
+            ..Default::default()
+        });
+        statement_body(&t, &connection(None), None).unwrap()["timeout"].clone()
+    };
+    assert_eq!(with_timeout(604_800), json!(604_800));
+    assert_eq!(with_timeout(10 * 86_400), json!(604_800));
+}
+
+#[test]
 fn names_reach_the_sql_api_in_the_case_snowflake_stores_them() {
     for (written, sent) in [
         ("analytics", "ANALYTICS"),
@@ -146,8 +160,8 @@ fn datetimes_durations_and_none_reach_snowflake_as_the_python_connector_renders_
 }
 
 #[test]
-fn request_ids_are_uuids_stable_per_attempt() {
-    let id = |attempt: u32, prefix: &str| {
+fn request_ids_are_uuids_stable_per_attempt_and_statement() {
+    let id = |attempt: u32, prefix: &str, sql: &str| {
         let meta = admin::TaskExecutionMetadata {
             task_execution_id: Some(core::TaskExecutionIdentifier {
                 retry_attempt: attempt,
@@ -155,14 +169,16 @@ fn request_ids_are_uuids_stable_per_attempt() {
             }),
             ..Default::default()
         };
-        request_id(Some(&meta), prefix)
+        request_id(Some(&meta), prefix, &json!({"statement": sql}))
     };
-    let a = id(0, "s3://b/p");
-    assert_eq!(a, id(0, "s3://b/p"));
-    assert_ne!(a, id(1, "s3://b/p"));
-    assert_ne!(a, id(0, "s3://b/q"));
-    let random = request_id(None, "");
-    assert_ne!(random, request_id(None, ""));
+    let a = id(0, "s3://b/p", "SELECT 1");
+    assert_eq!(a, id(0, "s3://b/p", "SELECT 1"));
+    assert_ne!(a, id(1, "s3://b/p", "SELECT 1"));
+    assert_ne!(a, id(0, "s3://b/q", "SELECT 1"));
+    // Another statement under the same attempt is another submit, not a retry of the first.
+    assert_ne!(a, id(0, "s3://b/p", "SELECT 2"));
+    let random = request_id(None, "", &json!({}));
+    assert_ne!(random, request_id(None, "", &json!({})));
     for u in [a, random] {
         let groups: Vec<&str> = u.split('-').collect();
         assert_eq!(groups.iter().map(|g| g.len()).collect::<Vec<_>>(), [8, 4, 4, 4, 12], "{u}");
