@@ -122,62 +122,91 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// Reads the last occurrence of a submessage field (protobuf merges repeats;
-/// for routing, last wins on the scalar fields inside, which is what we read).
-fn find_message<'a>(buf: &'a [u8], message: &'static str, field: u32) -> Result<Option<&'a [u8]>, KeyError> {
+/// Calls `visit` on each occurrence of the submessage `field` of `buf`, in
+/// order, and says whether there was one. A submessage that occurs more than
+/// once is one message to a decoder, the occurrences merged (its scalar
+/// fields: the last one wins), so folding the key fields over every
+/// occurrence reads what the plugin's full decode will.
+fn each_message<'a>(
+    buf: &'a [u8],
+    message: &'static str,
+    field: u32,
+    mut visit: impl FnMut(&'a [u8]) -> Result<(), KeyError>,
+) -> Result<bool, KeyError> {
     let mut fields = Fields::new(buf, message);
-    let mut found = None;
+    let mut seen = false;
     while let Some((n, v)) = fields.next_field()? {
         if n == field {
             match v {
-                Value::Bytes(b) => found = Some(b),
+                Value::Bytes(b) => {
+                    seen = true;
+                    visit(b)?;
+                }
                 _ => return Err(fields.malformed("a message field has the wrong wire type")),
             }
         }
     }
-    Ok(found)
+    Ok(seen)
 }
 
 fn utf8<'a>(b: &'a [u8], message: &'static str) -> Result<&'a str, KeyError> {
     std::str::from_utf8(b).map_err(|_| KeyError::Malformed { message, reason: "a string field is not UTF-8" })
 }
 
-/// `TaskTemplate.type` and `task_type_version`.
-fn template_key<'a>(template: &'a [u8]) -> Result<Key<'a>, KeyError> {
-    const M: &str = "TaskTemplate";
-    let mut fields = Fields::new(template, M);
-    let (mut name, mut version) = ("", 0i32);
-    while let Some((n, v)) = fields.next_field()? {
-        match (n, v) {
-            (2, Value::Bytes(b)) => name = utf8(b, M)?,
-            (7, Value::Varint(x)) => version = x as i32, // int32 is sign-extended to 64 bits on the wire
-            (2 | 7, _) => return Err(fields.malformed("type or task_type_version has the wrong wire type")),
-            _ => {}
+/// `TaskTemplate.type` and `task_type_version`, folded over every occurrence of the template.
+#[derive(Default)]
+struct TemplateKey<'a> {
+    name: &'a str,
+    version: i32,
+}
+
+impl<'a> TemplateKey<'a> {
+    fn merge(&mut self, template: &'a [u8]) -> Result<(), KeyError> {
+        const M: &str = "TaskTemplate";
+        let mut fields = Fields::new(template, M);
+        while let Some((n, v)) = fields.next_field()? {
+            match (n, v) {
+                (2, Value::Bytes(b)) => self.name = utf8(b, M)?,
+                (7, Value::Varint(x)) => self.version = x as i32, // int32 is sign-extended to 64 bits on the wire
+                (2 | 7, _) => return Err(fields.malformed("type or task_type_version has the wrong wire type")),
+                _ => {}
+            }
         }
+        Ok(())
     }
-    if name.is_empty() {
-        return Err(KeyError::Missing("template.type is required"));
+
+    fn finish(self) -> Result<Key<'a>, KeyError> {
+        if self.name.is_empty() {
+            return Err(KeyError::Missing("template.type is required"));
+        }
+        Ok(Key { name: self.name, version: self.version })
     }
-    Ok(Key { name, version })
 }
 
 /// The key of a CreateTaskRequest.
 pub fn create_key(body: &[u8]) -> Result<Key<'_>, KeyError> {
-    match find_message(body, "CreateTaskRequest", 2)? {
-        Some(t) => template_key(t),
-        None => Err(KeyError::Missing("template is required")),
+    let mut key = TemplateKey::default();
+    if !each_message(body, "CreateTaskRequest", 2, |t| key.merge(t))? {
+        return Err(KeyError::Missing("template is required"));
     }
+    key.finish()
 }
 
 /// The key of the first (header) ExecuteTaskSyncRequest.
 pub fn execute_sync_key(body: &[u8]) -> Result<Key<'_>, KeyError> {
-    let Some(header) = find_message(body, "ExecuteTaskSyncRequest", 1)? else {
+    let mut key = TemplateKey::default();
+    let mut templates = false;
+    let headers = each_message(body, "ExecuteTaskSyncRequest", 1, |header| {
+        templates |= each_message(header, "CreateRequestHeader", 1, |t| key.merge(t))?;
+        Ok(())
+    })?;
+    if !headers {
         return Err(KeyError::Missing("the first ExecuteTaskSync message must be the header"));
-    };
-    match find_message(header, "CreateRequestHeader", 1)? {
-        Some(t) => template_key(t),
-        None => Err(KeyError::Missing("header.template is required")),
     }
+    if !templates {
+        return Err(KeyError::Missing("header.template is required"));
+    }
+    key.finish()
 }
 
 /// The key of a Get/Delete/GetTaskMetrics/GetTaskLogs request whose
@@ -187,12 +216,25 @@ pub fn category_key<'a>(
     message: &'static str,
     category_field: u32,
 ) -> Result<Key<'a>, KeyError> {
+    const M: &str = "TaskCategory";
     let mut fields = Fields::new(body, message);
-    let (mut task_type, mut category) = ("", None);
+    let mut task_type = "";
+    // `task_category`'s fields, folded over every occurrence as a decoder merges them.
+    let (mut name, mut version) = ("", 0i32);
     while let Some((n, v)) = fields.next_field()? {
         match (n, v) {
             (1, Value::Bytes(b)) => task_type = utf8(b, message)?,
-            (n, Value::Bytes(b)) if n == category_field => category = Some(b),
+            (n, Value::Bytes(category)) if n == category_field => {
+                let mut fields = Fields::new(category, M);
+                while let Some((n, v)) = fields.next_field()? {
+                    match (n, v) {
+                        (1, Value::Bytes(b)) => name = utf8(b, M)?,
+                        (2, Value::Varint(x)) => version = x as i32,
+                        (1 | 2, _) => return Err(fields.malformed("name or version has the wrong wire type")),
+                        _ => {}
+                    }
+                }
+            }
             (1, _) => return Err(fields.malformed("task_type has the wrong wire type")),
             (n, _) if n == category_field => {
                 return Err(fields.malformed("task_category has the wrong wire type"));
@@ -200,21 +242,8 @@ pub fn category_key<'a>(
             _ => {}
         }
     }
-    if let Some(c) = category {
-        const M: &str = "TaskCategory";
-        let mut fields = Fields::new(c, M);
-        let (mut name, mut version) = ("", 0i32);
-        while let Some((n, v)) = fields.next_field()? {
-            match (n, v) {
-                (1, Value::Bytes(b)) => name = utf8(b, M)?,
-                (2, Value::Varint(x)) => version = x as i32,
-                (1 | 2, _) => return Err(fields.malformed("name or version has the wrong wire type")),
-                _ => {}
-            }
-        }
-        if !name.is_empty() {
-            return Ok(Key { name, version });
-        }
+    if !name.is_empty() {
+        return Ok(Key { name, version });
     }
     if task_type.is_empty() {
         return Err(KeyError::Missing("task_category (or the deprecated task_type) is required"));

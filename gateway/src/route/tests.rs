@@ -84,3 +84,42 @@ fn garbage_is_malformed_not_a_panic() {
         assert!(matches!(create_key(garbage), Err(KeyError::Malformed { .. })), "{garbage:?}");
     }
 }
+
+/// Concatenated encodings are one message to a decoder, merged: a repeated
+/// submessage's fields combine, the last of each scalar winning.
+#[test]
+fn a_submessage_sent_in_parts_is_read_merged_as_a_decoder_reads_it() {
+    let first = admin::CreateTaskRequest { template: Some(template("echo", 0)), ..Default::default() };
+    let second = admin::CreateTaskRequest {
+        template: Some(core::TaskTemplate { task_type_version: 2, ..Default::default() }),
+        ..Default::default()
+    };
+    let bytes = [first.encode_to_vec(), second.encode_to_vec()].concat();
+    let decoded = admin::CreateTaskRequest::decode(bytes.as_slice()).unwrap().template.unwrap();
+    assert_eq!((decoded.r#type.as_str(), decoded.task_type_version), ("echo", 2));
+    assert_eq!(create_key(&bytes).unwrap(), Key { name: "echo", version: 2 });
+    // And the last type wins.
+    let third = admin::CreateTaskRequest { template: Some(template("other", 0)), ..Default::default() };
+    let bytes = [bytes, third.encode_to_vec()].concat();
+    assert_eq!(create_key(&bytes).unwrap(), Key { name: "other", version: 2 });
+
+    let header = |t: core::TaskTemplate| admin::ExecuteTaskSyncRequest {
+        part: Some(admin::execute_task_sync_request::Part::Header(admin::CreateRequestHeader {
+            template: Some(t),
+            ..Default::default()
+        })),
+    };
+    let bytes = [
+        header(template("echo_sync", 0)).encode_to_vec(),
+        header(core::TaskTemplate { task_type_version: 4, ..Default::default() }).encode_to_vec(),
+    ]
+    .concat();
+    assert_eq!(execute_sync_key(&bytes).unwrap(), Key { name: "echo_sync", version: 4 });
+
+    let category = |name: &str, version| admin::GetTaskRequest {
+        task_category: Some(admin::TaskCategory { name: name.into(), version }),
+        ..Default::default()
+    };
+    let bytes = [category("echo", 0).encode_to_vec(), category("", 3).encode_to_vec()].concat();
+    assert_eq!(category_key(&bytes, "GetTaskRequest", 3).unwrap(), Key { name: "echo", version: 3 });
+}
