@@ -144,6 +144,12 @@ pub struct Proxy {
     max_request_bytes: usize,
     /// Each method's path as a URI, parsed once (by `Method as usize`).
     uris: Vec<http::Uri>,
+    /// How long each method's request may take to arrive when the caller
+    /// sets no shorter deadline: the longest timeout the gateway sets for it
+    /// over the plugins, or none when a plugin has none (by `Method as usize`).
+    /// Which plugin is called, and so its own timeout, is known only once
+    /// the request is in.
+    arrival_caps: Vec<Option<Duration>>,
 }
 
 impl Proxy {
@@ -152,7 +158,14 @@ impl Proxy {
         let by_plugin = fleet.backends.iter().map(|b| PluginMetrics::new(&metrics, &b.plugin.name)).collect();
         let unrouted = PluginMetrics::new(&metrics, "none");
         let uris = Method::ALL.iter().map(|m| method_uri(*m)).collect();
-        Arc::new(Self { fleet, metrics, by_plugin, unrouted, max_request_bytes, uris })
+        let arrival_caps = Method::ALL
+            .iter()
+            .map(|m| {
+                let mut caps = fleet.backends.iter().map(|b| b.plugin.timeout_for(m.name()));
+                caps.try_fold(Duration::ZERO, |longest, t| t.map(|t| longest.max(t))).filter(|t| !t.is_zero())
+            })
+            .collect();
+        Arc::new(Self { fleet, metrics, by_plugin, unrouted, max_request_bytes, uris, arrival_caps })
     }
 
     /// Answers one forwarded call on its stream. A client that resets the
@@ -222,11 +235,40 @@ impl Proxy {
         // ExecuteTaskSync goes on once its header and inputs are in: the
         // replica gets those two and the end of the stream, like propeller
         // sends them, and anything after is read behind the call.
-        let request = if method == Method::ExecuteTaskSync {
-            h2serve::read_sync_request(body, self.max_request_bytes).await.map_err(none)?
-        } else {
-            h2serve::read_request(body, self.max_request_bytes).await.map_err(none)?
+        let read = async {
+            if method == Method::ExecuteTaskSync {
+                h2serve::read_sync_request(body, self.max_request_bytes).await
+            } else {
+                h2serve::read_request(body, self.max_request_bytes).await
+            }
         };
+        // A request still arriving when the deadline passes ends then, not when
+        // the caller gets round to sending the rest. (A request already in, as
+        // almost every one is, completes on the first poll: no timer is set.)
+        let cap = match (pending.deadline, self.arrival_caps[method as usize]) {
+            (Some(c), Some(t)) if t < c => Some((t, false)),
+            (Some(c), _) => Some((c, true)),
+            (None, Some(t)) => Some((t, false)),
+            (None, None) => None,
+        };
+        let request = match cap {
+            Some((limit, caller)) => match tokio::time::timeout_at((started + limit).into(), read).await {
+                Ok(read) => read.map_err(none)?,
+                Err(_) => {
+                    let which = if caller {
+                        "the caller's deadline".to_owned()
+                    } else {
+                        format!("the timeout the gateway sets for {} calls", method.name())
+                    };
+                    return Err(none(Status::deadline_exceeded(format!(
+                        "{which} of {} passed while the request was still arriving",
+                        flotilla_telemetry::config::HumanDuration(limit)
+                    ))));
+                }
+            },
+            None => read.await.map_err(none)?,
+        };
+        let arrived = started.elapsed();
         if request[0] != 0 {
             return Err(none(Status::unimplemented(
                 "compressed requests are not supported by the gateway; send them uncompressed",
@@ -280,10 +322,14 @@ impl Proxy {
         };
         pending.deadline = deadline;
         let expired = |d: Duration| {
+            let when = if arrived >= d {
+                "while the request was still arriving".to_owned()
+            } else {
+                format!("before plugin {:?} answered", backend.plugin.name)
+            };
             Status::deadline_exceeded(format!(
-                "{which} of {} passed before plugin {:?} answered",
-                flotilla_telemetry::config::HumanDuration(d),
-                backend.plugin.name
+                "{which} of {} passed {when}",
+                flotilla_telemetry::config::HumanDuration(d)
             ))
         };
         let mut headers = parts.headers;

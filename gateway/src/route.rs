@@ -168,7 +168,9 @@ impl<'a> TemplateKey<'a> {
             match (n, v) {
                 (2, Value::Bytes(b)) => self.name = utf8(b, M)?,
                 (7, Value::Varint(x)) => self.version = x as i32, // int32 is sign-extended to 64 bits on the wire
-                (2 | 7, _) => return Err(fields.malformed("type or task_type_version has the wrong wire type")),
+                (2 | 7, _) => {
+                    return Err(fields.malformed("type or task_type_version has the wrong wire type"));
+                }
                 _ => {}
             }
         }

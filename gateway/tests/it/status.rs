@@ -133,6 +133,70 @@ async fn the_route_timeout_caps_a_slow_call_with_deadline_exceeded() {
     );
 }
 
+/// A caller that sends its ExecuteTaskSync header and then nothing: the call
+/// ends when the deadline does, the caller's or the gateway's, not when the
+/// caller gets round to sending the rest.
+#[tokio::test]
+async fn a_request_still_arriving_when_the_deadline_passes_ends_then() {
+    use tokio_stream::StreamExt as _;
+    let echo = spawn_plugin(Echo::default()).await;
+    let header = || admin::ExecuteTaskSyncRequest {
+        part: Some(admin::execute_task_sync_request::Part::Header(admin::CreateRequestHeader {
+            template: Some(echo_template("echo_sync", &[])),
+            ..Default::default()
+        })),
+    };
+    let stalled = || tokio_stream::iter([header()]).chain(tokio_stream::pending());
+
+    // The gateway's timeout for the plugin; the caller sets none.
+    let mut p = plugin("echo", format!("static://{}", echo.addr));
+    p.timeout = Some(flotilla_telemetry::config::HumanDuration(Duration::from_millis(300)));
+    let gw = spawn_gateway(vec![p], |_| {}).await;
+    let started = Instant::now();
+    let err = gw.sync_client().execute_task_sync(stalled()).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(
+        err.message().contains("the timeout the gateway sets for ExecuteTaskSync calls of 300ms passed while the request was still arriving"),
+        "{}",
+        err.message()
+    );
+
+    // The caller's deadline, with no timeout in the gateway's configuration:
+    // a bare HTTP/2 client, which sends `grpc-timeout` but does not enforce it.
+    let gw = spawn_gateway(vec![plugin("echo", format!("static://{}", echo.addr))], |_| {}).await;
+    let socket = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut client, connection) = h2::client::handshake(socket).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post(paths::EXECUTE_TASK_SYNC)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .body(())
+        .unwrap();
+    let (answer, mut stream) = client.send_request(request, false).unwrap();
+    stream.send_data(frame(&prost::Message::encode_to_vec(&header())), false).unwrap();
+    let started = Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(5), answer).await.expect("an answer").unwrap();
+    let status = tonic::Status::from_header_map(answer.headers()).expect("a trailers-only answer");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{}", status.message());
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(
+        status
+            .message()
+            .contains("the caller's deadline of 300ms passed while the request was still arriving"),
+        "{}",
+        status.message()
+    );
+    drop(stream);
+    // Both were counted, as calls answered before a plugin was chosen.
+    let (_, metrics) = flotilla_testkit::http_get(gw.admin, "/metrics").await;
+    assert!(
+        metrics.contains(r#"flotilla_gateway_requests_total{code="DEADLINE_EXCEEDED",method="ExecuteTaskSync",plugin="none"} 1"#),
+        "{metrics}"
+    );
+}
+
 /// A plugin whose `create` never finishes, and says when its call is dropped.
 #[derive(Clone)]
 struct Stuck {
