@@ -7,11 +7,22 @@
 //! - Flyte's Go-template form `{{ .inputs.name }}` (case-insensitive, `.` or `$`), which the
 //!   Flyte docs show and Flyte's older in-core plugin rendered as text.
 //!
-//! A placeholder that fills a whole string literal (`'{{ .inputs.day }}'`) becomes a bare `?`;
-//! one inside a longer literal (`'day_{{ .inputs.n }}'`) splits it into a concatenation
-//! (`'day_' || ? || ''`). Placeholders inside comments are left alone. A list input expands to
-//! one placeholder per element (`IN (%(ids)s)` → `IN (?, ?, ?)`), as the Python connector
-//! renders lists.
+//! The text is read with Snowflake's lexical rules, so that only code and string constants get
+//! placeholders substituted:
+//! - a single-quoted literal `'...'` ends at a `'` that is neither doubled (`''`) nor escaped by a
+//!   backslash (`\'`; a backslash escapes whatever character follows it, which is copied as it is
+//!   and never ends the literal nor starts a placeholder);
+//! - a dollar-quoted constant `$$...$$` has no escapes and ends at the next `$$` (a `$$` right
+//!   after a letter, digit, `_` or `$` is part of an identifier such as `a$$b`, not a quote);
+//! - a double-quoted identifier `"..."` (`""` for a `"` inside) is copied verbatim: no
+//!   placeholders, `%%`, strings or comments in it;
+//! - comments (`--` and `//` to the end of the line, `/* ... */`) are copied verbatim too.
+//!
+//! A placeholder that fills a whole string constant (`'{{ .inputs.day }}'`, `$${{ .inputs.day }}$$`)
+//! becomes a bare `?`; one inside a longer constant (`'day_{{ .inputs.n }}'`) splits it into a
+//! concatenation, closing and reopening with the constant's own delimiter (`'day_' || ? || ''`,
+//! `$$day_$$ || ? || $$$$`). A list input expands to one placeholder per element
+//! (`IN (%(ids)s)` → `IN (?, ?, ?)`), as the Python connector renders lists.
 
 use std::fmt;
 
@@ -89,12 +100,42 @@ impl std::error::Error for PrepareError {}
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Context {
     Code,
-    /// Inside `'...'`; `start` is the byte offset of the output where the literal opened.
+    /// Inside a string constant; `start` is the byte offset of the output where it opened.
     Quoted {
         start: usize,
+        quote: Quote,
     },
+    /// Inside a `"..."` identifier.
+    Identifier,
     LineComment,
     BlockComment,
+}
+
+/// How a string constant is quoted.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Quote {
+    /// `'...'`, with `''` and backslash escapes.
+    Single,
+    /// `$$...$$`, without escapes.
+    Dollar,
+}
+
+impl Quote {
+    /// The text that opens and closes the constant.
+    fn delimiter(self) -> &'static str {
+        match self {
+            Quote::Single => "'",
+            Quote::Dollar => "$$",
+        }
+    }
+
+    /// Whether `s` starts with the end of the constant (for `'`, not an escaped `''`).
+    fn closes(self, s: &str) -> bool {
+        match self {
+            Quote::Single => s.starts_with('\'') && !s.starts_with("''"),
+            Quote::Dollar => s.starts_with("$$"),
+        }
+    }
 }
 
 /// Rewrites `statement`'s placeholders as bindings of `inputs`.
@@ -133,26 +174,44 @@ pub fn prepare(statement: &str, inputs: &[(String, Input)]) -> Result<Prepared, 
                     continue;
                 }
             }
+            Context::Identifier => {
+                if rest.starts_with("\"\"") {
+                    out.push_str("\"\"");
+                    i += 2;
+                    continue;
+                }
+                if bytes[i] == b'"' {
+                    ctx = Context::Code;
+                }
+            }
+            Context::Quoted { quote: Quote::Single, .. } if bytes[i] == b'\\' => {
+                // The backslash and the character it escapes (if any: the text may end here).
+                let len = 1 + rest[1..].chars().next().map_or(0, char::len_utf8);
+                out.push_str(&rest[..len]);
+                i += len;
+                continue;
+            }
             Context::Code | Context::Quoted { .. } => {
                 if let Some((name, len)) = placeholder(rest) {
                     let value = lookup(name)?;
                     let marks = bind(name, value, &mut bindings)?;
                     match ctx {
-                        Context::Quoted { start } => {
-                            let whole = out.len() == start + 1
-                                && rest[len..].starts_with('\'')
-                                && !rest[len..].starts_with("''");
+                        Context::Quoted { start, quote } => {
+                            let delimiter = quote.delimiter();
+                            let whole = out.len() == start + delimiter.len() && quote.closes(&rest[len..]);
                             if whole {
-                                // `'<placeholder>'`: drop the quotes, bind the bare value.
+                                // `'<placeholder>'` or `$$<placeholder>$$`: drop the quotes, bind the bare value.
                                 out.truncate(start);
                                 out.push_str(&marks);
-                                i += len + 1;
+                                i += len + delimiter.len();
                                 ctx = Context::Code;
                                 continue;
                             }
-                            out.push_str("' || ");
+                            out.push_str(delimiter);
+                            out.push_str(" || ");
                             out.push_str(&marks);
-                            out.push_str(" || '");
+                            out.push_str(" || ");
+                            out.push_str(delimiter);
                         }
                         _ => out.push_str(&marks),
                     }
@@ -164,20 +223,34 @@ pub fn prepare(statement: &str, inputs: &[(String, Input)]) -> Result<Prepared, 
                     i += 2;
                     continue;
                 }
-                match (ctx, bytes[i]) {
-                    (Context::Code, b'\'') => ctx = Context::Quoted { start: out.len() },
-                    (Context::Quoted { .. }, b'\'') => {
-                        if rest.starts_with("''") {
+                match ctx {
+                    Context::Quoted { quote, .. } => {
+                        if quote == Quote::Single && rest.starts_with("''") {
                             out.push_str("''");
                             i += 2;
                             continue;
                         }
-                        ctx = Context::Code;
+                        if quote.closes(rest) {
+                            out.push_str(quote.delimiter());
+                            i += quote.delimiter().len();
+                            ctx = Context::Code;
+                            continue;
+                        }
                     }
-                    (Context::Code, _) if rest.starts_with("--") || rest.starts_with("//") => {
+                    _ if bytes[i] == b'\'' => {
+                        ctx = Context::Quoted { start: out.len(), quote: Quote::Single };
+                    }
+                    _ if rest.starts_with("$$") && !ends_in_word(&statement[..i]) => {
+                        ctx = Context::Quoted { start: out.len(), quote: Quote::Dollar };
+                        out.push_str("$$");
+                        i += 2;
+                        continue;
+                    }
+                    _ if bytes[i] == b'"' => ctx = Context::Identifier,
+                    _ if rest.starts_with("--") || rest.starts_with("//") => {
                         ctx = Context::LineComment;
                     }
-                    (Context::Code, _) if rest.starts_with("/*") => {
+                    _ if rest.starts_with("/*") => {
                         out.push_str("/*");
                         i += 2;
                         ctx = Context::BlockComment;
@@ -221,6 +294,12 @@ fn placeholder(s: &str) -> Option<(&str, usize)> {
     let closing = after_name.trim_start();
     consumed += name_len + (after_name.len() - closing.len());
     closing.starts_with("}}").then_some((name, consumed + 2))
+}
+
+/// Whether `s` ends in a character that can continue an unquoted identifier (a letter, digit, `_`
+/// or `$`), so that a `$$` after it belongs to that identifier rather than opening a constant.
+fn ends_in_word(s: &str) -> bool {
+    s.chars().next_back().is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$')
 }
 
 fn is_ident(s: &str) -> bool {

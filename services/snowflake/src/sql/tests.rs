@@ -153,3 +153,93 @@ fn non_ascii_text_survives() {
     let p = prepare("SELECT 'żółw', %(n)s -- ünïcode", &inputs(&[("n", Input::Str("ß".into()))])).unwrap();
     assert_eq!(p.statement, "SELECT 'żółw', ? -- ünïcode");
 }
+
+#[test]
+fn a_backslash_escaped_quote_does_not_end_the_literal() {
+    let p = prepare("SELECT * FROM t WHERE a = 'it\\'s' AND b = %(x)s", &inputs(&[("x", Input::Int(1))]))
+        .unwrap();
+    assert_eq!(p.statement, "SELECT * FROM t WHERE a = 'it\\'s' AND b = ?");
+    assert_eq!(p.bindings, vec![b("FIXED", "1")]);
+}
+
+#[test]
+fn an_escaped_backslash_at_the_end_of_a_literal_closes_it() {
+    let p = prepare("SELECT 'a\\\\' = %(x)s", &inputs(&[("x", Input::Int(1))])).unwrap();
+    assert_eq!(p.statement, "SELECT 'a\\\\' = ?");
+    assert_eq!(p.bindings, vec![b("FIXED", "1")]);
+}
+
+#[test]
+fn a_backslash_escapes_whatever_follows_it() {
+    // Escaped placeholder openers and non-ASCII characters are copied as they are.
+    let sql = "SELECT 'ż\\ż\\%(x)s\\{{ .inputs.x }}\\n', '{{ .inputs.x }}\\''";
+    let p = prepare(sql, &inputs(&[("x", Input::Int(1))])).unwrap();
+    assert_eq!(p.statement, "SELECT 'ż\\ż\\%(x)s\\{{ .inputs.x }}\\n', '' || ? || '\\''");
+    assert_eq!(p.bindings, vec![b("FIXED", "1")]);
+}
+
+#[test]
+fn quoted_identifiers_are_copied_verbatim() {
+    let ins = inputs(&[("s", Input::Str("x".into()))]);
+    for (sql, want) in [
+        ("SELECT \"O'Brien\" FROM t WHERE x = %(s)s", "SELECT \"O'Brien\" FROM t WHERE x = ?"),
+        ("SELECT \"a--b\" FROM t WHERE x = %(s)s", "SELECT \"a--b\" FROM t WHERE x = ?"),
+        ("SELECT \"a//b/*\" FROM t WHERE x = %(s)s", "SELECT \"a//b/*\" FROM t WHERE x = ?"),
+        (
+            "SELECT \"say \"\"%(s)s\"\" {{ .inputs.s }} 100%%\" FROM t WHERE x = %(s)s",
+            "SELECT \"say \"\"%(s)s\"\" {{ .inputs.s }} 100%%\" FROM t WHERE x = ?",
+        ),
+    ] {
+        let p = prepare(sql, &ins).unwrap();
+        assert_eq!(p.statement, want, "{sql}");
+        assert_eq!(p.bindings, vec![b("TEXT", "x")], "{sql}");
+    }
+}
+
+#[test]
+fn a_placeholder_inside_a_dollar_quoted_constant_becomes_a_concatenation() {
+    let p = prepare("SELECT $$it's {{ .inputs.s }}$$", &inputs(&[("s", Input::Str("x".into()))])).unwrap();
+    assert_eq!(p.statement, "SELECT $$it's $$ || ? || $$$$");
+    assert_eq!(p.bindings, vec![b("TEXT", "x")]);
+
+    let p = prepare("SELECT $$a 'b' \\ -- %(n)s 100%% $$, %(n)s", &inputs(&[("n", Input::Int(2))])).unwrap();
+    assert_eq!(p.statement, "SELECT $$a 'b' \\ -- $$ || ? || $$ 100% $$, ?");
+    assert_eq!(p.bindings, vec![b("FIXED", "2"), b("FIXED", "2")]);
+}
+
+#[test]
+fn a_placeholder_filling_a_whole_dollar_quoted_constant_is_bare() {
+    let p =
+        prepare("SELECT $${{ .inputs.s }}$$, $$%(s)s$$ || 'x'", &inputs(&[("s", Input::Str("x".into()))]))
+            .unwrap();
+    assert_eq!(p.statement, "SELECT ?, ? || 'x'");
+    assert_eq!(p.bindings, vec![b("TEXT", "x"), b("TEXT", "x")]);
+}
+
+#[test]
+fn dollars_inside_identifiers_do_not_open_a_constant() {
+    let p =
+        prepare("SELECT a$$b, $1, $$x$$ FROM t WHERE c = %(n)s", &inputs(&[("n", Input::Int(1))])).unwrap();
+    assert_eq!(p.statement, "SELECT a$$b, $1, $$x$$ FROM t WHERE c = ?");
+}
+
+#[test]
+fn unterminated_quotes_and_comments_run_to_the_end_without_panicking() {
+    let ins = inputs(&[("n", Input::Int(1))]);
+    for (sql, want, bound) in [
+        ("SELECT %(n)s, \"abc %(n)s", "SELECT ?, \"abc %(n)s", 1),
+        ("SELECT %(n)s, $$abc %(n)s", "SELECT ?, $$abc $$ || ? || $$", 2),
+        ("SELECT %(n)s, $$", "SELECT ?, $$", 1),
+        ("SELECT %(n)s, '\\", "SELECT ?, '\\", 1),
+        ("SELECT %(n)s, 'ab\\", "SELECT ?, 'ab\\", 1),
+        ("SELECT %(n)s, '%(n)s", "SELECT ?, '' || ? || '", 2),
+        ("SELECT %(n)s, \"", "SELECT ?, \"", 1),
+        ("SELECT %(n)s /* %(n)s", "SELECT ? /* %(n)s", 1),
+        ("SELECT %(n)s -- %(n)s", "SELECT ? -- %(n)s", 1),
+        ("SELECT %(n)s, $", "SELECT ?, $", 1),
+    ] {
+        let p = prepare(sql, &ins).unwrap();
+        assert_eq!(p.statement, want, "{sql}");
+        assert_eq!(p.bindings.len(), bound, "{sql}");
+    }
+}
