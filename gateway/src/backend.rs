@@ -502,6 +502,7 @@ impl Backend {
     /// Builds the backend; discovery fills its endpoints (see [`crate::discover`]).
     pub fn new(plugin: Plugin, connect_timeout: Duration, metrics: &Metrics) -> Self {
         static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+        metrics.declare_plugin(&plugin.name);
         let endpoints = Arc::new(Endpoints {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             plugin: plugin.name.as_str().into(),

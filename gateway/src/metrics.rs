@@ -106,4 +106,30 @@ impl Metrics {
         registry.register(Box::new(m.retries.clone()))?;
         Ok(m)
     }
+
+    /// Starts `plugin`'s counters at zero, so every family is on `/metrics`
+    /// from the start (a rate over a series that appears at its first event
+    /// misses that event, and a dashboard or alert sees nothing until then).
+    /// The request counters are started where the proxy resolves them.
+    pub fn declare_plugin(&self, plugin: &str) {
+        let _ = self.discovery_refreshes.with_label_values(&[plugin]);
+        let _ = self.discovery_errors.with_label_values(&[plugin]);
+        for change in ["added", "removed"] {
+            let _ = self.discovery_changes.with_label_values(&[plugin, change]);
+        }
+        let _ = self.ejections.with_label_values(&[plugin]);
+        for result in ["ok", "unimplemented", "error", "timeout"] {
+            let _ = self.route_refreshes.with_label_values(&[plugin, result]);
+        }
+        // Every method may be retried when it never reached a replica; the idempotent ones after
+        // an error or an UNAVAILABLE answer too.
+        for method in ["CreateTask", "ExecuteTaskSync"] {
+            let _ = self.retries.with_label_values(&[plugin, method, "connect"]);
+        }
+        for method in ["GetTask", "DeleteTask", "GetTaskMetrics", "GetTaskLogs"] {
+            for reason in ["connect", "error", "unavailable"] {
+                let _ = self.retries.with_label_values(&[plugin, method, reason]);
+            }
+        }
+    }
 }

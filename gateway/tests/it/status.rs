@@ -387,3 +387,34 @@ async fn an_unavailable_answer_is_retried_on_another_ready_replica() {
     assert!(gets >= 3, "ejected after {gets} UNAVAILABLE answers, not three in a row");
     assert_eq!(retries, gets as f64, "every UNAVAILABLE answer was retried once, elsewhere");
 }
+
+/// Every family ARCHITECTURE.md lists is on a fresh gateway's `/metrics`,
+/// each plugin's counters at zero, before any call or failure.
+#[tokio::test]
+async fn every_metric_family_is_exported_from_the_start() {
+    // A plugin nobody listens for: no call is made and no lookup fails (static discovery).
+    let addr = bind_loopback().await.local_addr().unwrap();
+    let gw = spawn_gateway(vec![plugin("ghost", format!("static://{addr}"))], |_| {}).await;
+    let (_, metrics) = flotilla_testkit::http_get(gw.admin, "/metrics").await;
+    for family in [
+        "flotilla_gateway_requests_total counter",
+        "flotilla_gateway_request_duration_seconds histogram",
+        "flotilla_gateway_in_flight_requests gauge",
+        "flotilla_gateway_endpoints gauge",
+        "flotilla_gateway_discovery_refreshes_total counter",
+        "flotilla_gateway_discovery_errors_total counter",
+        "flotilla_gateway_discovery_changes_total counter",
+        "flotilla_gateway_ejections_total counter",
+        "flotilla_gateway_route_refreshes_total counter",
+        "flotilla_gateway_retries_total counter",
+    ] {
+        assert!(metrics.contains(&format!("# TYPE {family}\n")), "no {family} in:\n{metrics}");
+    }
+    for sample in [
+        r#"flotilla_gateway_discovery_errors_total{plugin="ghost"} 0"#,
+        r#"flotilla_gateway_retries_total{method="GetTask",plugin="ghost",reason="unavailable"} 0"#,
+        r#"flotilla_gateway_retries_total{method="CreateTask",plugin="ghost",reason="connect"} 0"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == sample), "no {sample} in:\n{metrics}");
+    }
+}
