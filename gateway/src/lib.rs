@@ -145,7 +145,7 @@ impl Gateway {
             shutdown.clone(),
         ));
 
-        let (health, health_service) = tonic_health::server::health_reporter();
+        let (health, health_service) = flotilla_sdk::health_reporter();
         flotilla_sdk::set_health(&health, ServingStatus::Serving).await;
         let proxy = Proxy::new(fleet.clone(), metrics.clone(), config.max_request_bytes);
         let addr: Option<SocketAddr> = grpc.local_addr().ok();

@@ -541,6 +541,35 @@ def test_health_check_serving(request, target):
     )
 
 
+@pytest.mark.parametrize("target", ["gateway", "echo"])
+def test_health_names_and_watch_follow_upstream_and_the_health_protocol(request, target):
+    """Every name upstream's agent server reports is SERVING (the agent services and the
+    health service itself); Check of any other name is NOT_FOUND, and Watch of one answers
+    SERVICE_UNKNOWN and keeps the stream open, as the gRPC health-checking protocol says."""
+    stub = health_pb2_grpc.HealthStub(request.getfixturevalue("channel" if target == "gateway" else "echo_channel"))
+    serving = health_pb2.HealthCheckResponse.SERVING
+    for name in [
+        "flyteidl.service.AsyncAgentService",
+        "flyteidl.service.SyncAgentService",
+        "flyteidl.service.AgentMetadataService",
+        "grpc.health.v1.Health",
+    ]:
+        assert stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=RPC_TIMEOUT).status == serving, name
+    expect_rpc_error(
+        grpc.StatusCode.NOT_FOUND,
+        lambda: stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=RPC_TIMEOUT),
+    )
+    known = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=RPC_TIMEOUT)
+    assert next(known).status == serving
+    known.cancel()
+    unknown = stub.Watch(health_pb2.HealthCheckRequest(service="nope"), timeout=1.0)
+    assert next(unknown).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+    # The stream stays open: what ends it is the caller's deadline, not the server.
+    with pytest.raises(grpc.RpcError) as ended:
+        next(unknown)
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, ended.value
+
+
 def test_echo_service_direct_round_trip(echo_async_stub):
     echo_round_trip(echo_async_stub)
 

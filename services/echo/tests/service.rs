@@ -45,6 +45,38 @@ async fn health_answers_serving() {
     assert_eq!(http_get(svc.admin, "/nope").await.0, 404);
 }
 
+/// Health watchers learn that the server stops (NOT_SERVING, then the end of
+/// the stream; a watch of a name the server does not report, SERVICE_UNKNOWN
+/// and then the end) and never hold the shutdown for its grace.
+#[tokio::test]
+async fn health_watches_end_when_the_server_stops_without_holding_it() {
+    use tokio_stream::StreamExt as _;
+    let grace = Duration::from_secs(30);
+    let svc =
+        spawn_plugin_with(Echo::default(), ServeOptions { shutdown_grace: grace, ..Default::default() })
+            .await;
+    let mut health = HealthClient::new(channel(svc.addr));
+    let watch = |service: &str| HealthCheckRequest { service: service.into() };
+    let mut known = health.watch(watch("")).await.unwrap().into_inner();
+    let mut unknown = health.watch(watch("nope")).await.unwrap().into_inner();
+    assert_eq!(known.next().await.unwrap().unwrap().status, ServingStatus::Serving as i32);
+    assert_eq!(unknown.next().await.unwrap().unwrap().status, ServingStatus::ServiceUnknown as i32);
+
+    let started = std::time::Instant::now();
+    svc.shutdown.trigger();
+    let known: Vec<i32> =
+        tokio::time::timeout(Duration::from_secs(10), known.map(|a| a.unwrap().status).collect())
+            .await
+            .expect("the watch ends");
+    assert_eq!(known, [ServingStatus::NotServing as i32]);
+    let unknown: Vec<_> = tokio::time::timeout(Duration::from_secs(10), unknown.collect::<Vec<_>>())
+        .await
+        .expect("the watch of an unknown name ends");
+    assert!(unknown.is_empty(), "{unknown:?}");
+    tokio::time::timeout(Duration::from_secs(10), svc.task).await.expect("serve returns").unwrap().unwrap();
+    assert!(started.elapsed() < grace, "the shutdown waited {:?}", started.elapsed());
+}
+
 #[tokio::test]
 async fn the_status_contract_holds() {
     let svc =

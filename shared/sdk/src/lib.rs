@@ -57,4 +57,6 @@ pub use runner::{
     ENV_MAX_REQUEST_BYTES, ENV_SHUTDOWN_GRACE, EXIT_CONFIG, ServiceConfig, bind_pair, main,
     one_address_for_both, run_process,
 };
-pub use serve::{ServeError, ServeOptions, serve, set_health, shown, stopping, with_grace};
+pub use serve::{
+    HealthWatch, ServeError, ServeOptions, health_reporter, serve, set_health, shown, stopping, with_grace,
+};

@@ -79,7 +79,7 @@ pub(crate) async fn serve_with_registry<P: Plugin>(
     let table = Table::new(agents).map_err(ServeError::Agents)?;
     let services = Services::new(Arc::new(plugin), table, metrics);
 
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let (health, health_service) = health_reporter();
     set_health(&health, ServingStatus::Serving).await;
 
     let readiness = Readiness::default();
@@ -132,13 +132,77 @@ pub async fn with_grace<E>(
     }
 }
 
-/// The gRPC health names every Flotilla server reports: the server as a whole and each agent service.
-const HEALTH_NAMES: [&str; 4] = [
+/// The gRPC health names every Flotilla server reports, as upstream's agent
+/// server does: the server as a whole, each agent service and the health
+/// service itself.
+const HEALTH_NAMES: [&str; 5] = [
     "",
     "flyteidl.service.AsyncAgentService",
     "flyteidl.service.SyncAgentService",
     "flyteidl.service.AgentMetadataService",
+    "grpc.health.v1.Health",
 ];
+
+/// A health reporter and the `grpc.health.v1.Health` service over it, for
+/// tonic's router. `Check` is tonic-health's. `Watch` follows the
+/// health-checking protocol where tonic-health does not: a name the server
+/// does not report gets one `SERVICE_UNKNOWN` answer and the stream stays
+/// open (tonic-health answers an error). And every watch ends once the
+/// server stops (its last answer, for a name it reports, `NOT_SERVING`), so
+/// that a watching client never holds a graceful shutdown for its grace.
+pub fn health_reporter()
+-> (tonic_health::server::HealthReporter, tonic_health::pb::health_server::HealthServer<HealthWatch>) {
+    let (reporter, _) = tonic_health::server::health_reporter();
+    let inner = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+    (reporter, tonic_health::pb::health_server::HealthServer::new(HealthWatch(inner)))
+}
+
+/// See [`health_reporter`].
+pub struct HealthWatch(tonic_health::server::HealthService);
+
+type HealthAnswer = Result<tonic_health::pb::HealthCheckResponse, tonic::Status>;
+type WatchStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = HealthAnswer> + Send>>;
+
+#[tonic::codegen::async_trait]
+impl tonic_health::pb::health_server::Health for HealthWatch {
+    async fn check(
+        &self,
+        request: tonic::Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<tonic_health::pb::HealthCheckResponse>, tonic::Status> {
+        self.0.check(request).await
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: tonic::Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<WatchStream>, tonic::Status> {
+        use futures_util::StreamExt as _;
+        use tonic_health::pb::{
+            HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
+        };
+        let unknown = !HEALTH_NAMES.contains(&request.get_ref().service.as_str());
+        // A name the server does not report follows the server's own status (""), shown as unknown.
+        let request = if unknown { tonic::Request::new(HealthCheckRequest::default()) } else { request };
+        let updates = self.0.watch(request).await?.into_inner();
+        // NOT_SERVING is only ever reported when the server stops: the watch ends after it. `None` marks the end.
+        let steps = updates.flat_map(move |answer: HealthAnswer| {
+            let stopping = matches!(&answer, Ok(r) if r.status == ServingStatus::NotServing as i32);
+            let shown = match (unknown, stopping) {
+                (false, _) => Some(answer),
+                (true, false) => {
+                    Some(Ok(HealthCheckResponse { status: ServingStatus::ServiceUnknown as i32 }))
+                }
+                (true, true) => None,
+            };
+            futures_util::stream::iter(shown.map(Some).into_iter().chain(stopping.then_some(None)))
+        });
+        let answers =
+            steps.take_while(|step| std::future::ready(step.is_some())).filter_map(std::future::ready);
+        Ok(tonic::Response::new(answers.boxed()))
+    }
+}
 
 /// Reports `status` for the server and each agent service.
 pub async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
