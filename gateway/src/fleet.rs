@@ -366,7 +366,8 @@ impl AgentMetadataService for FleetMetadata {
             None => {
                 let known: Vec<&str> = state.agents.iter().map(|a| a.name.as_str()).collect();
                 Err(Status::not_found(format!(
-                    "no agent named {name:?}; the fleet has: {}",
+                    "no agent named {}; the fleet has: {}",
+                    flotilla_sdk::wire::Quoted(&name),
                     known.join(", ")
                 )))
             }

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use flotilla_proto::{paths, service::agent_metadata_service_server::AgentMetadataService as _};
 use flotilla_sdk::{
     h2serve::{self, CallFuture, Handler, RecvBody},
-    wire::{FRAME_HEADER_LEN, format_grpc_timeout, header, parse_grpc_timeout},
+    wire::{FRAME_HEADER_LEN, Quoted, format_grpc_timeout, header, parse_grpc_timeout},
 };
 use h2::{RecvStream, server::SendResponse};
 use http::{HeaderValue, Request, Response};
@@ -291,8 +291,9 @@ impl Proxy {
             // caller should come back, not give up.
             return Err(none(if state.unheard.is_empty() {
                 Status::not_found(format!(
-                    "no plugin serves task type {:?} version {}; the fleet knows: {known}",
-                    key.name, key.version,
+                    "no plugin serves task type {} version {}; the fleet knows: {known}",
+                    Quoted(key.name),
+                    key.version,
                 ))
             } else {
                 let unheard = match state.unheard.as_slice() {
@@ -300,9 +301,10 @@ impl Proxy {
                     many => format!("plugins {} have", many.join(", ")),
                 };
                 Status::unavailable(format!(
-                    "no plugin is known to serve task type {:?} version {} yet: {unheard} not answered \
+                    "no plugin is known to serve task type {} version {} yet: {unheard} not answered \
                      ListAgents since the gateway started; the fleet knows: {known}",
-                    key.name, key.version,
+                    Quoted(key.name),
+                    key.version,
                 ))
             }));
         };

@@ -385,6 +385,39 @@ def test_create_task_unknown_type_is_not_found_and_names_it(async_stub):
     assert "no_such_type" in (err.details() or "")
 
 
+@pytest.mark.parametrize("target", ["gateway", "echo"])
+def test_huge_caller_text_in_an_error_is_cut_so_the_status_still_arrives(request, target):
+    """A status message travels in a header, which grpc-c refuses past 8 KiB: caller text quoted
+    in one (a task type, an agent name, a custom value) is cut, so the caller gets the real code."""
+    channel = request.getfixturevalue("channel" if target == "gateway" else "echo_channel")
+    async_stub = agent_pb2_grpc.AsyncAgentServiceStub(channel)
+    metadata_stub = agent_pb2_grpc.AgentMetadataServiceStub(channel)
+    huge = "t" * 20_000
+    inputs = sample_inputs()
+    for code, call in [
+        (
+            grpc.StatusCode.NOT_FOUND,
+            lambda: async_stub.CreateTask(
+                create_request(make_template(task_type=huge, inputs=inputs), inputs), timeout=RPC_TIMEOUT
+            ),
+        ),
+        (
+            grpc.StatusCode.NOT_FOUND,
+            lambda: metadata_stub.GetAgent(agent_pb2.GetAgentRequest(name=huge), timeout=RPC_TIMEOUT),
+        ),
+        (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            lambda: async_stub.CreateTask(
+                create_request(make_template(custom={"duration_ms": "9" * 50_000}, inputs=inputs), inputs),
+                timeout=RPC_TIMEOUT,
+            ),
+        ),
+    ]:
+        err = expect_rpc_error(code, call)
+        details = err.details() or ""
+        assert "bytes in all" in details and len(details) < 2_000, details[:300]
+
+
 def test_create_task_known_type_unknown_version_is_not_found(async_stub):
     inputs = sample_inputs()
     template = make_template(task_type="echo", version=97, inputs=inputs)

@@ -115,7 +115,7 @@ impl Options {
 fn describe(v: &prost_types::Value) -> String {
     match &v.kind {
         Some(Kind::NumberValue(n)) => format!("the number {n}"),
-        Some(Kind::StringValue(s)) => format!("the string {s:?}"),
+        Some(Kind::StringValue(s)) => format!("the string {}", flotilla_sdk::wire::Quoted(s)),
         Some(Kind::BoolValue(b)) => format!("the boolean {b}"),
         Some(Kind::StructValue(_)) => "an object".to_owned(),
         Some(Kind::ListValue(_)) => "a list".to_owned(),

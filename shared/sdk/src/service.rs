@@ -77,8 +77,8 @@ impl Table {
     fn resolve(&self, category: &Category, want_sync: bool) -> Result<&AgentSpec, Status> {
         let Some(&i) = self.by_category.get(category) else {
             return Err(Status::not_found(format!(
-                "no agent serves task type {:?} version {}; this service knows: {}",
-                category.name,
+                "no agent serves task type {} version {}; this service knows: {}",
+                crate::wire::Quoted(&category.name),
                 category.version,
                 self.known()
             )));
@@ -430,7 +430,7 @@ impl<P: Plugin> AgentMetadataService for Services<P> {
         let name = request.into_inner().name;
         match self.table.agents.iter().find(|a| a.name == name) {
             Some(agent) => Ok(Response::new(admin::GetAgentResponse { agent: Some(agent.to_proto()) })),
-            None => Err(Status::not_found(format!("no agent named {name:?}"))),
+            None => Err(Status::not_found(format!("no agent named {}", crate::wire::Quoted(&name)))),
         }
     }
 

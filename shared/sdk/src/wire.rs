@@ -12,6 +12,28 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tonic::Status;
 
+/// Caller-supplied text quoted in a status message (a task type, an agent
+/// name, a value): as `{:?}` prints it, cut after [`Quoted::MAX_CHARS`]
+/// characters with the full length said. A status message travels in a
+/// header (`grpc-message`), and clients refuse headers past a few KiB
+/// (grpc-c: 8 KiB), which would hide the status behind RESOURCE_EXHAUSTED.
+#[derive(Clone, Copy, Debug)]
+pub struct Quoted<'a>(pub &'a str);
+
+impl Quoted<'_> {
+    /// Characters shown before the cut.
+    pub const MAX_CHARS: usize = 100;
+}
+
+impl std::fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.char_indices().nth(Self::MAX_CHARS) {
+            None => write!(f, "{:?}", self.0),
+            Some((cut, _)) => write!(f, "{:?}… ({} bytes in all)", &self.0[..cut], self.0.len()),
+        }
+    }
+}
+
 /// Bytes of a gRPC message header: one compression flag and a big-endian u32 length.
 pub const FRAME_HEADER_LEN: usize = 5;
 
@@ -242,6 +264,15 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quoted_text_is_cut_after_its_limit_with_the_length_said() {
+        assert_eq!(Quoted("echo").to_string(), "\"echo\"");
+        let exact = "é".repeat(Quoted::MAX_CHARS);
+        assert_eq!(Quoted(&exact).to_string(), format!("{exact:?}"));
+        let long = format!("{exact}xyz");
+        assert_eq!(Quoted(&long).to_string(), format!("{exact:?}… ({} bytes in all)", long.len()));
+    }
 
     fn frame(len: u32) -> Vec<u8> {
         let mut v = vec![0];
