@@ -194,7 +194,7 @@ impl Proxy {
         };
         let call = CallLog { request_id, task_type: Bytes::new(), started: Instant::now() };
         let Some(method) = Method::from_path(parts.uri.path()) else {
-            let status = Status::unimplemented(format!("unknown method {}", parts.uri.path()));
+            let status = Status::unimplemented(format!("unknown method {}", Quoted(parts.uri.path())));
             self.metrics.requests.with_label_values(&["none", "unknown", code_name(status.code())]).inc();
             tracing::info!(
                 request_id = call.request_id(),
@@ -243,16 +243,25 @@ impl Proxy {
             }
         };
         // A request still arriving when the deadline passes ends then, not when
-        // the caller gets round to sending the rest. (A request already in, as
-        // almost every one is, completes on the first poll: no timer is set.)
+        // the caller gets round to sending the rest. A request already in, as
+        // almost every unary one is, is read on the first poll, with no timer.
+        let mut read = std::pin::pin!(read);
+        let read = match futures_util::poll!(read.as_mut()) {
+            std::task::Poll::Ready(read) => Ok(read),
+            std::task::Poll::Pending => Err(read),
+        };
         let cap = match (pending.deadline, self.arrival_caps[method as usize]) {
             (Some(c), Some(t)) if t < c => Some((t, false)),
             (Some(c), _) => Some((c, true)),
             (None, Some(t)) => Some((t, false)),
             (None, None) => None,
         };
-        let request = match cap {
-            Some((limit, caller)) => match tokio::time::timeout_at((started + limit).into(), read).await {
+        // (A cap too far off to be an instant is none.)
+        let cap = cap.and_then(|(limit, caller)| Some((limit, caller, started.checked_add(limit)?)));
+        let request = match (read, cap) {
+            (Ok(read), _) => read.map_err(none)?,
+            (Err(read), None) => read.await.map_err(none)?,
+            (Err(read), Some((limit, caller, at))) => match tokio::time::timeout_at(at.into(), read).await {
                 Ok(read) => read.map_err(none)?,
                 Err(_) => {
                     let which = if caller {
@@ -266,7 +275,6 @@ impl Proxy {
                     ))));
                 }
             },
-            None => read.await.map_err(none)?,
         };
         let arrived = started.elapsed();
         if request[0] != 0 {

@@ -194,15 +194,26 @@ pub fn create_key(body: &[u8]) -> Result<Key<'_>, KeyError> {
     key.finish()
 }
 
-/// The key of the first (header) ExecuteTaskSyncRequest.
+/// The key of the first (header) ExecuteTaskSyncRequest. Its `header`(1) and
+/// `inputs`(2) are one oneof (`part`): an `inputs` clears the header read so
+/// far, as it does for a decoder, and a `header` after it starts afresh.
 pub fn execute_sync_key(body: &[u8]) -> Result<Key<'_>, KeyError> {
+    const M: &str = "ExecuteTaskSyncRequest";
+    let mut fields = Fields::new(body, M);
     let mut key = TemplateKey::default();
-    let mut templates = false;
-    let headers = each_message(body, "ExecuteTaskSyncRequest", 1, |header| {
-        templates |= each_message(header, "CreateRequestHeader", 1, |t| key.merge(t))?;
-        Ok(())
-    })?;
-    if !headers {
+    let (mut header, mut templates) = (false, false);
+    while let Some((n, v)) = fields.next_field()? {
+        match (n, v) {
+            (1, Value::Bytes(h)) => {
+                header = true;
+                templates |= each_message(h, "CreateRequestHeader", 1, |t| key.merge(t))?;
+            }
+            (2, Value::Bytes(_)) => (key, header, templates) = (TemplateKey::default(), false, false),
+            (1 | 2, _) => return Err(fields.malformed("a message field has the wrong wire type")),
+            _ => {}
+        }
+    }
+    if !header {
         return Err(KeyError::Missing("the first ExecuteTaskSync message must be the header"));
     }
     if !templates {

@@ -115,6 +115,24 @@ fn a_submessage_sent_in_parts_is_read_merged_as_a_decoder_reads_it() {
     ]
     .concat();
     assert_eq!(execute_sync_key(&bytes).unwrap(), Key { name: "echo_sync", version: 4 });
+    // `header` and `inputs` are a oneof: inputs clear the header, and a header after them starts afresh.
+    let inputs = admin::ExecuteTaskSyncRequest {
+        part: Some(admin::execute_task_sync_request::Part::Inputs(core::LiteralMap::default())),
+    }
+    .encode_to_vec();
+    let reset = [
+        header(template("echo_sync", 1)).encode_to_vec(),
+        inputs.clone(),
+        header(template("other", 0)).encode_to_vec(),
+    ]
+    .concat();
+    let decoded = admin::ExecuteTaskSyncRequest::decode(reset.as_slice()).unwrap();
+    let Some(admin::execute_task_sync_request::Part::Header(h)) = decoded.part else { panic!("a header") };
+    let t = h.template.unwrap();
+    assert_eq!((t.r#type.as_str(), t.task_type_version), ("other", 0));
+    assert_eq!(execute_sync_key(&reset).unwrap(), Key { name: "other", version: 0 });
+    let inputs_last = [header(template("echo_sync", 0)).encode_to_vec(), inputs].concat();
+    assert!(matches!(execute_sync_key(&inputs_last), Err(KeyError::Missing(_))));
 
     let category = |name: &str, version| admin::GetTaskRequest {
         task_category: Some(admin::TaskCategory { name: name.into(), version }),

@@ -189,7 +189,7 @@ async fn a_request_still_arriving_when_the_deadline_passes_ends_then() {
         status.message()
     );
     drop(stream);
-    // Both were counted, as calls answered before a plugin was chosen.
+    // Counted as a call answered before a plugin was chosen.
     let (_, metrics) = flotilla_testkit::http_get(gw.admin, "/metrics").await;
     assert!(
         metrics.contains(r#"flotilla_gateway_requests_total{code="DEADLINE_EXCEEDED",method="ExecuteTaskSync",plugin="none"} 1"#),

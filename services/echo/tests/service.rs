@@ -65,15 +65,15 @@ async fn health_watches_end_when_the_server_stops_without_holding_it() {
     let started = std::time::Instant::now();
     svc.shutdown.trigger();
     let known: Vec<i32> =
-        tokio::time::timeout(Duration::from_secs(10), known.map(|a| a.unwrap().status).collect())
+        tokio::time::timeout(Duration::from_secs(5), known.map(|a| a.unwrap().status).collect())
             .await
             .expect("the watch ends");
     assert_eq!(known, [ServingStatus::NotServing as i32]);
-    let unknown: Vec<_> = tokio::time::timeout(Duration::from_secs(10), unknown.collect::<Vec<_>>())
+    let unknown: Vec<_> = tokio::time::timeout(Duration::from_secs(5), unknown.collect::<Vec<_>>())
         .await
         .expect("the watch of an unknown name ends");
     assert!(unknown.is_empty(), "{unknown:?}");
-    tokio::time::timeout(Duration::from_secs(10), svc.task).await.expect("serve returns").unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), svc.task).await.expect("serve returns").unwrap().unwrap();
     assert!(started.elapsed() < grace, "the shutdown waited {:?}", started.elapsed());
 }
 

@@ -11,11 +11,11 @@
 //! placeholders substituted:
 //! - a single-quoted literal `'...'` ends at a `'` that is neither doubled (`''`) nor escaped by a
 //!   backslash (`\'`; a backslash escapes whatever character follows it, which is copied as it is
-//!   and never ends the literal nor starts a placeholder);
+//!   and never ends the literal nor starts a placeholder; `\%%` is still `\%`);
 //! - a dollar-quoted constant `$$...$$` has no escapes and ends at the next `$$` (a `$$` right
 //!   after a letter, digit, `_` or `$` is part of an identifier such as `a$$b`, not a quote);
 //! - a double-quoted identifier `"..."` (`""` for a `"` inside) is copied verbatim: no
-//!   placeholders, `%%`, strings or comments in it;
+//!   placeholders, strings or comments in it (only `%%` becomes `%`, as everywhere);
 //! - comments (`--` and `//` to the end of the line, `/* ... */`) are copied verbatim too.
 //!
 //! A placeholder that fills a whole string constant (`'{{ .inputs.day }}'`, `$${{ .inputs.day }}$$`)
@@ -180,11 +180,24 @@ pub fn prepare(statement: &str, inputs: &[(String, Input)]) -> Result<Prepared, 
                     i += 2;
                     continue;
                 }
+                // Upstream's pyformat runs over the whole text, identifiers too: `%%` is `%` here as well.
+                if !inputs.is_empty() && rest.starts_with("%%") {
+                    out.push('%');
+                    i += 2;
+                    continue;
+                }
                 if bytes[i] == b'"' {
                     ctx = Context::Code;
                 }
             }
             Context::Quoted { quote: Quote::Single, .. } if bytes[i] == b'\\' => {
+                // `\%%` is `\%` to upstream's pyformat, which reads the text before Snowflake
+                // reads the escape (a LIKE pattern's escaped `%`, say).
+                if !inputs.is_empty() && rest[1..].starts_with("%%") {
+                    out.push_str("\\%");
+                    i += 3;
+                    continue;
+                }
                 // The backslash and the character it escapes (if any: the text may end here).
                 let len = 1 + rest[1..].chars().next().map_or(0, char::len_utf8);
                 out.push_str(&rest[..len]);

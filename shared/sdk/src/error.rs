@@ -52,7 +52,7 @@ impl From<PluginError> for Status {
     fn from(e: PluginError) -> Self {
         match e {
             PluginError::Status(s) => s,
-            other => Status::new(other.code(), other.to_string()),
+            other => Status::new(other.code(), crate::wire::bounded_message(other.to_string())),
         }
     }
 }

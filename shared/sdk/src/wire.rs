@@ -34,6 +34,26 @@ impl std::fmt::Display for Quoted<'_> {
     }
 }
 
+/// The longest status message a plugin's error is answered with, in bytes.
+pub const MAX_STATUS_MESSAGE: usize = 2048;
+
+/// `message` cut to at most [`MAX_STATUS_MESSAGE`] bytes (on a character
+/// boundary) with its full length said, for the same reason as [`Quoted`]: the
+/// message travels in a header, and percent-encoding can triple it.
+pub fn bounded_message(mut message: String) -> String {
+    if message.len() <= MAX_STATUS_MESSAGE {
+        return message;
+    }
+    let total = message.len();
+    let mut cut = MAX_STATUS_MESSAGE - 40; // room for the note
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    message.truncate(cut);
+    message.push_str(&format!("… ({total} bytes in all)"));
+    message
+}
+
 /// Bytes of a gRPC message header: one compression flag and a big-endian u32 length.
 pub const FRAME_HEADER_LEN: usize = 5;
 
@@ -264,6 +284,18 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_status_messages_are_cut_on_a_character_boundary() {
+        assert_eq!(bounded_message("short".into()), "short");
+        let exact = "x".repeat(MAX_STATUS_MESSAGE);
+        assert_eq!(bounded_message(exact.clone()), exact);
+        let long = "é".repeat(MAX_STATUS_MESSAGE);
+        let cut = bounded_message(long.clone());
+        assert!(cut.len() <= MAX_STATUS_MESSAGE, "{}", cut.len());
+        assert!(cut.ends_with(&format!("… ({} bytes in all)", long.len())), "{cut}");
+        assert!(long.starts_with(cut.split('…').next().unwrap()));
+    }
 
     #[test]
     fn quoted_text_is_cut_after_its_limit_with_the_length_said() {

@@ -163,6 +163,16 @@ fn a_backslash_escaped_quote_does_not_end_the_literal() {
 }
 
 #[test]
+fn an_escaped_percent_sign_is_read_as_pyformat_reads_it() {
+    let p =
+        prepare("SELECT 'a' LIKE 'x\\%%' ESCAPE '\\\\', %(x)s", &inputs(&[("x", Input::Int(1))])).unwrap();
+    assert_eq!(p.statement, "SELECT 'a' LIKE 'x\\%' ESCAPE '\\\\', ?");
+    // Without inputs nothing is pyformat-read, as upstream runs the query as it is.
+    let p = prepare("SELECT 'x\\%%'", &[]).unwrap();
+    assert_eq!(p.statement, "SELECT 'x\\%%'");
+}
+
+#[test]
 fn an_escaped_backslash_at_the_end_of_a_literal_closes_it() {
     let p = prepare("SELECT 'a\\\\' = %(x)s", &inputs(&[("x", Input::Int(1))])).unwrap();
     assert_eq!(p.statement, "SELECT 'a\\\\' = ?");
@@ -187,7 +197,8 @@ fn quoted_identifiers_are_copied_verbatim() {
         ("SELECT \"a//b/*\" FROM t WHERE x = %(s)s", "SELECT \"a//b/*\" FROM t WHERE x = ?"),
         (
             "SELECT \"say \"\"%(s)s\"\" {{ .inputs.s }} 100%%\" FROM t WHERE x = %(s)s",
-            "SELECT \"say \"\"%(s)s\"\" {{ .inputs.s }} 100%%\" FROM t WHERE x = ?",
+            // `%%` is `%` in identifiers too, as upstream's pyformat reads the whole text.
+            "SELECT \"say \"\"%(s)s\"\" {{ .inputs.s }} 100%\" FROM t WHERE x = ?",
         ),
     ] {
         let p = prepare(sql, &ins).unwrap();
