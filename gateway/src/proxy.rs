@@ -14,7 +14,7 @@ use bytes::Bytes;
 use flotilla_proto::{paths, service::agent_metadata_service_server::AgentMetadataService as _};
 use flotilla_sdk::{
     h2serve::{self, CallFuture, Handler, RecvBody},
-    wire::{FRAME_HEADER_LEN, Quoted, format_grpc_timeout, header, parse_grpc_timeout},
+    wire::{self, Encoding, FRAME_HEADER_LEN, Quoted, format_grpc_timeout, header, parse_grpc_timeout},
 };
 use h2::{RecvStream, server::SendResponse};
 use http::{HeaderValue, Request, Response};
@@ -277,12 +277,17 @@ impl Proxy {
             },
         };
         let arrived = started.elapsed();
-        if request[0] != 0 {
-            return Err(none(Status::unimplemented(
-                "compressed requests are not supported by the gateway; send them uncompressed",
-            )));
-        }
-        let message = &request[FRAME_HEADER_LEN..h2serve::message_end(&request)];
+        // A compressed message is read from a decompressed copy (the routing
+        // key is inside) and forwarded as it came, `grpc-encoding` and all.
+        let payload = &request[FRAME_HEADER_LEN..h2serve::message_end(&request)];
+        let inflated =
+            wire::decompressed(request[0], payload, Encoding::of(&parts.headers), self.max_request_bytes)
+                .map_err(none)?
+                .map(Bytes::from);
+        let (source, message) = match &inflated {
+            None => (&request, payload),
+            Some(inflated) => (inflated, &inflated[..]),
+        };
         let key = method.key(message).map_err(|e| {
             none(match e {
                 KeyError::Malformed { .. } => Status::invalid_argument(e.to_string()),
@@ -290,7 +295,7 @@ impl Proxy {
             })
         })?;
         // No copy: a view into the request's bytes, kept for the log line.
-        call.task_type = request.slice_ref(key.name.as_bytes());
+        call.task_type = source.slice_ref(key.name.as_bytes());
         let state = self.fleet.state();
         let Some(index) = state.routes.lookup(key) else {
             let known = state.routes.known();

@@ -386,6 +386,26 @@ def test_create_task_unknown_type_is_not_found_and_names_it(async_stub):
 
 
 @pytest.mark.parametrize("target", ["gateway", "echo"])
+@pytest.mark.parametrize("compression", [grpc.Compression.Gzip, grpc.Compression.Deflate], ids=["gzip", "deflate"])
+def test_compressed_requests_are_served(request, target, compression):
+    """grpcio compresses requests when asked (per call here; per channel alike): the gateway reads
+    the routing key from the decompressed message and forwards it as it came; the services decode it."""
+    channel = request.getfixturevalue("channel" if target == "gateway" else "echo_channel")
+    async_stub = agent_pb2_grpc.AsyncAgentServiceStub(channel)
+    sync_stub = agent_pb2_grpc.SyncAgentServiceStub(channel)
+    # Large and repetitive, so the message is compressed for certain and shrinks.
+    inputs = make_inputs(count=7, label="compress me " * 2_000)
+    created = async_stub.CreateTask(
+        create_request(make_template(inputs=inputs), inputs), timeout=RPC_TIMEOUT, compression=compression
+    )
+    answer = async_stub.GetTask(get_request(created.resource_meta), timeout=RPC_TIMEOUT, compression=compression)
+    assert_succeeded_with(answer.resource, inputs)
+    answers = list(sync_stub.ExecuteTaskSync(iter(sync_requests("echo_sync", inputs)), timeout=RPC_TIMEOUT, compression=compression))
+    assert len(answers) == 1, answers
+    assert_succeeded_with(answers[0].header.resource, inputs)
+
+
+@pytest.mark.parametrize("target", ["gateway", "echo"])
 def test_huge_caller_text_in_an_error_is_cut_so_the_status_still_arrives(request, target):
     """A status message travels in a header, which grpc-c refuses past 8 KiB: caller text quoted
     in one (a task type, an agent name, a custom value) is cut, so the caller gets the real code."""

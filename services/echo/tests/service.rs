@@ -115,12 +115,22 @@ async fn the_status_contract_holds() {
     assert_eq!(garbage.code, Code::InvalidArgument, "{}", garbage.message);
     assert!(garbage.message.contains("CreateTaskRequest"), "{}", garbage.message);
 
-    // The compressed flag set: no compression is negotiated, so it is refused by name.
+    // The compressed flag set with no grpc-encoding to read it by: INTERNAL, as the gRPC protocol has it.
     let mut compressed = frame(b"").to_vec();
     compressed[0] = 1;
-    let compressed = raw_call(svc.addr, paths::GET_TASK, compressed.into()).await;
-    assert_eq!(compressed.code, Code::Unimplemented, "{}", compressed.message);
-    assert!(compressed.message.contains("compressed"), "{}", compressed.message);
+    let answer = raw_call(svc.addr, paths::GET_TASK, compressed.clone().into()).await;
+    assert_eq!(answer.code, Code::Internal, "{}", answer.message);
+    assert!(answer.message.contains("grpc-encoding"), "{}", answer.message);
+    // An encoding the service does not read: UNIMPLEMENTED, naming those it does.
+    let answer = flotilla_testkit::raw_call_with(
+        svc.addr,
+        paths::GET_TASK,
+        &[("grpc-encoding", "zstd")],
+        compressed.into(),
+    )
+    .await;
+    assert_eq!(answer.code, Code::Unimplemented, "{}", answer.message);
+    assert!(answer.message.contains("gzip"), "{}", answer.message);
 
     // Two messages in a unary request body.
     let mut two = frame(b"").to_vec();

@@ -22,7 +22,7 @@ use crate::{
     Plugin,
     h2serve::{self, CallFuture, Handler, RecvBody},
     service::Services,
-    wire::{FRAME_HEADER_LEN, header, parse_grpc_timeout},
+    wire::{Encoding, FRAME_HEADER_LEN, decompressed, header, parse_grpc_timeout},
 };
 
 /// A plugin service's calls (see the module docs).
@@ -87,11 +87,14 @@ pub async fn unary<M, R, F, Fut>(
 {
     let (parts, recv) = request.into_parts();
     let deadline = deadline(&parts.headers);
+    let encoding = Encoding::of(&parts.headers);
     let work = async move {
         let started = std::time::Instant::now();
         let metadata = MetadataMap::from_headers(parts.headers);
         let read = h2serve::read_request(RecvBody::new(recv), limit).await;
-        let message = match read.and_then(|body| decode_next::<M>(&body).map(|(message, _)| message)) {
+        let decoded =
+            read.and_then(|body| decode_next::<M>(&body, encoding, limit).map(|(message, _)| message));
+        let message = match decoded {
             Ok(message) => message,
             // Refused before the plugin sees it: logged here, as the plugin's calls are.
             Err(status) => {
@@ -129,8 +132,10 @@ async fn execute_sync<P: Plugin>(
     // Boxed: the plugin's future is inside it, and the layers below would
     // otherwise copy all of it (kilobytes) each time they move it.
     let work = Box::pin(async move {
-        let messages =
-            h2serve::read_sync_request(RecvBody::new(recv), limit).await.and_then(|b| decode_all(&b));
+        let encoding = Encoding::of(&parts.headers);
+        let messages = h2serve::read_sync_request(RecvBody::new(recv), limit)
+            .await
+            .and_then(|b| decode_all(&b, encoding, limit));
         let metadata = MetadataMap::from_headers(parts.headers);
         services.execute_sync(&metadata, messages).await.map(tonic::Response::new)
     });
@@ -168,13 +173,16 @@ where
     }
 }
 
-/// Decodes the gRPC message at the start of `body` as `M`; returns it and the bytes after it.
-fn decode_next<M: prost::Message + Default>(body: &[u8]) -> Result<(M, &[u8]), Status> {
+/// Decodes the gRPC message at the start of `body` as `M` (decompressed first
+/// when it is flagged compressed: at most `limit` bytes of it); returns it and
+/// the bytes after it.
+fn decode_next<M: prost::Message + Default>(
+    body: &[u8],
+    encoding: Encoding,
+    limit: usize,
+) -> Result<(M, &[u8]), Status> {
     if body.len() < FRAME_HEADER_LEN {
         return Err(Status::invalid_argument("the request body ends inside a message header"));
-    }
-    if body[0] != 0 {
-        return Err(Status::unimplemented("compressed requests are not supported; send them uncompressed"));
     }
     let end = h2serve::message_end(body);
     if body.len() < end {
@@ -183,17 +191,23 @@ fn decode_next<M: prost::Message + Default>(body: &[u8]) -> Result<(M, &[u8]), S
             body.len()
         )));
     }
-    let message = M::decode(&body[FRAME_HEADER_LEN..end]).map_err(|e| {
+    let payload = &body[FRAME_HEADER_LEN..end];
+    let inflated = decompressed(body[0], payload, encoding, limit)?;
+    let message = M::decode(inflated.as_deref().unwrap_or(payload)).map_err(|e| {
         Status::invalid_argument(format!("the request is not a valid {}: {e}", short_type_name::<M>()))
     })?;
     Ok((message, &body[end..]))
 }
 
 /// Every message of a client stream's body, in order.
-fn decode_all<M: prost::Message + Default>(mut body: &[u8]) -> Result<Vec<M>, Status> {
+fn decode_all<M: prost::Message + Default>(
+    mut body: &[u8],
+    encoding: Encoding,
+    limit: usize,
+) -> Result<Vec<M>, Status> {
     let mut messages = Vec::with_capacity(2);
     while !body.is_empty() {
-        let (message, rest) = decode_next(body)?;
+        let (message, rest) = decode_next(body, encoding, limit)?;
         messages.push(message);
         body = rest;
     }

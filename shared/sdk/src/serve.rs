@@ -6,6 +6,7 @@ use flotilla_proto::service::async_agent_service_server::AsyncAgentServiceServer
 use flotilla_telemetry::{Admin, Readiness, Shutdown};
 use prometheus::Registry;
 use tokio::net::TcpListener;
+use tonic::codec::CompressionEncoding;
 use tonic_health::ServingStatus;
 
 use crate::{
@@ -93,8 +94,18 @@ pub(crate) async fn serve_with_registry<P: Plugin>(
     // watches go to tonic's router, our size limit first (as bytes arrive;
     // tonic's own would answer OUT_OF_RANGE).
     let decode_limit = limit.saturating_add(1);
-    let routes = tonic::service::Routes::new(health_service.max_decoding_message_size(decode_limit))
-        .add_service(AsyncAgentServiceServer::new(services.clone()).max_decoding_message_size(decode_limit));
+    let routes = tonic::service::Routes::new(
+        health_service
+            .max_decoding_message_size(decode_limit)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Deflate),
+    )
+    .add_service(
+        AsyncAgentServiceServer::new(services.clone())
+            .max_decoding_message_size(decode_limit)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Deflate),
+    );
     let routes = crate::h2serve::limited_routes(routes, limit);
     let check = Arc::new(tonic_health::server::HealthService::from_health_reporter(health.clone()));
     let calls = Arc::new(ServiceCalls { services, routes, limit, health: check });

@@ -54,6 +54,91 @@ pub fn bounded_message(mut message: String) -> String {
     message
 }
 
+/// How a request's messages are compressed, from its `grpc-encoding`. Only
+/// a message whose compressed flag is set is decompressed (a client may send
+/// some messages of a call uncompressed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    /// No `grpc-encoding`, or `identity`.
+    Identity,
+    /// `gzip`.
+    Gzip,
+    /// `deflate` (zlib's format, as gRPC means it).
+    Deflate,
+    /// Any other: a compressed message in it is refused.
+    Unsupported,
+}
+
+impl Encoding {
+    /// The encoding `headers` name.
+    pub fn of(headers: &http::HeaderMap) -> Self {
+        match headers.get(&header::GRPC_ENCODING).map(http::HeaderValue::as_bytes) {
+            None | Some(b"identity") => Self::Identity,
+            Some(b"gzip") => Self::Gzip,
+            Some(b"deflate") => Self::Deflate,
+            Some(_) => Self::Unsupported,
+        }
+    }
+}
+
+/// What `grpc-accept-encoding` says the servers read.
+pub const ACCEPTED_ENCODINGS: &str = "identity,gzip,deflate";
+
+/// The message of a gRPC frame whose compressed flag is `flag` and payload
+/// `payload`, decompressed when the flag says so (at most `limit` bytes of it:
+/// a small message can inflate to gigabytes). `None` for an uncompressed one:
+/// the payload is the message.
+///
+/// # Errors
+/// The flag is set without an encoding to read it by (INTERNAL, as the gRPC
+/// protocol has it), the encoding is one these servers do not read
+/// (UNIMPLEMENTED), the payload does not decompress (INVALID_ARGUMENT), or
+/// the message is larger than `limit` (RESOURCE_EXHAUSTED).
+pub fn decompressed(
+    flag: u8,
+    payload: &[u8],
+    encoding: Encoding,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, Status> {
+    use std::io::Read as _;
+    match flag {
+        0 => return Ok(None),
+        1 => {}
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "a gRPC message's compressed flag is {other}; only 0 and 1 exist"
+            )));
+        }
+    }
+    let limit_read = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+    let mut out = Vec::with_capacity(payload.len().saturating_mul(4).min(limit));
+    let read = match encoding {
+        Encoding::Gzip => flate2::read::GzDecoder::new(payload).take(limit_read).read_to_end(&mut out),
+        Encoding::Deflate => flate2::read::ZlibDecoder::new(payload).take(limit_read).read_to_end(&mut out),
+        Encoding::Identity => {
+            return Err(Status::internal(
+                "a message is flagged compressed, but the request names no grpc-encoding",
+            ));
+        }
+        Encoding::Unsupported => {
+            return Err(Status::unimplemented(format!(
+                "the request's grpc-encoding is not one this server reads; it reads {ACCEPTED_ENCODINGS}"
+            )));
+        }
+    };
+    if let Err(e) = read {
+        return Err(Status::invalid_argument(format!(
+            "the request's compressed message does not decompress: {e}"
+        )));
+    }
+    if out.len() > limit {
+        return Err(Status::resource_exhausted(format!(
+            "the request's message decompresses to more than the limit of {limit} bytes"
+        )));
+    }
+    Ok(Some(out))
+}
+
 /// Bytes of a gRPC message header: one compression flag and a big-endian u32 length.
 pub const FRAME_HEADER_LEN: usize = 5;
 
@@ -68,6 +153,8 @@ pub mod header {
     pub static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
     /// `grpc-timeout`.
     pub static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+    /// `grpc-encoding`.
+    pub static GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
     /// `x-request-id`: the call's id, logged by the gateway and the plugin service.
     pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 }
@@ -284,6 +371,63 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        use std::io::Write as _;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn zlib(data: &[u8]) -> Vec<u8> {
+        use std::io::Write as _;
+        let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn compressed_messages_are_read_by_their_encoding_within_the_limit() {
+        let message = b"a message that compresses: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".to_vec();
+        assert_eq!(decompressed(0, &message, Encoding::Gzip, 1024).unwrap(), None);
+        assert_eq!(decompressed(1, &gzip(&message), Encoding::Gzip, 1024).unwrap(), Some(message.clone()));
+        assert_eq!(decompressed(1, &zlib(&message), Encoding::Deflate, 1024).unwrap(), Some(message.clone()));
+        // Exactly the limit is allowed; a byte more is not, however small it was on the wire.
+        let limit = message.len();
+        assert!(decompressed(1, &gzip(&message), Encoding::Gzip, limit).is_ok());
+        let bomb = gzip(&vec![0u8; 10 << 20]);
+        assert!(bomb.len() < 20 << 10, "{}", bomb.len());
+        let refused = decompressed(1, &bomb, Encoding::Gzip, 1 << 20).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{}", refused.message());
+        assert!(refused.message().contains("1048576"), "{}", refused.message());
+        // Wrong or missing encodings, corrupt data and flags that do not exist are refused by name.
+        for (flag, payload, encoding, code) in [
+            (1, gzip(&message), Encoding::Identity, tonic::Code::Internal),
+            (1, gzip(&message), Encoding::Unsupported, tonic::Code::Unimplemented),
+            (1, gzip(&message), Encoding::Deflate, tonic::Code::InvalidArgument),
+            (1, b"not gzip".to_vec(), Encoding::Gzip, tonic::Code::InvalidArgument),
+            (2, message.clone(), Encoding::Gzip, tonic::Code::InvalidArgument),
+        ] {
+            let status = decompressed(flag, &payload, encoding, 1024).unwrap_err();
+            assert_eq!(status.code(), code, "{encoding:?}: {}", status.message());
+        }
+    }
+
+    #[test]
+    fn the_encoding_is_read_from_grpc_encoding() {
+        let of = |v: Option<&'static str>| {
+            let mut h = http::HeaderMap::new();
+            if let Some(v) = v {
+                h.insert(&header::GRPC_ENCODING, http::HeaderValue::from_static(v));
+            }
+            Encoding::of(&h)
+        };
+        assert_eq!(of(None), Encoding::Identity);
+        assert_eq!(of(Some("identity")), Encoding::Identity);
+        assert_eq!(of(Some("gzip")), Encoding::Gzip);
+        assert_eq!(of(Some("deflate")), Encoding::Deflate);
+        assert_eq!(of(Some("snappy")), Encoding::Unsupported);
+    }
 
     #[test]
     fn long_status_messages_are_cut_on_a_character_boundary() {
