@@ -280,10 +280,12 @@ impl Proxy {
         // A compressed message is read from a decompressed copy (the routing
         // key is inside) and forwarded as it came, `grpc-encoding` and all.
         let payload = &request[FRAME_HEADER_LEN..h2serve::message_end(&request)];
-        let inflated =
-            wire::decompressed(request[0], payload, Encoding::of(&parts.headers), self.max_request_bytes)
+        let inflated = match request[0] {
+            0 => None,
+            flag => wire::decompressed(flag, payload, Encoding::of(&parts.headers), self.max_request_bytes)
                 .map_err(none)?
-                .map(Bytes::from);
+                .map(Bytes::from),
+        };
         let (source, message) = match &inflated {
             None => (&request, payload),
             Some(inflated) => (inflated, &inflated[..]),

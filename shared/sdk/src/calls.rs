@@ -87,13 +87,12 @@ pub async fn unary<M, R, F, Fut>(
 {
     let (parts, recv) = request.into_parts();
     let deadline = deadline(&parts.headers);
-    let encoding = Encoding::of(&parts.headers);
     let work = async move {
         let started = std::time::Instant::now();
         let metadata = MetadataMap::from_headers(parts.headers);
         let read = h2serve::read_request(RecvBody::new(recv), limit).await;
-        let decoded =
-            read.and_then(|body| decode_next::<M>(&body, encoding, limit).map(|(message, _)| message));
+        let decoded = read
+            .and_then(|body| decode_next::<M>(&body, metadata.as_ref(), limit).map(|(message, _)| message));
         let message = match decoded {
             Ok(message) => message,
             // Refused before the plugin sees it: logged here, as the plugin's calls are.
@@ -132,10 +131,9 @@ async fn execute_sync<P: Plugin>(
     // Boxed: the plugin's future is inside it, and the layers below would
     // otherwise copy all of it (kilobytes) each time they move it.
     let work = Box::pin(async move {
-        let encoding = Encoding::of(&parts.headers);
         let messages = h2serve::read_sync_request(RecvBody::new(recv), limit)
             .await
-            .and_then(|b| decode_all(&b, encoding, limit));
+            .and_then(|b| decode_all(&b, &parts.headers, limit));
         let metadata = MetadataMap::from_headers(parts.headers);
         services.execute_sync(&metadata, messages).await.map(tonic::Response::new)
     });
@@ -174,13 +172,13 @@ where
 }
 
 /// Decodes the gRPC message at the start of `body` as `M` (decompressed first
-/// when it is flagged compressed: at most `limit` bytes of it); returns it and
-/// the bytes after it.
-fn decode_next<M: prost::Message + Default>(
-    body: &[u8],
-    encoding: Encoding,
+/// when it is flagged compressed, by the encoding `headers` name: at most
+/// `limit` bytes of it); returns it and the bytes after it.
+fn decode_next<'a, M: prost::Message + Default>(
+    body: &'a [u8],
+    headers: &HeaderMap,
     limit: usize,
-) -> Result<(M, &[u8]), Status> {
+) -> Result<(M, &'a [u8]), Status> {
     if body.len() < FRAME_HEADER_LEN {
         return Err(Status::invalid_argument("the request body ends inside a message header"));
     }
@@ -192,7 +190,10 @@ fn decode_next<M: prost::Message + Default>(
         )));
     }
     let payload = &body[FRAME_HEADER_LEN..end];
-    let inflated = decompressed(body[0], payload, encoding, limit)?;
+    let inflated = match body[0] {
+        0 => None,
+        flag => decompressed(flag, payload, Encoding::of(headers), limit)?,
+    };
     let message = M::decode(inflated.as_deref().unwrap_or(payload)).map_err(|e| {
         Status::invalid_argument(format!("the request is not a valid {}: {e}", short_type_name::<M>()))
     })?;
@@ -202,12 +203,12 @@ fn decode_next<M: prost::Message + Default>(
 /// Every message of a client stream's body, in order.
 fn decode_all<M: prost::Message + Default>(
     mut body: &[u8],
-    encoding: Encoding,
+    headers: &HeaderMap,
     limit: usize,
 ) -> Result<Vec<M>, Status> {
     let mut messages = Vec::with_capacity(2);
     while !body.is_empty() {
-        let (message, rest) = decode_next(body, encoding, limit)?;
+        let (message, rest) = decode_next(body, headers, limit)?;
         messages.push(message);
         body = rest;
     }
