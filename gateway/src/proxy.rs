@@ -133,6 +133,26 @@ impl PluginMetrics {
     }
 }
 
+/// Whose limit a call's deadline is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Whose {
+    /// The caller's `grpc-timeout`.
+    Caller,
+    /// A timeout in the gateway's configuration.
+    Gateway,
+}
+
+/// The earlier of the caller's deadline and the gateway's timeout, and whose
+/// it is (the caller's when they are equal).
+fn earliest(caller: Option<Duration>, gateway: Option<Duration>) -> Option<(Duration, Whose)> {
+    match (caller, gateway) {
+        (Some(c), Some(t)) if t < c => Some((t, Whose::Gateway)),
+        (Some(c), _) => Some((c, Whose::Caller)),
+        (None, Some(t)) => Some((t, Whose::Gateway)),
+        (None, None) => None,
+    }
+}
+
 /// Shared by both proxied services.
 pub struct Proxy {
     fleet: Arc<Fleet>,
@@ -232,50 +252,7 @@ impl Proxy {
         let none = |s: Status| (None, s);
         let call = &mut pending.call;
         let started = call.started;
-        // ExecuteTaskSync goes on once its header and inputs are in: the
-        // replica gets those two and the end of the stream, like propeller
-        // sends them, and anything after is read behind the call.
-        let read = async {
-            if method == Method::ExecuteTaskSync {
-                h2serve::read_sync_request(body, self.max_request_bytes).await
-            } else {
-                h2serve::read_request(body, self.max_request_bytes).await
-            }
-        };
-        // A request still arriving when the deadline passes ends then, not when
-        // the caller gets round to sending the rest. A request already in, as
-        // almost every unary one is, is read on the first poll, with no timer.
-        let mut read = std::pin::pin!(read);
-        let read = match futures_util::poll!(read.as_mut()) {
-            std::task::Poll::Ready(read) => Ok(read),
-            std::task::Poll::Pending => Err(read),
-        };
-        let cap = match (pending.deadline, self.arrival_caps[method as usize]) {
-            (Some(c), Some(t)) if t < c => Some((t, false)),
-            (Some(c), _) => Some((c, true)),
-            (None, Some(t)) => Some((t, false)),
-            (None, None) => None,
-        };
-        // (A cap too far off to be an instant is none.)
-        let cap = cap.and_then(|(limit, caller)| Some((limit, caller, started.checked_add(limit)?)));
-        let request = match (read, cap) {
-            (Ok(read), _) => read.map_err(none)?,
-            (Err(read), None) => read.await.map_err(none)?,
-            (Err(read), Some((limit, caller, at))) => match tokio::time::timeout_at(at.into(), read).await {
-                Ok(read) => read.map_err(none)?,
-                Err(_) => {
-                    let which = if caller {
-                        "the caller's deadline".to_owned()
-                    } else {
-                        format!("the timeout the gateway sets for {} calls", method.name())
-                    };
-                    return Err(none(Status::deadline_exceeded(format!(
-                        "{which} of {} passed while the request was still arriving",
-                        flotilla_telemetry::config::HumanDuration(limit)
-                    ))));
-                }
-            },
-        };
+        let request = self.arrive(method, body, started, pending.deadline).await.map_err(none)?;
         let arrived = started.elapsed();
         // A compressed message is read from a decompressed copy (the routing
         // key is inside) and forwarded as it came, `grpc-encoding` and all.
@@ -330,13 +307,13 @@ impl Proxy {
         let plugin = &backend.plugin.name;
 
         // The deadline: the caller's, capped by the plugin's timeout for this method.
-        let caller = pending.deadline;
-        let (deadline, which) = match (caller, backend.plugin.timeout_for(method.name())) {
-            (Some(c), Some(t)) if t < c => (Some(t), "the timeout the gateway sets for this plugin"),
-            (Some(c), _) => (Some(c), "the caller's deadline"),
-            (None, Some(t)) => (Some(t), "the timeout the gateway sets for this plugin"),
-            (None, None) => (None, ""),
+        let limit = earliest(pending.deadline, backend.plugin.timeout_for(method.name()));
+        let which = match limit {
+            Some((_, Whose::Caller)) => "the caller's deadline",
+            Some((_, Whose::Gateway)) => "the timeout the gateway sets for this plugin",
+            None => "",
         };
+        let deadline = limit.map(|(d, _)| d);
         pending.deadline = deadline;
         let expired = |d: Duration| {
             let when = if arrived >= d {
@@ -422,6 +399,52 @@ impl Proxy {
             }
             let response = result.map_err(|e| (Some(index), unreachable_status(&backend.plugin, &e)))?;
             return Ok(self.observe(response, index, method, call, deadline));
+        }
+    }
+
+    /// Reads a call's request: its one message, or ExecuteTaskSync's header
+    /// and inputs (anything the caller sends after those is read behind the
+    /// call, like propeller sends it). A request still arriving when the
+    /// caller's deadline passes, or with none the longest timeout the gateway
+    /// sets for the method, ends then, not when the caller gets round to
+    /// sending the rest. One already in, as almost every unary one is, is
+    /// read on the first poll, with no timer.
+    async fn arrive(
+        &self,
+        method: Method,
+        body: RecvBody,
+        started: Instant,
+        caller: Option<Duration>,
+    ) -> Result<Bytes, Status> {
+        let read = async {
+            if method == Method::ExecuteTaskSync {
+                h2serve::read_sync_request(body, self.max_request_bytes).await
+            } else {
+                h2serve::read_request(body, self.max_request_bytes).await
+            }
+        };
+        let mut read = std::pin::pin!(read);
+        if let std::task::Poll::Ready(read) = futures_util::poll!(read.as_mut()) {
+            return read;
+        }
+        // (A limit too far off to be an instant is none.)
+        let limit = earliest(caller, self.arrival_caps[method as usize]);
+        let Some((limit, whose, at)) = limit.and_then(|(d, whose)| Some((d, whose, started.checked_add(d)?)))
+        else {
+            return read.await;
+        };
+        match tokio::time::timeout_at(at.into(), read).await {
+            Ok(read) => read,
+            Err(_) => {
+                let which = match whose {
+                    Whose::Caller => "the caller's deadline".to_owned(),
+                    Whose::Gateway => format!("the timeout the gateway sets for {} calls", method.name()),
+                };
+                Err(Status::deadline_exceeded(format!(
+                    "{which} of {} passed while the request was still arriving",
+                    flotilla_telemetry::config::HumanDuration(limit)
+                )))
+            }
         }
     }
 
