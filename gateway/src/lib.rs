@@ -145,18 +145,12 @@ impl Gateway {
             shutdown.clone(),
         ));
 
-        let (health, health_service) = flotilla_sdk::health_reporter();
+        let (health, health_service) = flotilla_sdk::health_reporter(config.max_request_bytes);
         flotilla_sdk::set_health(&health, ServingStatus::Serving).await;
         let proxy = Proxy::new(fleet.clone(), metrics.clone(), config.max_request_bytes);
         let addr: Option<SocketAddr> = grpc.local_addr().ok();
         // The request size limit holds here too (RESOURCE_EXHAUSTED naming it, not tonic's 4 MiB).
-        let decode_limit = config.max_request_bytes.saturating_add(1);
-        let routes = tonic::service::Routes::new(
-            health_service
-                .max_decoding_message_size(decode_limit)
-                .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
-                .accept_compressed(tonic::codec::CompressionEncoding::Deflate),
-        );
+        let routes = tonic::service::Routes::new(health_service);
         let routes = flotilla_sdk::h2serve::limited_routes(routes, config.max_request_bytes);
         let calls = Arc::new(GatewayCalls {
             proxy,

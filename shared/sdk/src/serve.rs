@@ -80,7 +80,7 @@ pub(crate) async fn serve_with_registry<P: Plugin>(
     let table = Table::new(agents).map_err(ServeError::Agents)?;
     let services = Services::new(Arc::new(plugin), table, metrics);
 
-    let (health, health_service) = health_reporter();
+    let (health, health_service) = health_reporter(options.max_request_bytes);
     set_health(&health, ServingStatus::Serving).await;
 
     let readiness = Readiness::default();
@@ -93,16 +93,9 @@ pub(crate) async fn serve_with_registry<P: Plugin>(
     // straight from the HTTP/2 stream (crate::calls); GetTaskLogs and health
     // watches go to tonic's router, our size limit first (as bytes arrive;
     // tonic's own would answer OUT_OF_RANGE).
-    let decode_limit = limit.saturating_add(1);
-    let routes = tonic::service::Routes::new(
-        health_service
-            .max_decoding_message_size(decode_limit)
-            .accept_compressed(CompressionEncoding::Gzip)
-            .accept_compressed(CompressionEncoding::Deflate),
-    )
-    .add_service(
+    let routes = tonic::service::Routes::new(health_service).add_service(
         AsyncAgentServiceServer::new(services.clone())
-            .max_decoding_message_size(decode_limit)
+            .max_decoding_message_size(limit.saturating_add(1))
             .accept_compressed(CompressionEncoding::Gzip)
             .accept_compressed(CompressionEncoding::Deflate),
     );
@@ -161,11 +154,19 @@ const HEALTH_NAMES: [&str; 5] = [
 /// open (tonic-health answers an error). And every watch ends once the
 /// server stops (its last answer, for a name it reports, `NOT_SERVING`), so
 /// that a watching client never holds a graceful shutdown for its grace.
-pub fn health_reporter()
--> (tonic_health::server::HealthReporter, tonic_health::pb::health_server::HealthServer<HealthWatch>) {
+///
+/// Requests to it are held to `max_request_bytes`, and may come compressed
+/// (gzip or deflate), as every request to a Flotilla server may.
+pub fn health_reporter(
+    max_request_bytes: usize,
+) -> (tonic_health::server::HealthReporter, tonic_health::pb::health_server::HealthServer<HealthWatch>) {
     let (reporter, _) = tonic_health::server::health_reporter();
     let inner = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
-    (reporter, tonic_health::pb::health_server::HealthServer::new(HealthWatch(inner)))
+    let server = tonic_health::pb::health_server::HealthServer::new(HealthWatch(inner))
+        .max_decoding_message_size(max_request_bytes.saturating_add(1))
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate);
+    (reporter, server)
 }
 
 /// See [`health_reporter`].
