@@ -97,12 +97,28 @@ impl<'a> Fields<'a> {
         if self.buf.is_empty() {
             return Ok(None);
         }
+        let (number, wire) = self.tag()?;
+        if wire == END_GROUP {
+            return Err(self.malformed("a group ends that never started"));
+        }
+        Ok(Some((number, self.value(number, wire, 0)?)))
+    }
+
+    /// A field's number and wire type.
+    fn tag(&mut self) -> Result<(u32, u64), KeyError> {
         let tag = self.varint()?;
         let number = tag >> 3;
         if number == 0 || number > (1 << 29) - 1 {
             return Err(self.malformed("invalid field number"));
         }
-        let value = match tag & 7 {
+        Ok((number as u32, tag & 7))
+    }
+
+    /// The value of field `number`, of wire type `wire`. A group (proto2's
+    /// encoding of a nested message, which decoders still skip as an unknown
+    /// field) is skipped to its end; `depth` is how many groups enclose it.
+    fn value(&mut self, number: u32, wire: u64, depth: u32) -> Result<Value<'a>, KeyError> {
+        Ok(match wire {
             0 => Value::Varint(self.varint()?),
             1 => {
                 self.take(8)?;
@@ -116,11 +132,34 @@ impl<'a> Fields<'a> {
                 self.take(4)?;
                 Value::Other
             }
-            _ => return Err(self.malformed("unsupported wire type (groups or invalid)")),
-        };
-        Ok(Some((number as u32, value)))
+            START_GROUP => {
+                if depth >= MAX_GROUP_DEPTH {
+                    return Err(self.malformed("groups nested too deep"));
+                }
+                loop {
+                    if self.buf.is_empty() {
+                        return Err(self.malformed("a group runs past the end of the message"));
+                    }
+                    let (n, w) = self.tag()?;
+                    if w == END_GROUP {
+                        if n != number {
+                            return Err(self.malformed("a group ends with another field's number"));
+                        }
+                        break Value::Other;
+                    }
+                    self.value(n, w, depth + 1)?;
+                }
+            }
+            _ => return Err(self.malformed("invalid wire type")),
+        })
     }
 }
+
+/// Wire types of a group's start and end tags.
+const START_GROUP: u64 = 3;
+const END_GROUP: u64 = 4;
+/// How deeply groups may nest (prost's recursion limit is 100).
+const MAX_GROUP_DEPTH: u32 = 64;
 
 /// Calls `visit` on each occurrence of the submessage `field` of `buf`, in
 /// order, and says whether there was one. A submessage that occurs more than

@@ -78,6 +78,32 @@ fn unknown_fields_are_skipped() {
     assert_eq!(create_key(&bytes).unwrap().name, "echo");
 }
 
+/// Groups (proto2's encoding of a nested message) in unknown fields are skipped, as decoders skip them.
+#[test]
+fn unknown_groups_are_skipped_as_decoders_skip_them() {
+    let request = admin::CreateTaskRequest { template: Some(template("echo", 3)), ..Default::default() };
+    // Field 99 as a group holding a varint, field 100 as a nested group with a string, and the end.
+    let group = [0x9b, 0x06, 0x08, 0x01, 0xa3, 0x06, 0x0a, 0x01, b'x', 0xa4, 0x06, 0x9c, 0x06];
+    for bytes in
+        [[&group[..], &request.encode_to_vec()].concat(), [request.encode_to_vec(), group.to_vec()].concat()]
+    {
+        admin::CreateTaskRequest::decode(bytes.as_slice()).expect("prost skips the group too");
+        assert_eq!(create_key(&bytes).unwrap(), Key { name: "echo", version: 3 });
+    }
+    let mut deep = Vec::new();
+    for _ in 0..100 {
+        deep.extend_from_slice(&[0x9b, 0x06]);
+    }
+    for broken in [
+        &[0x9b, 0x06, 0x08, 0x01][..], // never ends
+        &[0x9b, 0x06, 0xa4, 0x06],     // ends with another field's number
+        &[0x9c, 0x06],                 // ends without starting
+        &deep,
+    ] {
+        assert!(matches!(create_key(broken), Err(KeyError::Malformed { .. })), "{broken:?}");
+    }
+}
+
 #[test]
 fn garbage_is_malformed_not_a_panic() {
     for garbage in [&b"\xff\xff\xff\xff\x0f"[..], b"\x12\x05ab", b"\x0b", b"\x12\x80", b"\x00"] {

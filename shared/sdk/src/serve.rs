@@ -95,7 +95,7 @@ pub(crate) async fn serve_with_registry<P: Plugin>(
     // tonic's own would answer OUT_OF_RANGE).
     let routes = tonic::service::Routes::new(health_service).add_service(
         AsyncAgentServiceServer::new(services.clone())
-            .max_decoding_message_size(limit.saturating_add(1))
+            .max_decoding_message_size(limit)
             .accept_compressed(CompressionEncoding::Gzip)
             .accept_compressed(CompressionEncoding::Deflate),
     );
@@ -163,7 +163,7 @@ pub fn health_reporter(
     let (reporter, _) = tonic_health::server::health_reporter();
     let inner = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
     let server = tonic_health::pb::health_server::HealthServer::new(HealthWatch(inner))
-        .max_decoding_message_size(max_request_bytes.saturating_add(1))
+        .max_decoding_message_size(max_request_bytes)
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Deflate);
     (reporter, server)

@@ -113,7 +113,9 @@ pub fn decompressed(
     let limit_read = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
     let mut out = Vec::with_capacity(payload.len().saturating_mul(4).min(limit));
     let read = match encoding {
-        Encoding::Gzip => flate2::read::GzDecoder::new(payload).take(limit_read).read_to_end(&mut out),
+        // Every member, as gzip readers elsewhere read a stream (Go's, Python's): what the
+        // plugin decodes is then what any other reader would.
+        Encoding::Gzip => flate2::read::MultiGzDecoder::new(payload).take(limit_read).read_to_end(&mut out),
         Encoding::Deflate => flate2::read::ZlibDecoder::new(payload).take(limit_read).read_to_end(&mut out),
         Encoding::Identity => {
             return Err(Status::internal(
@@ -121,9 +123,20 @@ pub fn decompressed(
             ));
         }
         Encoding::Unsupported => {
-            return Err(Status::unimplemented(format!(
-                "the request's grpc-encoding is not one this server reads; it reads {ACCEPTED_ENCODINGS}"
-            )));
+            // The answer says what the server reads, in `grpc-accept-encoding` too, as the gRPC
+            // compression spec asks.
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            metadata.insert(
+                "grpc-accept-encoding",
+                tonic::metadata::MetadataValue::from_static(ACCEPTED_ENCODINGS),
+            );
+            return Err(Status::with_metadata(
+                tonic::Code::Unimplemented,
+                format!(
+                    "the request's grpc-encoding is not one this server reads; it reads {ACCEPTED_ENCODINGS}"
+                ),
+                metadata,
+            ));
         }
     };
     if let Err(e) = read {
@@ -400,6 +413,15 @@ mod tests {
         let refused = decompressed(1, &bomb, Encoding::Gzip, 1 << 20).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{}", refused.message());
         assert!(refused.message().contains("1048576"), "{}", refused.message());
+        // A stream of several gzip members is read whole; junk after one is not a member.
+        let two = [gzip(b"first "), gzip(b"second")].concat();
+        assert_eq!(decompressed(1, &two, Encoding::Gzip, 1024).unwrap(), Some(b"first second".to_vec()));
+        let junk = [gzip(&message), b"junk".to_vec()].concat();
+        let refused = decompressed(1, &junk, Encoding::Gzip, 1024).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{}", refused.message());
+        // An encoding the server does not read is answered with the ones it does, in the header too.
+        let refused = decompressed(1, &message, Encoding::Unsupported, 1024).unwrap_err();
+        assert_eq!(refused.metadata().get("grpc-accept-encoding").unwrap(), ACCEPTED_ENCODINGS);
         // Wrong or missing encodings, corrupt data and flags that do not exist are refused by name.
         for (flag, payload, encoding, code) in [
             (1, gzip(&message), Encoding::Identity, tonic::Code::Internal),
