@@ -1,6 +1,6 @@
 //! The subcommands that talk to a running gateway: agents, create, get, delete.
 
-use std::{path::Path, process::ExitCode, time::Duration};
+use std::{fmt::Write as _, path::Path, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, bail};
 use base64::{
@@ -74,12 +74,21 @@ pub(crate) enum Output {
     Json,
 }
 
+/// Writes a command's result to standard output. A write that fails (a full
+/// disk, a closed pipe) is an error, never a silent success: whoever reads the
+/// output would otherwise miss the result (a created task's handle, say).
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| anyhow::anyhow!("writing the result to standard output failed: {e}"))
+}
+
 /// Prints one JSON document on standard output.
-fn print_json(value: &serde_json::Value) {
-    flotilla_telemetry::outln!(
-        "{}",
-        serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
-    );
+fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
+    emit(&format!("{text}\n"))
 }
 
 /// A connection to the gateway whose calls carry the `--token`, when one is
@@ -252,23 +261,21 @@ pub(crate) async fn agents(target: &Target) -> anyhow::Result<ExitCode> {
                 serde_json::json!({"name": a.name, "kind": if a.is_sync { "sync" } else { "async" }, "task_types": types})
             })
             .collect();
-        print_json(&serde_json::Value::Array(list));
+        print_json(&serde_json::Value::Array(list))?;
         return Ok(ExitCode::SUCCESS);
     }
+    let mut text = String::new();
     if agents.is_empty() {
-        flotilla_telemetry::outln!("The gateway routes no task types yet.");
+        text.push_str("The gateway routes no task types yet.\n");
     }
-    flotilla_telemetry::outln!("{:<28} {:<6} TASK TYPES", "AGENT", "KIND");
+    let _ = writeln!(text, "{:<28} {:<6} TASK TYPES", "AGENT", "KIND");
     for a in agents {
         let kinds: Vec<String> =
             a.supported_task_categories.iter().map(|c| format!("{} (v{})", c.name, c.version)).collect();
-        flotilla_telemetry::outln!(
-            "{:<28} {:<6} {}",
-            a.name,
-            if a.is_sync { "sync" } else { "async" },
-            kinds.join(", ")
-        );
+        let kind = if a.is_sync { "sync" } else { "async" };
+        let _ = writeln!(text, "{:<28} {:<6} {}", a.name, kind, kinds.join(", "));
     }
+    emit(&text)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -418,7 +425,7 @@ pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::
             bail!("ExecuteTaskSync answered without a header message");
         };
         let resource = h.resource.unwrap_or_default();
-        return Ok(print_resource(&resource, target.output, None));
+        return print_resource(&resource, target.output, None);
     }
 
     let mut client = async_client(channel);
@@ -433,12 +440,19 @@ pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::
         .map_err(|s| call_error("CreateTask", &s, target.timeout, false))?
         .into_inner();
     let h = handle(&category, &created.resource_meta);
-    match target.output {
-        Output::Text => flotilla_telemetry::outln!("created {h}"),
+    let printed = match target.output {
+        Output::Text => emit(&format!("created {h}\n")),
         Output::Json if !wait => print_json(&serde_json::json!({ "handle": h })),
         // With --wait, the handle is in the one document printed at the end, and said
         // on stderr now, for whoever stops waiting.
-        Output::Json => flotilla_telemetry::errln!("created {h}"),
+        Output::Json => {
+            flotilla_telemetry::errln!("created {h}");
+            Ok(())
+        }
+    };
+    if let Err(e) = printed {
+        // The task exists: its handle must reach someone.
+        bail!("the task was created, but {e:#}; its handle: created {h}");
     }
     if !wait {
         return Ok(ExitCode::SUCCESS);
@@ -448,7 +462,7 @@ pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::
         let resource = get_resource(&mut client, &category, &created.resource_meta, target.timeout).await?;
         let phase = Phase::try_from(resource.phase).unwrap_or(Phase::Undefined);
         if matches!(phase, Phase::Succeeded | Phase::Failed | Phase::Aborted | Phase::RetryableFailed) {
-            return Ok(print_resource(&resource, target.output, Some(&h)));
+            return print_resource(&resource, target.output, Some(&h));
         }
         // Progress when it changes, not at every poll.
         let now = format!("{}: {}", phase.as_str_name(), resource.message);
@@ -488,7 +502,7 @@ async fn get_resource(
 }
 
 /// Prints a task's state; `handle`, when known, goes into the JSON document.
-fn print_resource(r: &admin::Resource, output: Output, handle: Option<&str>) -> ExitCode {
+fn print_resource(r: &admin::Resource, output: Output, handle: Option<&str>) -> anyhow::Result<ExitCode> {
     let phase = Phase::try_from(r.phase).unwrap_or(Phase::Undefined);
     let code = if matches!(phase, Phase::Failed | Phase::Aborted | Phase::RetryableFailed) {
         // Not 2: that is clap's, for a bad command line.
@@ -508,32 +522,34 @@ fn print_resource(r: &admin::Resource, output: Output, handle: Option<&str>) -> 
         if let Some(h) = handle {
             doc["handle"] = serde_json::Value::String(h.to_owned());
         }
-        print_json(&doc);
-        return code;
+        print_json(&doc)?;
+        return Ok(code);
     }
-    flotilla_telemetry::outln!("phase: {}", phase.as_str_name());
+    let mut text = String::new();
+    let _ = writeln!(text, "phase: {}", phase.as_str_name());
     if !r.message.is_empty() {
-        flotilla_telemetry::outln!("message: {}", r.message);
+        let _ = writeln!(text, "message: {}", r.message);
     }
     for link in &r.log_links {
-        flotilla_telemetry::outln!("log: {} {}", link.name, link.uri);
+        let _ = writeln!(text, "log: {} {}", link.name, link.uri);
     }
     if let Some(outputs) = &r.outputs {
         if outputs.literals.is_empty() {
-            flotilla_telemetry::outln!("outputs: (none)");
+            text.push_str("outputs: (none)\n");
         } else {
-            flotilla_telemetry::outln!("outputs:");
-            flotilla_telemetry::out!("{}", literals::render(outputs));
+            text.push_str("outputs:\n");
+            text.push_str(&literals::render(outputs));
         }
     }
-    code
+    emit(&text)?;
+    Ok(code)
 }
 
 pub(crate) async fn get(target: &Target, h: &str) -> anyhow::Result<ExitCode> {
     let (category, meta) = parse_handle(&handle_arg(h)?)?;
     let mut client = async_client(channel(target).await?);
     let resource = get_resource(&mut client, &category, &meta, target.timeout).await?;
-    Ok(print_resource(&resource, target.output, None))
+    print_resource(&resource, target.output, None)
 }
 
 pub(crate) async fn delete(target: &Target, h: &str) -> anyhow::Result<ExitCode> {
@@ -549,8 +565,8 @@ pub(crate) async fn delete(target: &Target, h: &str) -> anyhow::Result<ExitCode>
         .await
         .map_err(|s| call_error("DeleteTask", &s, target.timeout, false))?;
     match target.output {
-        Output::Text => flotilla_telemetry::outln!("deleted"),
-        Output::Json => print_json(&serde_json::json!({ "deleted": true })),
+        Output::Text => emit("deleted\n")?,
+        Output::Json => print_json(&serde_json::json!({ "deleted": true }))?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -332,3 +332,45 @@ async fn a_connection_reset_mid_call_is_named_with_its_cause() {
     let cause = cause.unwrap_or_else(|| panic!("no cause and hint in {stderr}"));
     assert!(!cause.is_empty() && stderr.matches(cause.as_str()).count() == 1, "{stderr}");
 }
+
+/// A result that cannot be written (stdout on a full device) is an error, not
+/// a silent success; a created task's handle then goes to stderr, so the task
+/// is never left running with no way to reach it.
+#[tokio::test]
+async fn a_result_that_cannot_be_written_fails_and_a_created_tasks_handle_still_reaches_stderr() {
+    let (addr, shutdown, _echo) = gateway(|_| {}).await;
+    let gw = || vec!["--gateway".to_owned(), addr.to_string()];
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("task.yaml");
+    std::fs::write(&file, "type: echo\ninputs:\n  x: 41\n").unwrap();
+    let into_full = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+                .args(&args)
+                .args(["--timeout", "5"])
+                .env("FLOTILLA_TOKEN", TOKEN)
+                .stdout(std::fs::File::options().write(true).open("/dev/full").expect("/dev/full"))
+                .output()
+                .expect("flotilla runs")
+        })
+    };
+    for output in [vec![], vec!["-o".to_owned(), "json".to_owned()]] {
+        let created =
+            into_full([vec!["create".into(), file.display().to_string()], output.clone(), gw()].concat())
+                .await
+                .unwrap();
+        assert_eq!(created.status.code(), Some(1), "{output:?}: {}", text(&created.stderr));
+        let stderr = text(&created.stderr);
+        assert!(stderr.contains("the task was created") && stderr.contains("standard output"), "{stderr}");
+        // The handle on stderr reaches the task.
+        let handle = stderr.split("its handle: ").nth(1).expect("the handle is said").trim().to_owned();
+        let got =
+            flotilla([vec!["get".into(), handle], gw()].concat(), vec![("FLOTILLA_TOKEN", TOKEN.to_owned())])
+                .await;
+        assert!(text(&got.stdout).contains("phase: SUCCEEDED"), "{}", text(&got.stderr));
+        // And a get or a listing that cannot be written fails too.
+        let listed = into_full([vec!["agents".into()], output, gw()].concat()).await.unwrap();
+        assert_eq!(listed.status.code(), Some(1), "{}", text(&listed.stderr));
+    }
+    shutdown.trigger();
+}
