@@ -63,7 +63,7 @@ x: 42\n    greeting: hello\n\nAlso: `config` (TaskTemplate.config, string to str
 flotilla create big-task.yaml > handle.txt && flotilla get - < handle.txt")]
     Get {
         /// The handle `flotilla create` printed (TYPE:VERSION:BASE64_RESOURCE_META), or - to
-        /// read it (or create's whole `created ...` line) from standard input.
+        /// read it (or create's whole output, from its `created ...` line) from standard input.
         handle: String,
         #[command(flatten)]
         target: Target,

@@ -369,9 +369,11 @@ fn handle_arg(arg: &str) -> anyhow::Result<String> {
     } else {
         arg.trim()
     };
-    // `flotilla create` prints `created <handle>`; the whole line is taken too, on standard
-    // input or as the argument (`flotilla get "$(flotilla create task.yaml)"`).
-    Ok(text.strip_prefix("created ").unwrap_or(text).trim().to_owned())
+    // `flotilla create` prints `created <handle>` (with --wait, the task's state after it);
+    // that line is taken too, on standard input or as the argument
+    // (`flotilla get "$(flotilla create task.yaml)"`).
+    let line = text.lines().find(|l| l.starts_with("created ")).unwrap_or(text);
+    Ok(line.strip_prefix("created ").unwrap_or(line).trim().to_owned())
 }
 
 fn parse_handle(h: &str) -> anyhow::Result<(admin::TaskCategory, Vec<u8>)> {

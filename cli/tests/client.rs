@@ -238,6 +238,10 @@ async fn a_handle_too_long_for_a_command_line_is_read_from_stdin_and_a_failed_ta
     .await;
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("phase: FAILED") && text(&out.stdout).contains("no luck"));
+    // create --wait's whole output on standard input: its `created` line is the handle.
+    let got = flotilla_with_stdin([vec!["get".into(), "-".into()], gw()].concat(), out.stdout).await;
+    assert_eq!(got.status.code(), Some(3), "{}", text(&got.stderr));
+    assert!(text(&got.stdout).contains("no luck"), "{}", text(&got.stdout));
     shutdown.trigger();
 }
 
