@@ -285,13 +285,15 @@ fn read_task(file: &Path) -> anyhow::Result<TaskFile> {
     } else {
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?
     };
+    // A byte-order mark (some Windows editors write one) is not part of the document.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let is_json = file.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
     let task: TaskFile = if is_json {
-        serde_json::from_str(&text).with_context(|| {
+        serde_json::from_str(text).with_context(|| {
             format!("{} is not a valid task file (read as JSON, for its .json name)", file.display())
         })?
     } else {
-        serde_yaml::from_str(&text).with_context(|| format!("{} is not a valid task file", file.display()))?
+        serde_yaml::from_str(text).with_context(|| format!("{} is not a valid task file", file.display()))?
     };
     if task.task_type.is_empty() {
         bail!("{}: `type` must name a task type", file.display());
@@ -586,6 +588,16 @@ mod tests {
         let task = read_task(&file).unwrap();
         let map = literals::to_literal_map(&task.inputs).unwrap();
         assert_eq!(literals::map_to_json(&map), serde_json::json!({"opt": null, "n": 1, "l": [1.5, "a"]}));
+    }
+
+    #[test]
+    fn a_byte_order_mark_before_the_document_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [("t.json", "\u{feff}{\"type\": \"echo\"}"), ("t.yaml", "\u{feff}type: echo\n")] {
+            let file = dir.path().join(name);
+            std::fs::write(&file, text).unwrap();
+            assert_eq!(read_task(&file).unwrap().task_type, "echo", "{name}");
+        }
     }
 
     #[test]
