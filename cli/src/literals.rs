@@ -8,14 +8,25 @@ use flotilla_proto::core::{
 };
 use serde_json::Value;
 
+/// How deeply lists and maps may nest in an input. Each level is two protobuf
+/// messages (a literal and its collection or map), and the services' decoder
+/// stops at 100 nested messages, a few of them the request's own: deeper
+/// inputs are refused here, with a short error, rather than there.
+const MAX_NESTING: usize = 40;
+
 /// A task file's `inputs` (YAML, or JSON read into the same form) → a `LiteralMap`.
 pub(crate) fn to_literal_map(inputs: &serde_yaml::Mapping) -> anyhow::Result<LiteralMap> {
+    literal_map(inputs, 0)
+}
+
+fn literal_map(inputs: &serde_yaml::Mapping, depth: usize) -> anyhow::Result<LiteralMap> {
     let mut literals = std::collections::HashMap::new();
     for (key, value) in inputs {
         let serde_yaml::Value::String(name) = key else {
             bail!("inputs: the key {key:?} is not a name");
         };
-        literals.insert(name.clone(), to_literal(value).map_err(|e| anyhow::anyhow!("inputs.{name}: {e}"))?);
+        let literal = to_literal(value, depth).map_err(|e| anyhow::anyhow!("inputs.{name}: {e}"))?;
+        literals.insert(name.clone(), literal);
     }
     Ok(LiteralMap { literals })
 }
@@ -36,8 +47,11 @@ fn number(f: f64) -> Value {
     serde_json::Number::from_f64(f).map_or_else(|| Value::String(f.to_string()), Value::Number)
 }
 
-fn to_literal(value: &serde_yaml::Value) -> anyhow::Result<Literal> {
+fn to_literal(value: &serde_yaml::Value, depth: usize) -> anyhow::Result<Literal> {
     use serde_yaml::Value as Y;
+    if matches!(value, Y::Sequence(_) | Y::Mapping(_)) && depth >= MAX_NESTING {
+        bail!("lists and maps nest more than {MAX_NESTING} deep, more than a Flyte request can carry");
+    }
     Ok(match value {
         Y::Bool(b) => primitive(primitive::Value::Boolean(*b)),
         Y::Number(n) => match n.as_i64() {
@@ -53,12 +67,15 @@ fn to_literal(value: &serde_yaml::Value) -> anyhow::Result<Literal> {
         Y::String(s) => primitive(primitive::Value::StringValue(s.clone())),
         Y::Sequence(items) => Literal {
             value: Some(literal::Value::Collection(LiteralCollection {
-                literals: items.iter().map(to_literal).collect::<anyhow::Result<_>>()?,
+                literals: items
+                    .iter()
+                    .map(|item| to_literal(item, depth + 1))
+                    .collect::<anyhow::Result<_>>()?,
             })),
             ..Default::default()
         },
         Y::Mapping(map) => {
-            Literal { value: Some(literal::Value::Map(to_literal_map(map)?)), ..Default::default() }
+            Literal { value: Some(literal::Value::Map(literal_map(map, depth + 1)?)), ..Default::default() }
         }
         // An unset Optional input, as flytekit sends one.
         Y::Null => scalar_literal(scalar::Value::NoneType(flotilla_proto::core::Void {})),
@@ -143,6 +160,23 @@ mod tests {
     /// A task file's inputs, as the task file parser reads them.
     fn inputs(text: &str) -> serde_yaml::Mapping {
         serde_yaml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn inputs_nest_as_deep_as_a_request_can_carry_and_no_deeper() {
+        let nested = |depth: usize| format!("x: {}1{}", "[".repeat(depth), "]".repeat(depth));
+        let map = to_literal_map(&inputs(&nested(MAX_NESTING))).unwrap();
+        // What a service decodes: the whole CreateTask request, within prost's recursion limit.
+        let request = flotilla_proto::admin::CreateTaskRequest { inputs: Some(map), ..Default::default() };
+        let bytes = prost::Message::encode_to_vec(&request);
+        assert_eq!(
+            <flotilla_proto::admin::CreateTaskRequest as prost::Message>::decode(bytes.as_slice()).unwrap(),
+            request
+        );
+        let refused = to_literal_map(&inputs(&nested(MAX_NESTING + 1))).unwrap_err().to_string();
+        assert!(refused.starts_with("inputs.x: ") && refused.contains("more than 40 deep"), "{refused}");
+        let maps = format!("x: {}1{}", "{a: ".repeat(MAX_NESTING + 1), "}".repeat(MAX_NESTING + 1));
+        assert!(to_literal_map(&inputs(&maps)).is_err());
     }
 
     #[test]
