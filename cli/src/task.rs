@@ -463,7 +463,11 @@ pub(crate) async fn create(target: &Target, file: &Path, wait: bool) -> anyhow::
     }
     let mut said = String::new();
     loop {
-        let resource = get_resource(&mut client, &category, &created.resource_meta, target.timeout).await?;
+        // The task exists whatever polling meets: say so, with its handle, for `flotilla get` later.
+        let resource =
+            get_resource(&mut client, &category, &created.resource_meta, target.timeout).await.with_context(
+                || format!("the task was created and may still be running (created {h}); waiting for it"),
+            )?;
         let phase = Phase::try_from(resource.phase).unwrap_or(Phase::Undefined);
         if matches!(phase, Phase::Succeeded | Phase::Failed | Phase::Aborted | Phase::RetryableFailed) {
             return print_resource(&resource, target.output, Some(&h));

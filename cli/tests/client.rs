@@ -378,3 +378,48 @@ async fn a_result_that_cannot_be_written_fails_and_a_created_tasks_handle_still_
     }
     shutdown.trigger();
 }
+
+#[tokio::test]
+async fn create_wait_that_loses_the_gateway_names_the_task_it_created() {
+    use std::io::BufRead as _;
+    let (addr, shutdown, _echo) = gateway(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("slow.yaml");
+    // Running for a minute: the wait outlives the gateway.
+    std::fs::write(&file, "type: echo\ncustom:\n  duration_ms: 60000\ninputs:\n  x: 1\n").unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["create", &file.display().to_string(), "--wait", "--timeout", "5"])
+        .args(["--gateway", &addr.to_string(), "--token", TOKEN])
+        .env_remove("FLOTILLA_GATEWAY")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("flotilla runs");
+    let stdout = child.stdout.take().unwrap();
+    let first = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line).map(|_| line)
+    });
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), first)
+        .await
+        .expect("create prints its handle within 10 s")
+        .unwrap()
+        .unwrap();
+    let handle = first.trim().strip_prefix("created ").unwrap_or_else(|| panic!("{first:?}")).to_owned();
+
+    shutdown.trigger();
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .expect("the CLI gives up within 20 s of losing the gateway")
+    .unwrap()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("may still be running") && stderr.contains(&format!("created {handle}")),
+        "{stderr}"
+    );
+}
