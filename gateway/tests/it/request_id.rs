@@ -307,14 +307,11 @@ async fn a_call_the_caller_gives_up_on_is_logged_cancelled_on_both_sides_and_cou
     let mut request = tonic::Request::new(tokio_stream::iter(messages));
     request.metadata_mut().insert("x-request-id", "it-cancelled-1".parse().expect("ASCII"));
     let call = tokio::spawn(async move { client.execute_task_sync(request).await });
-    // Echo has the call once it counted its inputs: the plugin runs from the same poll on.
+    // Echo has the call once it counts it in flight: the plugin runs from the same poll on.
     let echo_admin = echo.admin_addr().await;
     eventually("echo to have the call", Duration::from_secs(10), || async {
         let (_, metrics) = flotilla_testkit::http_get(echo_admin, "/metrics").await;
-        metrics
-            .lines()
-            .any(|l| l.starts_with("flyte_agent_input_literal_bytes_count") && l.ends_with(" 1"))
-            .then_some(())
+        metrics.lines().any(|l| l == "flotilla_service_in_flight_requests 1").then_some(())
     })
     .await;
     call.abort(); // the stream is reset

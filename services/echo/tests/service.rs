@@ -169,6 +169,8 @@ async fn every_task_type_has_its_series_before_its_first_call() {
         assert!(text.contains(needle), "missing {needle} in:\n{text}");
     }
     assert!(!text.contains("operation=\"do\",task_type=\"echo\""), "{text}");
+    // Input sizes are CreateTask's (as flytekit observes them): no series for a sync type.
+    assert!(!text.contains("input_literal_bytes_count{task_type=\"echo_sync\"}"), "{text}");
 }
 
 #[tokio::test]
@@ -193,6 +195,9 @@ async fn flytekit_metric_names_are_exported() {
         "flyte_agent_request_latency_seconds_sum{operation=\"create\",task_type=\"echo\"} ",
         "# TYPE flyte_agent_input_literal_bytes summary",
         "flyte_agent_input_literal_bytes_count{task_type=\"echo\"} 1",
+        // Flotilla's own: both calls answered, none in flight.
+        "# TYPE flotilla_service_in_flight_requests gauge",
+        "\nflotilla_service_in_flight_requests 0\n",
     ] {
         assert!(text.contains(needle), "missing {needle} in:\n{text}");
     }
@@ -215,12 +220,15 @@ async fn shutdown_finishes_the_call_in_flight_then_stops() {
         let mut s = client.execute_task_sync(tokio_stream::iter([header, inputs])).await?.into_inner();
         s.message().await
     });
-    // The inputs are counted once the whole request is read, just before the plugin runs.
+    // The call is in flight once the whole request is read, just before the plugin runs.
     flotilla_testkit::eventually("the call to reach the plugin", Duration::from_secs(5), || async {
         let (_, text) = http_get(svc.admin, "/metrics").await;
-        text.contains("flyte_agent_input_literal_bytes_count{task_type=\"echo_sync\"} 1").then_some(())
+        text.contains("\nflotilla_service_in_flight_requests 1\n").then_some(())
     })
     .await;
+    // flytekit counts input sizes at CreateTask only: not for a sync call.
+    let (_, text) = http_get(svc.admin, "/metrics").await;
+    assert!(!text.contains("flyte_agent_input_literal_bytes_count{task_type=\"echo_sync\"}"), "{text}");
     svc.shutdown.trigger();
     let answer = call.await.unwrap().expect("the in-flight call completes").expect("one answer");
     assert!(answer.res.is_some());

@@ -7,7 +7,7 @@ use std::{
 };
 
 use prometheus::{
-    IntCounterVec, Opts, Registry,
+    IntCounterVec, IntGauge, Opts, Registry,
     core::{Collector, Desc},
     proto::{LabelPair, Metric, MetricFamily, MetricType, Summary},
 };
@@ -38,6 +38,9 @@ pub(crate) struct AgentMetrics {
     failure: IntCounterVec,
     latency: SummaryVec,
     input_bytes: SummaryVec,
+    /// Calls between their request's arrival and their answer (or their end
+    /// unanswered); Flotilla's own, as the gateway's.
+    pub(crate) in_flight: IntGauge,
 }
 
 impl AgentMetrics {
@@ -57,20 +60,22 @@ impl AgentMetrics {
             "Time spent serving agent requests",
             &["task_type", "operation"],
         )?;
-        let input_bytes = SummaryVec::new(
-            "flyte_agent_input_literal_bytes",
-            "Size of CreateTask and ExecuteTaskSync inputs",
-            &["task_type"],
-        )?;
+        let input_bytes =
+            SummaryVec::new("flyte_agent_input_literal_bytes", "Size of CreateTask inputs", &["task_type"])?;
         registry.register(Box::new(success.clone()))?;
         registry.register(Box::new(failure.clone()))?;
         registry.register(Box::new(latency.clone()))?;
+        let in_flight = IntGauge::new(
+            "flotilla_service_in_flight_requests",
+            "Task calls (create, get, delete, sync execute, metrics, logs) being served",
+        )?;
         registry.register(Box::new(input_bytes.clone()))?;
-        Ok(Self { success, failure, latency, input_bytes })
+        registry.register(Box::new(in_flight.clone()))?;
+        Ok(Self { success, failure, latency, input_bytes, in_flight })
     }
 
     /// Starts the success and latency series of every task type the agents
-    /// serve (and input sizes where inputs come), at zero: a dashboard sees
+    /// serve (and input sizes of the async ones), at zero: a dashboard sees
     /// each task type before its first call.
     pub(crate) fn declare(&self, agents: &[crate::AgentSpec]) {
         for agent in agents {
@@ -85,7 +90,10 @@ impl AgentMetrics {
                     let _ = self.success.with_label_values(&[task_type, op.label()]);
                     self.latency.declare(&[task_type, op.label()]);
                 }
-                self.input_bytes.declare(&[task_type]);
+                // flytekit observes input sizes at CreateTask only.
+                if !agent.is_sync {
+                    self.input_bytes.declare(&[task_type]);
+                }
             }
         }
     }
@@ -201,5 +209,22 @@ impl Collector for SummaryVec {
             family.mut_metric().push(metric);
         }
         vec![family]
+    }
+}
+
+/// One call counted in [`AgentMetrics::in_flight`] while it lives: dropped
+/// when the call ends, answered or not.
+pub(crate) struct InFlight<'a>(&'a IntGauge);
+
+impl<'a> InFlight<'a> {
+    pub(crate) fn enter(gauge: &'a IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

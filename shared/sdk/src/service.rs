@@ -17,7 +17,6 @@ use flotilla_proto::{
     },
 };
 use futures_util::Stream;
-use prost::Message;
 use tonic::{
     Request, Response, Status,
     metadata::{Ascii, MetadataKey, MetadataMap},
@@ -25,7 +24,7 @@ use tonic::{
 
 use crate::{
     AgentSpec, Call, Category, Plugin, PluginError,
-    metrics::{AgentMetrics, Operation},
+    metrics::{AgentMetrics, InFlight, Operation},
     wire::parse_grpc_timeout,
 };
 
@@ -132,6 +131,7 @@ impl<P: Plugin> Services<P> {
         Fut: Future<Output = Result<T, PluginError>>,
     {
         let started = Instant::now();
+        let _in_flight = InFlight::enter(&self.metrics.in_flight);
         let category = match category {
             Ok(c) => c,
             Err(status) => {
@@ -393,9 +393,6 @@ impl<P: Plugin> Services<P> {
             }
             Err(status) => (None, Err(status), None),
         };
-        if let (Ok(category), Some(i)) = (&category, &inputs) {
-            self.metrics.input_bytes(&category.name, i.encoded_len());
-        }
         let plugin = self.plugin.clone();
         let resource = self
             .instrumented(
