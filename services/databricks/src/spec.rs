@@ -91,9 +91,8 @@ pub fn build(
                     (classic compute), or environment_key or environments (serverless)"
             .to_owned());
     }
-    // Upstream tests for the keys' presence here (a null cluster key still means classic).
-    let serverless =
-        !(job.contains_key("existing_cluster_id") || job.contains_key("new_cluster")) && has_serverless;
+    // As upstream's `is_serverless_config`: a cluster key set to null is no cluster.
+    let serverless = !has_cluster && has_serverless;
 
     if truthy(custom.get("notebookPath")) {
         notebook(&mut job, custom, container, env, serverless)?;

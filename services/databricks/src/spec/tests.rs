@@ -180,6 +180,17 @@ fn a_cluster_key_wins_over_serverless_settings() {
 }
 
 #[test]
+fn a_null_cluster_key_is_no_cluster_and_serverless_settings_decide() {
+    // flytekit's is_serverless_config reads `new_cluster: None` as no cluster; the key stays in the body.
+    let custom = obj(json!({ "databricksConf": { "new_cluster": null, "environment_key": "e" } }));
+    let job = build(&custom, &container(), None).unwrap();
+    assert!(!job.contains_key("spark_python_task"), "{job:?}");
+    assert_eq!(job["tasks"][0]["environment_key"], json!("e"));
+    assert_eq!(job["environments"][0]["environment_key"], json!("e"));
+    assert_eq!(job.get("new_cluster"), Some(&Value::Null));
+}
+
+#[test]
 fn notebook_on_classic_compute() {
     let custom = obj(json!({
         "databricksConf": { "existing_cluster_id": "c", "git_source": { "git_url": "u", "git_provider": "gitHub" } },
