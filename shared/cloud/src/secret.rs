@@ -2,8 +2,9 @@
 //!
 //! flytekit's `get_agent_secret(key)` looks in the environment first (`_FSEC_<KEY>` in upper
 //! case, and the bare `<KEY>` in the agent server), then in the file `/etc/secrets/<key>` in
-//! lower case: the mount of the `flyteagent` Kubernetes secret. Operators moving from upstream
-//! keep their secrets where they are.
+//! lower case: the mount of the `flyteagent` Kubernetes secret. flytekit's own overrides of those
+//! places are read too (`FLYTE_SECRETS_ENV_PREFIX`, `FLYTE_SECRETS_DEFAULT_DIR`,
+//! `FLYTE_SECRETS_FILE_PREFIX`). Operators moving from upstream keep their secrets where they are.
 
 use std::{
     fmt,
@@ -17,6 +18,14 @@ use flotilla_sdk::PluginError;
 pub const DEFAULT_SECRETS_DIR: &str = "/etc/secrets";
 /// Environment variable naming the secrets directory.
 pub const ENV_SECRETS_DIR: &str = "FLOTILLA_SECRETS_DIR";
+/// flytekit's name for the secrets directory, read when [`ENV_SECRETS_DIR`] is not set.
+pub const FLYTE_SECRETS_DIR: &str = "FLYTE_SECRETS_DEFAULT_DIR";
+/// flytekit's override of the `_FSEC_` prefix of secret environment variables.
+pub const FLYTE_SECRETS_ENV_PREFIX: &str = "FLYTE_SECRETS_ENV_PREFIX";
+/// flytekit's prefix of secret file names (none by default).
+pub const FLYTE_SECRETS_FILE_PREFIX: &str = "FLYTE_SECRETS_FILE_PREFIX";
+/// The prefix of secret environment variables unless [`FLYTE_SECRETS_ENV_PREFIX`] says otherwise.
+pub const DEFAULT_ENV_PREFIX: &str = "_FSEC_";
 
 /// A credential. Its `Debug` and `Display` print `[redacted]`; only [`Secret::expose`] shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -103,30 +112,51 @@ type Lookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 #[derive(Clone)]
 pub struct SecretStore {
     dir: PathBuf,
+    env_prefix: String,
+    file_prefix: String,
     env: Lookup,
 }
 
 impl fmt::Debug for SecretStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SecretStore").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("SecretStore")
+            .field("dir", &self.dir)
+            .field("env_prefix", &self.env_prefix)
+            .field("file_prefix", &self.file_prefix)
+            .finish_non_exhaustive()
     }
 }
 
 impl SecretStore {
-    /// The process environment and `$FLOTILLA_SECRETS_DIR` (default `/etc/secrets`).
+    /// The process environment, with the places flytekit's settings name: the directory from
+    /// `$FLOTILLA_SECRETS_DIR`, else `$FLYTE_SECRETS_DEFAULT_DIR`, else `/etc/secrets`; the
+    /// prefixes from `$FLYTE_SECRETS_ENV_PREFIX` (default `_FSEC_`) and
+    /// `$FLYTE_SECRETS_FILE_PREFIX` (default none). An empty variable counts as unset.
     pub fn from_process() -> Self {
-        let dir = std::env::var_os(ENV_SECRETS_DIR)
-            .filter(|d| !d.is_empty())
-            .map_or_else(|| PathBuf::from(DEFAULT_SECRETS_DIR), PathBuf::from);
-        Self::new(dir, |name| std::env::var(name).ok())
+        Self::from_env(|name| std::env::var(name).ok())
     }
 
-    /// Secrets from `lookup` (environment) and files in `dir`; for tests.
+    /// As [`SecretStore::from_process`], with `lookup` as the environment.
+    pub fn from_env(lookup: impl Fn(&str) -> Option<String> + Send + Sync + 'static) -> Self {
+        let set = |name: &str| lookup(name).filter(|v| !v.is_empty());
+        let dir =
+            set(ENV_SECRETS_DIR).or_else(|| set(FLYTE_SECRETS_DIR)).unwrap_or(DEFAULT_SECRETS_DIR.to_owned());
+        let env_prefix = set(FLYTE_SECRETS_ENV_PREFIX).unwrap_or(DEFAULT_ENV_PREFIX.to_owned());
+        let file_prefix = set(FLYTE_SECRETS_FILE_PREFIX).unwrap_or_default();
+        Self { dir: dir.into(), env_prefix, file_prefix, env: Arc::new(lookup) }
+    }
+
+    /// Secrets from `lookup` (environment) and files in `dir`, flytekit's default prefixes; for tests.
     pub fn new(
         dir: impl Into<PathBuf>,
         lookup: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
     ) -> Self {
-        Self { dir: dir.into(), env: Arc::new(lookup) }
+        Self {
+            dir: dir.into(),
+            env_prefix: DEFAULT_ENV_PREFIX.to_owned(),
+            file_prefix: String::new(),
+            env: Arc::new(lookup),
+        }
     }
 
     /// The directory secret files are read from.
@@ -134,15 +164,15 @@ impl SecretStore {
         &self.dir
     }
 
-    /// Reads `key`: `_FSEC_<KEY>`, then `<key>` and `<KEY>` from the environment, then the file
-    /// `<dir>/<key in lower case>`. Surrounding whitespace is trimmed; an empty value counts as
-    /// missing.
+    /// Reads `key`: `_FSEC_<KEY>` (or the configured prefix), then `<key>` and `<KEY>` from the
+    /// environment, then the file `<dir>/<file prefix><key in lower case>`. Surrounding whitespace
+    /// is trimmed; an empty value counts as missing.
     ///
     /// # Errors
     /// [`MissingSecret`], naming every place looked at, when none holds a value.
     pub fn get(&self, key: &str) -> Result<Secret, MissingSecret> {
         let upper = key.to_ascii_uppercase();
-        let mut names = vec![format!("_FSEC_{upper}"), key.to_owned()];
+        let mut names = vec![format!("{}{upper}", self.env_prefix), key.to_owned()];
         if upper != key {
             names.push(upper);
         }
@@ -151,7 +181,7 @@ impl SecretStore {
                 return Ok(Secret::new(v.trim()));
             }
         }
-        let file = self.dir.join(key.to_ascii_lowercase());
+        let file = self.dir.join(format!("{}{}", self.file_prefix, key.to_ascii_lowercase()));
         let unreadable = match std::fs::read_to_string(&file) {
             Ok(v) if !v.trim().is_empty() => return Ok(Secret::new(v.trim())),
             Ok(_) => None,
@@ -191,6 +221,38 @@ mod tests {
         assert_eq!(s.get("flyte_token").unwrap().expose(), "bare");
         let s = store(dir.path(), &[]);
         assert_eq!(s.get("FLYTE_TOKEN").unwrap().expose(), "from-file");
+    }
+
+    #[test]
+    fn flytekits_overrides_of_the_places_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("sec-token"), "from-prefixed-file\n").unwrap();
+        std::fs::write(dir.path().join("token"), "from-plain-file\n").unwrap();
+        let dir_text = dir.path().display().to_string();
+        let env = move |vars: &[(&'static str, String)]| {
+            let vars: HashMap<&str, String> = vars.iter().cloned().collect();
+            SecretStore::from_env(move |k| vars.get(k).cloned())
+        };
+        // flytekit's directory and file prefix.
+        let s = env(&[
+            ("FLYTE_SECRETS_DEFAULT_DIR", dir_text.clone()),
+            ("FLYTE_SECRETS_FILE_PREFIX", "sec-".into()),
+        ]);
+        assert_eq!(s.dir(), dir.path());
+        assert_eq!(s.get("token").unwrap().expose(), "from-prefixed-file");
+        // Flotilla's own directory setting wins; empty settings are unset.
+        let s = env(&[
+            ("FLOTILLA_SECRETS_DIR", dir_text.clone()),
+            ("FLYTE_SECRETS_DEFAULT_DIR", "/nonexistent".into()),
+            ("FLYTE_SECRETS_FILE_PREFIX", String::new()),
+        ]);
+        assert_eq!(s.get("token").unwrap().expose(), "from-plain-file");
+        // The environment prefix replaces _FSEC_, and the message names it.
+        let s = env(&[("FLYTE_SECRETS_ENV_PREFIX", "MYSEC_".into()), ("MYSEC_API_KEY", "v".into())]);
+        assert_eq!(s.get("api_key").unwrap().expose(), "v");
+        let s = env(&[("FLYTE_SECRETS_ENV_PREFIX", "MYSEC_".into()), ("_FSEC_API_KEY", "v".into())]);
+        let e = s.get("api_key").unwrap_err().to_string();
+        assert!(e.contains("MYSEC_API_KEY") && e.contains("/etc/secrets/api_key"), "{e}");
     }
 
     #[test]
