@@ -252,14 +252,10 @@ impl Plugin for BigQuery {
         let link = meta.console_link();
         let answer = self.send(Request::get("jobs.get", url).accept_status(404), deadline).await?;
         if answer.status == 404 {
-            let message = answer.error_message();
-            // Only BigQuery's own answer about the job (reason notFound, "Not found:
-            // Job p:l.j") fails the task; a 404 from a wrong base URL, an unknown
-            // path or a proxy is an error to fix, not a verdict on every task.
-            let about_the_job = message.contains("Not found: Job");
-            if !(api::google_reason_is(&answer.body, "notFound") && about_the_job) {
+            if !job_gone(&answer) {
                 return Err(ApiError::refusal("BigQuery", "jobs.get", &answer).into());
             }
+            let message = answer.error_message();
             let mut r = resource::failed(format!("BigQuery job {} no longer exists: {message}", meta.job_id));
             r.log_links.push(link);
             return Ok(r);
@@ -278,9 +274,19 @@ impl Plugin for BigQuery {
         let meta = JobMeta::decode(&request.resource_meta)?;
         let url = self.location_query(self.jobs_url(&meta.project, &[&meta.job_id, "cancel"]), &meta);
         // Cancelling a job that is gone (or done) is not an error: delete must be idempotent.
-        self.send(Request::post_empty("jobs.cancel", url).accept_status(404), deadline).await?;
+        let answer = self.send(Request::post_empty("jobs.cancel", url).accept_status(404), deadline).await?;
+        if answer.status == 404 && !job_gone(&answer) {
+            return Err(ApiError::refusal("BigQuery", "jobs.cancel", &answer).into());
+        }
         Ok(())
     }
+}
+
+/// Whether a 404 is BigQuery's own answer about the job (reason notFound, "Not found: Job
+/// p:l.j"). A 404 from a wrong base URL, an unknown path or a proxy is an error to fix, not a
+/// verdict on the task: neither a failed task at get nor a cancelled one at delete.
+fn job_gone(answer: &api::Response) -> bool {
+    api::google_reason_is(&answer.body, "notFound") && answer.error_message().contains("Not found: Job")
 }
 
 impl BigQuery {

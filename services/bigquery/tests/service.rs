@@ -242,7 +242,10 @@ async fn delete_cancels_the_job_and_is_idempotent() {
     // A job BigQuery no longer knows: deleting again still succeeds.
     let gone =
         serde_json::to_vec(&json!({"job_id": "nope", "project": "flyte-project", "location": "EU"})).unwrap();
-    rig.client.delete_task(admin::DeleteTaskRequest { resource_meta: gone.clone(), ..delete }).await.unwrap();
+    rig.client
+        .delete_task(admin::DeleteTaskRequest { resource_meta: gone.clone(), ..delete.clone() })
+        .await
+        .unwrap();
     // Polling it: BigQuery's "Not found: Job" fails the task, with its words.
     let r = get(&mut rig, &gone).await.expect("a FAILED task, not an error");
     assert_eq!(r.phase, Phase::Failed as i32);
@@ -252,9 +255,14 @@ async fn delete_cancels_the_job_and_is_idempotent() {
         google_error(404, "NOT_FOUND", "notFound", "Not found: URL /wrong/bigquery/v2/projects"),
         Reply::json(404, json!({"error": {"code": 404, "message": "Requested entity was not found."}})),
     ] {
-        rig.fake.http.inject("/bigquery/v2/projects/flyte-project/jobs/", reply);
+        rig.fake.http.inject("/bigquery/v2/projects/flyte-project/jobs/", reply.clone());
         let e = get(&mut rig, &meta).await.expect_err("an error");
         assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+        // Nor does such a 404 cancel anything: delete says so, for propeller to retry the abort.
+        rig.fake.http.inject("/bigquery/v2/projects/flyte-project/jobs/", reply);
+        let e = rig.client.delete_task(delete.clone()).await.expect_err("an error");
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+        assert!(e.message().contains("jobs.cancel"), "{}", e.message());
     }
 }
 

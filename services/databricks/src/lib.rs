@@ -456,7 +456,9 @@ impl Plugin for Databricks {
                 .accept_status(404)
         };
         let answer = self.send(&meta.databricks_instance, &auth, deadline, request).await?;
-        if answer.status == 400 && run_unknown(&answer).is_none() {
+        // As at get: only Databricks' answer about the run says it is gone; a 404 from a wrong
+        // host or path (ENDPOINT_NOT_FOUND) has cancelled nothing.
+        if matches!(answer.status, 400 | 404) && run_unknown(&answer).is_none() {
             return Err(refused(&answer, "runs/cancel"));
         }
         tracing::info!(request_id = call.request_id.as_deref().unwrap_or("-"), run_id = %meta.run_id, status = answer.status, "Cancelled a Databricks run");

@@ -225,6 +225,17 @@ async fn delete_cancels_the_run_and_is_idempotent() {
         ),
     );
     rig.delete(gone.as_bytes()).await.expect("a 400 about a run that does not exist is cancelled enough");
+    // A 404 that is not about the run (a wrong host or path) cancelled nothing: an error.
+    rig.fake.inject(
+        CANCEL,
+        Reply::json(
+            404,
+            json!({ "error_code": "ENDPOINT_NOT_FOUND", "message": "No API found for 'POST /jobs/runs/cancel'" }),
+        ),
+    );
+    let e = rig.delete(&meta).await.expect_err("an error");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("ENDPOINT_NOT_FOUND"), "{}", e.message());
 }
 
 #[tokio::test]
