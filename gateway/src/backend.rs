@@ -49,7 +49,7 @@ use crate::{
 const DEFAULT_RTT: Duration = Duration::from_micros(500);
 /// How fast peak-EWMA forgets a latency peak.
 const DECAY: Duration = Duration::from_secs(5);
-/// First ejection; doubles with each consecutive failure.
+/// First ejection; doubles with each ejection in a row (a probe that fails again).
 const EJECT_BASE: Duration = Duration::from_millis(100);
 /// Longest ejection.
 const EJECT_MAX: Duration = Duration::from_secs(10);
@@ -93,13 +93,21 @@ pub struct EndpointState {
     /// A handle on the replica's connection, for direct health probes.
     endpoint: H2Endpoint,
     failures: AtomicU32,
+    /// Ejections since the replica last answered: the backoff's exponent.
+    ejections: AtomicU32,
     /// Milliseconds since [`epoch`] until which the endpoint sits out.
     ejected_until: AtomicU64,
 }
 
 impl EndpointState {
     fn new(addr: SocketAddr, endpoint: H2Endpoint) -> Self {
-        Self { addr, endpoint, failures: AtomicU32::new(0), ejected_until: AtomicU64::new(0) }
+        Self {
+            addr,
+            endpoint,
+            failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+        }
     }
 
     /// The replica's address.
@@ -115,6 +123,7 @@ impl EndpointState {
     /// Ends an ejection early: a direct probe found the replica answering.
     pub fn recover(&self) {
         self.failures.store(0, Ordering::Release);
+        self.ejections.store(0, Ordering::Release);
         self.ejected_until.store(0, Ordering::Release);
     }
 
@@ -130,18 +139,38 @@ impl EndpointState {
 
     /// Records a success; returns whether the endpoint had been failing.
     fn succeeded(&self) -> bool {
+        // Plain loads first: the common path writes nothing shared.
+        if self.failures.load(Ordering::Acquire) == 0 && self.ejections.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        self.ejections.store(0, Ordering::Release);
         self.failures.swap(0, Ordering::AcqRel) > 0
     }
 
     /// Records a failure; ejects at once when the connection was refused,
     /// else after [`FAILURES_TO_EJECT`] in a row. Returns the ejection, if any.
+    ///
+    /// The calls in flight when a replica goes away all fail together: the
+    /// first failure ejects it, and the others, ending while it sits out,
+    /// neither count nor lengthen the backoff. The backoff doubles only when
+    /// the replica fails again after sitting out (the probe failed).
     fn failed(&self, refused: bool) -> Option<Duration> {
+        let now = now_ms();
+        let until = self.ejected_until.load(Ordering::Acquire);
+        if until > now {
+            return None;
+        }
         let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         if !refused && n < FAILURES_TO_EJECT {
             return None;
         }
-        let backoff = EJECT_BASE.saturating_mul(1 << (n - 1).min(10)).min(EJECT_MAX);
-        self.ejected_until.store(now_ms() + backoff.as_millis() as u64, Ordering::Release);
+        let k = self.ejections.load(Ordering::Acquire);
+        let backoff = EJECT_BASE.saturating_mul(1 << k.min(10)).min(EJECT_MAX);
+        // Of failures racing here, one ejects.
+        self.ejected_until
+            .compare_exchange(until, now + backoff.as_millis() as u64, Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
+        self.ejections.fetch_add(1, Ordering::AcqRel);
         Some(backoff)
     }
 }
@@ -564,4 +593,53 @@ impl Service<http::Request<Body>> for MetadataService {
 
 fn to_status(e: BoxError) -> tonic::Status {
     tonic::Status::unavailable(flotilla_telemetry::error_chain(e.as_ref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> EndpointState {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        EndpointState::new(addr, H2Endpoint::new(addr, Duration::from_secs(1)))
+    }
+
+    /// Ends the current ejection as if its backoff had run out.
+    fn sit_out(s: &EndpointState) {
+        s.ejected_until.store(now_ms(), Ordering::Release);
+    }
+
+    #[test]
+    fn the_calls_failing_together_eject_once_and_probes_double_the_backoff() {
+        let s = state();
+        // Eight calls in flight meet the replica's end: one ejection of the first backoff.
+        let ejections: Vec<_> = (0..8).filter_map(|_| s.failed(true)).collect();
+        assert_eq!(ejections, vec![EJECT_BASE]);
+        assert!(!s.is_ready());
+        // Its backoff over, the probe fails: twice as long, and so on up to the cap.
+        sit_out(&s);
+        assert_eq!(s.failed(true), Some(EJECT_BASE * 2));
+        sit_out(&s);
+        assert_eq!(s.failed(false), Some(EJECT_BASE * 4), "a failed probe re-ejects without three in a row");
+        for _ in 0..10 {
+            sit_out(&s);
+            s.failed(true);
+        }
+        sit_out(&s);
+        assert_eq!(s.failed(true), Some(EJECT_MAX));
+        // An answer starts it over.
+        sit_out(&s);
+        assert!(s.succeeded());
+        assert!(!s.succeeded());
+        assert_eq!((s.failed(false), s.failed(false), s.failed(false)), (None, None, Some(EJECT_BASE)));
+    }
+
+    #[test]
+    fn a_direct_probe_that_answers_ends_the_ejection_and_its_streak() {
+        let s = state();
+        assert_eq!(s.failed(true), Some(EJECT_BASE));
+        s.recover();
+        assert!(s.is_ready());
+        assert_eq!(s.failed(true), Some(EJECT_BASE));
+    }
 }
