@@ -418,3 +418,62 @@ async fn every_metric_family_is_exported_from_the_start() {
         assert!(metrics.lines().any(|l| l == sample), "no {sample} in:\n{metrics}");
     }
 }
+
+#[tokio::test]
+async fn a_burst_of_cancelled_calls_ends_only_those_calls_not_the_connection() {
+    // A client that starts many calls and cancels them at once (RST_STREAM
+    // right after HEADERS), while another call on the same connection runs.
+    let echo = spawn_plugin(Echo::default()).await;
+    let gw = spawn_gateway(vec![plugin("echo", format!("static://{}", echo.addr))], |_| {}).await;
+    let sync_body = || {
+        let header = admin::ExecuteTaskSyncRequest {
+            part: Some(admin::execute_task_sync_request::Part::Header(admin::CreateRequestHeader {
+                template: Some(echo_template("echo_sync", &[("duration_ms", Kind::NumberValue(300.0))])),
+                ..Default::default()
+            })),
+        };
+        let inputs = admin::ExecuteTaskSyncRequest {
+            part: Some(admin::execute_task_sync_request::Part::Inputs(inputs(1))),
+        };
+        let mut body = frame(&prost::Message::encode_to_vec(&header)).to_vec();
+        body.extend_from_slice(&frame(&prost::Message::encode_to_vec(&inputs)));
+        bytes::Bytes::from(body)
+    };
+    let request = |path: &str| {
+        http::Request::post(path)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap()
+    };
+    for (who, addr) in [("gateway", gw.addr), ("echo", echo.addr)] {
+        let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (client, connection) = h2::client::handshake(socket).await.unwrap();
+        tokio::spawn(connection);
+        let mut client = client.ready().await.unwrap();
+        let (answer, mut stream) = client.send_request(request(paths::EXECUTE_TASK_SYNC), false).unwrap();
+        stream.send_data(sync_body(), true).unwrap();
+        // 200 calls started and cancelled without yielding: they leave in one burst.
+        for _ in 0..200 {
+            client = client.ready().await.unwrap();
+            let (_, mut cancelled) = client.send_request(request(paths::GET_TASK), false).unwrap();
+            cancelled.send_reset(h2::Reason::CANCEL);
+        }
+        let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .unwrap_or_else(|_| panic!("{who}: an answer within 10 s"))
+            .unwrap_or_else(|e| panic!("{who}: the call in flight was ended with its connection: {e}"));
+        let (parts, mut body) = answer.into_parts();
+        assert_eq!(parts.status, 200, "{who}");
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap_or_else(|e| panic!("{who}: {e}"));
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        let trailers = body.trailers().await.unwrap_or_else(|e| panic!("{who}: {e}")).expect("trailers");
+        let status = tonic::Status::from_header_map(&trailers).expect("a grpc-status");
+        assert_eq!(status.code(), Code::Ok, "{who}: {}", status.message());
+        // The connection still takes calls.
+        let client = client.ready().await.unwrap_or_else(|e| panic!("{who}: the connection ended: {e}"));
+        drop(client);
+    }
+}

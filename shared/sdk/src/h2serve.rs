@@ -67,6 +67,12 @@ const CONNECTION_WINDOW: u32 = 4 << 20;
 const MAX_HEADER_LIST: u32 = 64 << 10;
 /// Response bytes buffered per stream beyond what the client's window allows.
 const MAX_SEND_BUFFER: usize = 1 << 20;
+/// Streams a client may open and cancel (RST_STREAM) before the server has
+/// taken them, at once. Past it the whole connection ends (ENHANCE_YOUR_CALM),
+/// calls in flight included: h2's default of 20 ended a connection whose
+/// client cancelled a burst of a few dozen calls. A stream cancelled so is
+/// never handled, so a higher bound costs only its small record.
+const MAX_PENDING_RESETS: usize = MAX_CONCURRENT_STREAMS as usize;
 
 /// Serves `handler` on `listener` until `stop` completes; then stops
 /// accepting, closes every connection gracefully (GOAWAY) and returns once
@@ -164,7 +170,8 @@ async fn connection<H: Handler, S: AsyncRead + AsyncWrite + Unpin + Send + 'stat
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_HEADER_LIST)
-        .max_send_buffer_size(MAX_SEND_BUFFER);
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS);
     let mut conn = match setting_up(setup, &mut stop, builder.handshake::<_, Bytes>(socket)).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(error)) => {
