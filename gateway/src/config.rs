@@ -457,7 +457,9 @@ impl Config {
         (raw.listen, raw.admin_listen) = (listeners.listen, listeners.admin_listen);
         raw.settings_from_env(env, &mut problems);
         tls::override_from_env(env, &mut raw.tls_cert_file, &mut raw.tls_key_file);
-        if let Some(list) = env(ENV_PLUGINS) {
+        // Set but blank counts as unset (a compose file's `FLOTILLA_PLUGINS=`): it would
+        // otherwise empty the file's plugin list.
+        if let Some(list) = env(ENV_PLUGINS).filter(|l| !l.trim().is_empty()) {
             match plugins_from_env(&list) {
                 Ok(p) => raw.plugins = p,
                 Err(e) => problems.push(e),
@@ -817,5 +819,23 @@ mod tests {
             Target::Static(vec!["127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap()])
         );
         assert!(plugins_from_env("nonsense").is_err());
+    }
+
+    #[test]
+    fn a_blank_plugin_variable_leaves_the_files_plugins() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gateway.toml");
+        std::fs::write(&file, "[[plugins]]\nname = \"echo\"\ndiscovery = \"static://127.0.0.1:8001\"\n")
+            .unwrap();
+        let mut flags = no_flags();
+        flags.config = Some(file);
+        for blank in ["", "  "] {
+            let env = |name: &str| (name == ENV_PLUGINS).then(|| blank.to_owned());
+            let c = Config::load(&flags, &env).unwrap();
+            assert_eq!(c.plugins.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["echo"], "{blank:?}");
+        }
+        let env = |name: &str| (name == ENV_PLUGINS).then(|| "bq=static://127.0.0.1:9".to_owned());
+        let c = Config::load(&flags, &env).unwrap();
+        assert_eq!(c.plugins.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["bq"]);
     }
 }

@@ -48,6 +48,12 @@ fn main() -> ExitCode {
     };
     if cli.common.check_config {
         flotilla_telemetry::out!("flotilla-gateway: configuration is valid\n{config}");
+        if config.plugins.is_empty() {
+            flotilla_telemetry::errln!(
+                "flotilla-gateway: note: no plugin services are configured ([[plugins]] or FLOTILLA_PLUGINS): \
+                 every task type would answer NOT_FOUND"
+            );
+        }
         return ExitCode::SUCCESS;
     }
     if config.plugins.is_empty() {
