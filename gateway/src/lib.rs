@@ -136,8 +136,7 @@ impl Gateway {
     pub async fn serve(self, grpc: TcpListener, admin: TcpListener, shutdown: Shutdown) -> Result<(), Error> {
         let Self { config, fleet, metrics, registry, last, reported, discovery: _discovery } = self;
         let readiness = Readiness::default();
-        let admin_task =
-            tokio::spawn(Admin { registry, readiness: readiness.clone() }.serve(admin, shutdown.clone()));
+        let admin_task = Admin { registry, readiness: readiness.clone() }.spawn(admin);
         let refresher = tokio::spawn(fleet.clone().keep_refreshing(
             last,
             reported,
@@ -178,7 +177,8 @@ impl Gateway {
         .await;
         shutdown.trigger();
         let _ = refresher.await;
-        let _ = admin_task.await;
+        // Only now: through the drain, /readyz said 503 and /metrics still answered.
+        admin_task.stop().await;
         result.map_err(Error::from)
     }
 }

@@ -230,10 +230,21 @@ async fn shutdown_finishes_the_call_in_flight_then_stops() {
     let (_, text) = http_get(svc.admin, "/metrics").await;
     assert!(!text.contains("flyte_agent_input_literal_bytes_count{task_type=\"echo_sync\"}"), "{text}");
     svc.shutdown.trigger();
+    // Through the drain the admin listener still answers: not ready, and the metrics scrape.
+    flotilla_testkit::eventually("/readyz to answer 503", Duration::from_secs(5), || async {
+        (http_get(svc.admin, "/readyz").await.0 == 503).then_some(())
+    })
+    .await;
+    let (status, text) = http_get(svc.admin, "/metrics").await;
+    assert!(status == 200 && text.contains("\nflotilla_service_in_flight_requests 1\n"), "{status}: {text}");
     let answer = call.await.unwrap().expect("the in-flight call completes").expect("one answer");
     assert!(answer.res.is_some());
     tokio::time::timeout(Duration::from_secs(5), svc.task).await.expect("serve returns").unwrap().unwrap();
     assert!(tokio::net::TcpStream::connect(svc.addr).await.is_err(), "still accepting after shutdown");
+    assert!(
+        tokio::net::TcpStream::connect(svc.admin).await.is_err(),
+        "admin still accepting after the drain"
+    );
 }
 
 /// The framed header and inputs of an ExecuteTaskSync call for `task_type`.

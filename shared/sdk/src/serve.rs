@@ -84,8 +84,7 @@ pub(crate) async fn serve_with_registry<P: Plugin>(
     set_health(&health, ServingStatus::Serving).await;
 
     let readiness = Readiness::default();
-    let admin_task =
-        tokio::spawn(Admin { registry, readiness: readiness.clone() }.serve(admin, shutdown.clone()));
+    let admin_task = Admin { registry, readiness: readiness.clone() }.spawn(admin);
 
     let limit = options.max_request_bytes;
     let grpc_addr: Option<SocketAddr> = grpc.local_addr().ok();
@@ -109,7 +108,8 @@ pub(crate) async fn serve_with_registry<P: Plugin>(
     let served = crate::h2serve::serve(grpc, options.tls, calls, stopping);
     let result = with_grace(served, &shutdown, options.shutdown_grace).await;
     shutdown.trigger();
-    let _ = admin_task.await;
+    // Only now: through the drain, /readyz said 503 and /metrics still answered.
+    admin_task.stop().await;
     result.map_err(ServeError::Serve)
 }
 

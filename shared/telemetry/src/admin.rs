@@ -46,7 +46,31 @@ pub struct Admin {
     pub readiness: Readiness,
 }
 
+/// An admin listener serving in the background until [`AdminServer::stop`].
+#[derive(Debug)]
+pub struct AdminServer {
+    stop: Shutdown,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AdminServer {
+    /// Stops the listener (open scrapes and probes finish) and waits for it.
+    pub async fn stop(self) {
+        self.stop.trigger();
+        let _ = self.task.await;
+    }
+}
+
 impl Admin {
+    /// Serves admin HTTP on `listener` in the background until
+    /// [`AdminServer::stop`]: a server stops it after its drain, so that while
+    /// in-flight calls finish `/readyz` answers 503 and `/metrics` still scrapes.
+    pub fn spawn(self, listener: TcpListener) -> AdminServer {
+        let stop = Shutdown::new();
+        let task = tokio::spawn(self.serve(listener, stop.clone()));
+        AdminServer { stop, task }
+    }
+
     /// Serves admin HTTP on `listener` until `shutdown` fires.
     pub async fn serve(self, listener: TcpListener, shutdown: Shutdown) {
         let admin = Arc::new(self);

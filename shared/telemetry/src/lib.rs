@@ -10,7 +10,7 @@ pub mod args;
 pub mod config;
 pub mod shutdown;
 
-pub use admin::{Admin, Readiness};
+pub use admin::{Admin, AdminServer, Readiness};
 pub use args::{CommonArgs, LogFormat};
 pub use shutdown::{Shutdown, signal};
 
