@@ -161,10 +161,11 @@ impl EndpointState {
             return None;
         }
         let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
-        if !refused && n < FAILURES_TO_EJECT {
+        // Ejected since it last answered, the replica is on probation: any failure ejects again.
+        let k = self.ejections.load(Ordering::Acquire);
+        if !refused && n < FAILURES_TO_EJECT && k == 0 {
             return None;
         }
-        let k = self.ejections.load(Ordering::Acquire);
         let backoff = EJECT_BASE.saturating_mul(1 << k.min(10)).min(EJECT_MAX);
         // Of failures racing here, one ejects.
         self.ejected_until
@@ -635,11 +636,26 @@ mod tests {
     }
 
     #[test]
+    fn after_an_ejection_any_failure_of_the_probe_ejects_again() {
+        // Ejected for one refused connection, then its probe times out (not refused):
+        // that is the failure after sitting out, not the first of three.
+        let s = state();
+        assert_eq!(s.failed(true), Some(EJECT_BASE));
+        sit_out(&s);
+        assert_eq!(s.failed(false), Some(EJECT_BASE * 2));
+    }
+
+    #[test]
     fn a_direct_probe_that_answers_ends_the_ejection_and_its_streak() {
         let s = state();
         assert_eq!(s.failed(true), Some(EJECT_BASE));
+        sit_out(&s);
+        assert_eq!(s.failed(true), Some(EJECT_BASE * 2));
         s.recover();
         assert!(s.is_ready());
         assert_eq!(s.failed(true), Some(EJECT_BASE));
+        // And off probation: a single failure that is not a refusal does not eject.
+        s.recover();
+        assert_eq!(s.failed(false), None);
     }
 }

@@ -457,9 +457,9 @@ impl Config {
         (raw.listen, raw.admin_listen) = (listeners.listen, listeners.admin_listen);
         raw.settings_from_env(env, &mut problems);
         tls::override_from_env(env, &mut raw.tls_cert_file, &mut raw.tls_key_file);
-        // Set but blank counts as unset (a compose file's `FLOTILLA_PLUGINS=`): it would
+        // Set but blank (or only `;`) counts as unset (a compose file's `FLOTILLA_PLUGINS=`): it would
         // otherwise empty the file's plugin list.
-        if let Some(list) = env(ENV_PLUGINS).filter(|l| !l.trim().is_empty()) {
+        if let Some(list) = env(ENV_PLUGINS).filter(|l| l.split(';').any(|entry| !entry.trim().is_empty())) {
             match plugins_from_env(&list) {
                 Ok(p) => raw.plugins = p,
                 Err(e) => problems.push(e),
@@ -829,7 +829,7 @@ mod tests {
             .unwrap();
         let mut flags = no_flags();
         flags.config = Some(file);
-        for blank in ["", "  "] {
+        for blank in ["", "  ", ";", " ; "] {
             let env = |name: &str| (name == ENV_PLUGINS).then(|| blank.to_owned());
             let c = Config::load(&flags, &env).unwrap();
             assert_eq!(c.plugins.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["echo"], "{blank:?}");

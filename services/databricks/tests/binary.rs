@@ -57,6 +57,9 @@ fn spawn(envs: &[(&str, String)]) -> Service {
         .env_remove("RUST_LOG")
         .env_remove("FLYTE_DATABRICKS_ACCESS_TOKEN")
         .env_remove("_FSEC_FLYTE_DATABRICKS_ACCESS_TOKEN")
+        .env_remove("FLYTE_SECRETS_DEFAULT_DIR")
+        .env_remove("FLYTE_SECRETS_ENV_PREFIX")
+        .env_remove("FLYTE_SECRETS_FILE_PREFIX")
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -209,7 +209,8 @@ async fn shutdown_finishes_the_call_in_flight_then_stops() {
     let mut client = SyncAgentServiceClient::new(channel(svc.addr));
     let header = admin::ExecuteTaskSyncRequest {
         part: Some(admin::execute_task_sync_request::Part::Header(admin::CreateRequestHeader {
-            template: Some(template("echo_sync", &[("duration_ms", Kind::NumberValue(600.0))])),
+            // Long enough for the drain's checks below, which take milliseconds.
+            template: Some(template("echo_sync", &[("duration_ms", Kind::NumberValue(2000.0))])),
             ..Default::default()
         })),
     };

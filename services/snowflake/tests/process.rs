@@ -143,6 +143,8 @@ fn a_bad_setting_is_named_and_exits_64() {
     let ok = Command::new(env!("CARGO_BIN_EXE_flotilla-snowflake"))
         .args(["--check-config"])
         .env_remove("_FSEC_SNOWFLAKE_PRIVATE_KEY")
+        .env_remove("FLYTE_SECRETS_ENV_PREFIX")
+        .env_remove("FLYTE_SECRETS_FILE_PREFIX")
         .env("FLOTILLA_SECRETS_DIR", "/nonexistent-flotilla-secrets")
         .output()
         .expect("flotilla-snowflake runs");

@@ -131,14 +131,15 @@ impl SecretStore {
     /// The process environment, with the places flytekit's settings name: the directory from
     /// `$FLOTILLA_SECRETS_DIR`, else `$FLYTE_SECRETS_DEFAULT_DIR`, else `/etc/secrets`; the
     /// prefixes from `$FLYTE_SECRETS_ENV_PREFIX` (default `_FSEC_`) and
-    /// `$FLYTE_SECRETS_FILE_PREFIX` (default none). An empty variable counts as unset.
+    /// `$FLYTE_SECRETS_FILE_PREFIX` (default none). Values are trimmed; a blank one counts as unset.
     pub fn from_process() -> Self {
         Self::from_env(|name| std::env::var(name).ok())
     }
 
     /// As [`SecretStore::from_process`], with `lookup` as the environment.
     pub fn from_env(lookup: impl Fn(&str) -> Option<String> + Send + Sync + 'static) -> Self {
-        let set = |name: &str| lookup(name).filter(|v| !v.is_empty());
+        // Trimmed, as flytekit strips them; blank counts as unset.
+        let set = |name: &str| lookup(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
         let dir =
             set(ENV_SECRETS_DIR).or_else(|| set(FLYTE_SECRETS_DIR)).unwrap_or(DEFAULT_SECRETS_DIR.to_owned());
         let env_prefix = set(FLYTE_SECRETS_ENV_PREFIX).unwrap_or(DEFAULT_ENV_PREFIX.to_owned());
@@ -244,7 +245,7 @@ mod tests {
         let s = env(&[
             ("FLOTILLA_SECRETS_DIR", dir_text.clone()),
             ("FLYTE_SECRETS_DEFAULT_DIR", "/nonexistent".into()),
-            ("FLYTE_SECRETS_FILE_PREFIX", String::new()),
+            ("FLYTE_SECRETS_FILE_PREFIX", " ".into()),
         ]);
         assert_eq!(s.get("token").unwrap().expose(), "from-plain-file");
         // The environment prefix replaces _FSEC_, and the message names it.

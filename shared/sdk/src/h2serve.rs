@@ -70,8 +70,11 @@ const MAX_SEND_BUFFER: usize = 1 << 20;
 /// Streams a client may open and cancel (RST_STREAM) before the server has
 /// taken them, at once. Past it the whole connection ends (ENHANCE_YOUR_CALM),
 /// calls in flight included: h2's default of 20 ended a connection whose
-/// client cancelled a burst of a few dozen calls. A stream cancelled so is
-/// never handled, so a higher bound costs only its small record.
+/// client cancelled a burst of a few dozen calls. Such a stream is still
+/// taken and handled (its call ends CANCELLED at once, and is logged so);
+/// waiting, it holds its headers, as an open stream does, so this bound
+/// keeps the same memory ceiling as [`MAX_CONCURRENT_STREAMS`]. A flood of
+/// resets larger than one read of the socket still ends the connection.
 const MAX_PENDING_RESETS: usize = MAX_CONCURRENT_STREAMS as usize;
 
 /// Serves `handler` on `listener` until `stop` completes; then stops

@@ -38,8 +38,9 @@ pub(crate) struct AgentMetrics {
     failure: IntCounterVec,
     latency: SummaryVec,
     input_bytes: SummaryVec,
-    /// Calls between their request's arrival and their answer (or their end
-    /// unanswered); Flotilla's own, as the gateway's.
+    /// Calls in the plugin: from their request read and decoded to their
+    /// answer ready to send (or their end unanswered). Flotilla's own, as the
+    /// gateway's; a request refused before that is not counted.
     pub(crate) in_flight: IntGauge,
 }
 

@@ -55,9 +55,17 @@ pub struct AdminServer {
 
 impl AdminServer {
     /// Stops the listener (open scrapes and probes finish) and waits for it.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.stop.trigger();
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for AdminServer {
+    /// A server dropped before it stopped (aborted, or its future dropped)
+    /// takes its admin listener with it.
+    fn drop(&mut self) {
+        self.stop.trigger();
     }
 }
 
