@@ -3,6 +3,7 @@
 
 mod auth;
 mod balancing;
+mod check_config;
 mod dns;
 mod load;
 mod logs;
