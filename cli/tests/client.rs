@@ -40,19 +40,19 @@ async fn gateway(
     (addr, shutdown, echo)
 }
 
+/// The `flotilla` binary, with none of the developer's `FLOTILLA_*` client settings.
+fn cli() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"));
+    for name in ["FLOTILLA_TOKEN", "FLOTILLA_GATEWAY", "FLOTILLA_TLS", "FLOTILLA_TLS_CA"] {
+        cmd.env_remove(name);
+    }
+    cmd
+}
+
 /// Runs `flotilla ARGS` (bounded: the CLI's own `--timeout` is 5 s) with `env` set.
 async fn flotilla(args: Vec<String>, env: Vec<(&'static str, String)>) -> Output {
     tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
-            .args(&args)
-            .args(["--timeout", "5"])
-            .env_remove("FLOTILLA_TOKEN")
-            .env_remove("FLOTILLA_GATEWAY")
-            .env_remove("FLOTILLA_TLS")
-            .env_remove("FLOTILLA_TLS_CA")
-            .envs(env)
-            .output()
-            .expect("flotilla runs")
+        cli().args(&args).args(["--timeout", "5"]).envs(env).output().expect("flotilla runs")
     })
     .await
     .unwrap()
@@ -164,11 +164,9 @@ async fn a_call_that_outlasts_timeout_says_so_not_that_the_connection_failed() {
     let file = dir.path().join("slow.yaml");
     std::fs::write(&file, "type: echo_sync\ncustom:\n  duration_ms: 3000\ninputs:\n  x: 1\n").unwrap();
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        cli()
             .args(["create", &file.display().to_string(), "--gateway", &addr.to_string(), "--timeout", "0.3"])
             .env("FLOTILLA_TOKEN", TOKEN)
-            .env_remove("FLOTILLA_TLS")
-            .env_remove("FLOTILLA_TLS_CA")
             .output()
             .expect("flotilla runs")
     })
@@ -185,13 +183,10 @@ async fn a_call_that_outlasts_timeout_says_so_not_that_the_connection_failed() {
 async fn flotilla_with_stdin(args: Vec<String>, input: Vec<u8>) -> Output {
     tokio::task::spawn_blocking(move || {
         use std::io::Write as _;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        let mut child = cli()
             .args(&args)
             .args(["--timeout", "5"])
             .env("FLOTILLA_TOKEN", TOKEN)
-            .env_remove("FLOTILLA_GATEWAY")
-            .env_remove("FLOTILLA_TLS")
-            .env_remove("FLOTILLA_TLS_CA")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -349,7 +344,7 @@ async fn a_result_that_cannot_be_written_fails_and_a_created_tasks_handle_still_
     std::fs::write(&file, "type: echo\ninputs:\n  x: 41\n").unwrap();
     let into_full = |args: Vec<String>| {
         tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            cli()
                 .args(&args)
                 .args(["--timeout", "5"])
                 .env("FLOTILLA_TOKEN", TOKEN)
@@ -387,10 +382,9 @@ async fn create_wait_that_loses_the_gateway_names_the_task_it_created() {
     let file = dir.path().join("slow.yaml");
     // Running for a minute: the wait outlives the gateway.
     std::fs::write(&file, "type: echo\ncustom:\n  duration_ms: 60000\ninputs:\n  x: 1\n").unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+    let mut child = cli()
         .args(["create", &file.display().to_string(), "--wait", "--timeout", "5"])
         .args(["--gateway", &addr.to_string(), "--token", TOKEN])
-        .env_remove("FLOTILLA_GATEWAY")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
